@@ -1,0 +1,233 @@
+"""Text-to-image generators: Stable Diffusion 1.x/2.x and the embedded tiny shapes model.
+
+``StableDiffusionGenerator`` holds a ``UNet2DConditionModel``, a CLIP text encoder, a tokenizer,
+an optional VAE (latent space; without one the UNet works on pixels) and a scheduler. It loads the
+model family's own folders with ``from_pretrained`` — a hub id, a local folder with the diffusers
+layout (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, optional ``vae/``), or
+``embedded:tiny-shapes`` for the tiny model shipped with rewardopt.
+
+To add a new text-to-image family, subclass and override ``load_components`` (what to load),
+``encode_condition`` (text -> tensors) and ``_denoiser_output`` (how the denoiser is called).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextModel
+
+from rewardopt.generators.base import Condition
+from rewardopt.generators.diffusion import DEFAULT_LORA_TARGETS, DiffusionGenerator, make_scheduler
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED = {"embedded:tiny-shapes": ASSETS / "tiny_shapes"}
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """Map ``embedded:<name>`` to the shipped folder; check that local-looking paths exist."""
+    if pretrained in EMBEDDED:
+        path = EMBEDDED[pretrained]
+        if not (path / "unet").is_dir():
+            raise FileNotFoundError(
+                f"the embedded model {pretrained!r} is missing at {path}; regenerate it with "
+                "`rewardopt fit --config recipes/images/pretrain_tiny.yaml`"
+            )
+        return str(path)
+    if pretrained.startswith("embedded:"):
+        raise ValueError(f"unknown embedded model {pretrained!r}; known: {sorted(EMBEDDED)}")
+    # hub ids look like "org/name"; anything else (./x, /x, ~/x, a/b/c) must be an existing folder
+    looks_local = pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1 or Path(pretrained).exists()
+    if looks_local and not Path(pretrained).expanduser().is_dir():
+        raise FileNotFoundError(
+            f"generator.pretrained: no model folder at {pretrained!r}. Pass a local folder with the "
+            "diffusers layout (unet/, text_encoder/, tokenizer/, scheduler/), a hub id such as "
+            "'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'embedded:tiny-shapes'."
+        )
+    return str(Path(pretrained).expanduser()) if looks_local else pretrained
+
+
+class StableDiffusionGenerator(DiffusionGenerator):
+    """A UNet2DConditionModel text-to-image sampler (SD 1.x/2.x layout).
+
+    Args:
+        pretrained: hub id, local folder, or ``embedded:tiny-shapes``.
+        height, width: image size in pixels; must be divisible by the VAE factor times the UNet's
+            total downsampling.
+        sampler: "ddim" or "ddpm" (a diffusers scheduler built from the checkpoint's scheduler config).
+        Other arguments: see ``DiffusionGenerator``.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        height: int = 512,
+        width: int = 512,
+        sampler: str = "ddim",
+        num_steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 0.0,
+        gradient_checkpointing: bool = True,
+        lora_rank: int | None = 8,
+        lora_alpha: float | None = None,
+        lora_targets: list[str] = list(DEFAULT_LORA_TARGETS),
+        full_finetune: bool = False,
+        lora_scale: float = 1.0,
+        revision: str | None = None,
+        _components: dict | None = None,
+    ) -> None:
+        comps = _components if _components is not None else self.load_components(resolve_pretrained(pretrained), revision)
+        super().__init__(
+            make_scheduler(sampler, comps["scheduler"].config),
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            gradient_checkpointing=gradient_checkpointing,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            full_finetune=full_finetune,
+            lora_scale=lora_scale,
+        )
+        self.pretrained = pretrained
+        self.denoiser: UNet2DConditionModel = comps["unet"]
+        self.text_encoder = comps["text_encoder"]
+        self.tokenizer = comps["tokenizer"]
+        self.vae: AutoencoderKL | None = comps.get("vae")
+        self.height, self.width = int(height), int(width)
+        self._check_size()
+        self.setup_trainable()
+        self.text_encoder.eval()
+        if self.vae is not None:
+            self.vae.eval()
+
+    @classmethod
+    def from_components(cls, unet, text_encoder, tokenizer, scheduler, vae=None, **kwargs) -> "StableDiffusionGenerator":
+        """Build from in-memory components (tests, custom models)."""
+        comps = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler, "vae": vae}
+        return cls(pretrained=kwargs.pop("pretrained", "<in-memory>"), _components=comps, **kwargs)
+
+    @staticmethod
+    def load_components(path: str, revision: str | None = None) -> dict:
+        """Load each component with its family's own ``from_pretrained``."""
+        from diffusers import DDIMScheduler
+
+        kw = {"revision": revision} if revision else {}
+        try:
+            comps = {
+                "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+                "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+                "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+                "scheduler": DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+            }
+        except OSError as e:
+            raise FileNotFoundError(
+                f"could not load a Stable Diffusion model from {path!r}: {e}. Offline machines need a "
+                "local folder (or a filled HF cache with HF_HUB_OFFLINE=1)."
+            ) from e
+        local_vae = Path(path) / "vae"
+        if local_vae.is_dir() or not Path(path).exists():
+            try:
+                comps["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+            except OSError:
+                if local_vae.is_dir():
+                    raise
+        return comps
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the diffusers folder layout (without LoRA: see ``save_lora``)."""
+        path = Path(path)
+        self.denoiser.save_pretrained(path / "unet")
+        self.text_encoder.save_pretrained(path / "text_encoder")
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        self.scheduler.save_pretrained(path / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(path / "vae")
+        (path / "rewardopt.json").write_text(json.dumps({"height": self.height, "width": self.width}))
+
+    # ------------------------------------------------------------------ LoRA in diffusers' format
+    def save_lora(self, path: str | os.PathLike) -> Path:
+        """Save LoRA weights as ``pytorch_lora_weights.safetensors`` that
+        ``StableDiffusionPipeline.load_lora_weights(path)`` loads."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        if self.lora_rank is None:
+            raise ValueError("this generator has no LoRA adapter (lora_rank is None)")
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser))
+        StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=state, safe_serialization=True)
+        return Path(path) / "pytorch_lora_weights.safetensors"
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    def _check_size(self) -> None:
+        down = 2 ** (len(self.denoiser.config.block_out_channels) - 1)
+        need = self.vae_factor * down
+        for key, v in (("height", self.height), ("width", self.width)):
+            if v <= 0 or v % need:
+                raise ValueError(
+                    f"generator.{key}={v} is not a positive multiple of {need} (VAE factor {self.vae_factor} x "
+                    f"UNet downsampling {down}); try {max(need, round(v / need) * need)}"
+                )
+        sample_size = self.denoiser.config.sample_size
+        if isinstance(sample_size, int) and self.vae is None and sample_size != self.height:
+            pass  # UNets are convolutional: other sizes work, quality may differ
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        f = self.vae_factor
+        return (self.denoiser.config.in_channels, self.height // f, self.width // f)
+
+    # ------------------------------------------------------------------ contract
+    @torch.no_grad()
+    def _embed(self, prompts: Sequence[str]) -> torch.Tensor:
+        tok = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        )
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(tok.input_ids.to(device))[0]
+
+    def encode_condition(self, raw: Sequence[str]) -> Condition:
+        if isinstance(raw, str):
+            raise TypeError("encode_condition takes a list of prompts, not one string")
+        cond = Condition(list(raw), {"encoder_hidden_states": self._embed(raw)})
+        return cond
+
+    def _uncond_tensors(self, cond: Condition) -> dict[str, torch.Tensor]:
+        if getattr(self, "_uncond_cache", None) is None or self._uncond_cache.device != cond.tensors["encoder_hidden_states"].device:
+            self._uncond_cache = self._embed([""])
+        return {"encoder_hidden_states": self._uncond_cache.expand(len(cond), -1, -1)}
+
+    def _denoiser_output(self, denoiser, x, t, tensors):
+        kwargs = {"cross_attention_kwargs": {"scale": self.lora_scale}} if self.lora_rank is not None and self.lora_scale != 1.0 else {}
+        return denoiser(x, t, encoder_hidden_states=tensors["encoder_hidden_states"], return_dict=False, **kwargs)[0]
+
+    def init_state(self, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
+        device = self.alphas_cumprod.device
+        shape = (len(cond), *self.latent_shape)
+        x = torch.randn(shape, generator=generator, device=generator.device if generator else device)
+        return x.to(device) * self.scheduler.init_noise_sigma
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents or pixels in [-1, 1] -> (B, 3, H, W) images in [0, 1]."""
+        if self.vae is not None:
+            x0 = self.vae.decode(x0 / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (x0 / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> states x_0 (latents, or pixels in [-1, 1]); for pretraining."""
+        if images.shape[-2:] != (self.height, self.width):
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, generator expects {(self.height, self.width)}")
+        x = images * 2 - 1
+        if self.vae is not None:
+            x = self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+        return x

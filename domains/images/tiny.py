@@ -1,0 +1,196 @@
+"""The embedded tiny text-to-image model: configs, tokenizer and its pretraining job.
+
+The model is a pixel-space (no VAE) 24x24 ``UNet2DConditionModel`` conditioned on a 2-layer CLIP
+text encoder with a word-level tokenizer over the shapes vocabulary. ``TinyTextToImagePretraining``
+trains it with the standard ε-prediction loss on ``ShapesDataset``; ``recipes/images/pretrain_tiny.yaml``
+runs it and writes the folder shipped at ``domains/images/assets/tiny_shapes``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from domains.images.shapes import COLOURS, COUNTS, SHAPES, ShapesDataset
+from domains.images.stable_diffusion import StableDiffusionGenerator
+
+SPECIALS = ["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"]
+MAX_TOKENS = 8
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer for the shapes vocabulary, saved and loaded like any HF tokenizer."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    words = list(COUNTS) + list(COLOURS) + [w for s in SHAPES for w in (s, s + "s")]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
+    tk = Tokenizer(WordLevel(vocab, unk_token="<|unk|>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<|pad|>", unk_token="<|unk|>", bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>", model_max_length=MAX_TOKENS,
+    )
+
+
+def tiny_unet(size: int = 24, in_channels: int = 3, cross_attention_dim: int = 32,
+              channels: tuple[int, ...] = (16, 32, 64)) -> UNet2DConditionModel:
+    n = len(channels)
+    return UNet2DConditionModel(
+        sample_size=size, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
+        block_out_channels=channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def tiny_text_encoder(vocab_size: int, hidden: int = 32) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3, projection_dim=hidden,
+    ))
+
+
+def tiny_scheduler() -> DDIMScheduler:
+    # SD's schedule (scaled-linear betas, no alpha-to-one) so recipes transfer to real checkpoints.
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1, prediction_type="epsilon")
+
+
+def build_tiny_generator(seed: int = 0, size: int = 24, channels: tuple[int, ...] = (16, 32, 64),
+                         **kwargs) -> StableDiffusionGenerator:
+    """A freshly initialised tiny generator (random weights, seeded)."""
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    kwargs.setdefault("height", size)
+    kwargs.setdefault("width", size)
+    return StableDiffusionGenerator.from_components(
+        tiny_unet(size, channels=channels), tiny_text_encoder(len(tok)), tok, tiny_scheduler(), **kwargs
+    )
+
+
+class ShapesDataModule(L.LightningDataModule):
+    """Procedural (image, prompt, labels) batches for pretraining and the classifier."""
+
+    def __init__(self, batch_size: int = 64, length: int = 100_000, size: int = 24, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        self.batch_size, self.length, self.size, self.seed, self.num_workers = batch_size, length, size, seed, num_workers
+
+    def train_dataloader(self):
+        ds = ShapesDataset(self.length, self.size, self.seed)
+        return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+                                           generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self):
+        ds = ShapesDataset(512, self.size, self.seed + 1)
+        return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+class TinyTextToImagePretraining(L.LightningModule):
+    """Pretrains the tiny text-to-image model (UNet + text encoder) with the ε-prediction loss.
+
+    Args:
+        export_dir: where the diffusers-layout folder is written at the end of training.
+        size: image size; channels: UNet block widths.
+        lr: AdamW learning rate; cond_dropout: probability of an empty prompt (enables CFG).
+    """
+
+    def __init__(self, export_dir: str = "domains/images/assets/tiny_shapes", size: int = 24,
+                 channels: list[int] = [16, 32, 64], lr: float = 1e-3, cond_dropout: float = 0.1, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.generator = build_tiny_generator(seed, size, tuple(channels), lora_rank=None, gradient_checkpointing=False)
+        self.generator.denoiser.requires_grad_(True)
+        self.generator.text_encoder.requires_grad_(True)
+        self.train_sched = DDPMScheduler.from_config(self.generator.scheduler.config)
+        self._rng = random.Random(seed)
+
+    def _loss(self, batch) -> torch.Tensor:
+        g = self.generator
+        x0 = g.encode_images(batch["image"])
+        prompts = [("" if self._rng.random() < self.hparams.cond_dropout else p) for p in batch["prompt"]]
+        ids = g.tokenizer(prompts, padding="max_length", max_length=g.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids.to(self.device)
+        emb = g.text_encoder(ids)[0]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.train_sched.config.num_train_timesteps, (x0.shape[0],), device=self.device)
+        xt = g.add_noise(x0, t.view(-1, 1, 1, 1), noise)
+        pred = g.denoiser(xt, t, encoder_hidden_states=emb, return_dict=False)[0]
+        return F.mse_loss(pred, noise)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self._loss(batch), prog_bar=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=0.0)
+        steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=steps, pct_start=0.05)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_end(self):
+        if self.trainer.is_global_zero:
+            out = Path(self.hparams.export_dir)
+            self.generator.save_pretrained(out)
+            print(f"[rewardopt] exported tiny text-to-image model to {out}")
+
+
+class ShapeClassifierTraining(L.LightningModule):
+    """Trains ``ShapeClassifier`` (the differentiable reward model) on procedural shapes.
+
+    Light Gaussian pixel noise is added so the classifier is not thrown by the small artefacts of
+    generated images. Exports to ``export_dir`` (config.json + model.safetensors) at the end.
+    """
+
+    def __init__(self, export_dir: str = "domains/images/assets/shape_classifier", width: int = 32, size: int = 24,
+                 lr: float = 2e-3, noise_std: float = 0.05):
+        super().__init__()
+        from domains.images.rewards import ShapeClassifier
+
+        self.save_hyperparameters()
+        self.classifier = ShapeClassifier(width, size)
+
+    def _step(self, batch, stage: str):
+        x = batch["image"]
+        if stage == "train":
+            x = (x + self.hparams.noise_std * torch.rand(x.shape[0], 1, 1, 1, device=x.device) * torch.randn_like(x)).clamp(0, 1)
+        logits = self.classifier(x)
+        loss = sum(F.cross_entropy(logits[k], batch[k]) for k in logits)
+        acc = {k: (logits[k].argmax(-1) == batch[k]).float().mean() for k in logits}
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        for k, v in acc.items():
+            self.log(f"{stage}/acc_{k}", v, batch_size=x.shape[0])
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.classifier.parameters(), lr=self.hparams.lr)
+
+    def on_train_end(self):
+        if self.trainer.is_global_zero:
+            self.classifier.save_pretrained(self.hparams.export_dir)
+            print(f"[rewardopt] exported shape classifier to {self.hparams.export_dir}")

@@ -1,0 +1,67 @@
+"""Condition data for reward fine-tuning and steering: batches are lists of prompts (or any raw
+condition the generator's ``encode_condition`` accepts)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def read_prompts(source: Sequence[str] | str) -> list[str]:
+    """A list of prompts, or a path to a text file with one prompt per line."""
+    if isinstance(source, str):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {source!r} does not exist (pass a list of prompts or a file path)")
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return list(source)
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Training prompts (shuffled, repeated to ``epoch_size`` per epoch) and held-out prompts
+    (fixed order, each repeated ``val_repeats`` times) for the before/after evaluation.
+
+    Args:
+        train_prompts / val_prompts: lists, or text files with one prompt per line.
+        batch_size: prompts per training step (per device).
+        val_batch_size: prompts per evaluation batch.
+        val_repeats: samples drawn per held-out prompt at evaluation.
+        epoch_size: training prompts per epoch (the prompt list is cycled).
+    """
+
+    def __init__(self, train_prompts: list[str] | str, val_prompts: list[str] | str, batch_size: int = 4,
+                 val_batch_size: int = 16, val_repeats: int = 2, epoch_size: int = 1024, seed: int = 0) -> None:
+        super().__init__()
+        self.train_prompts, self.val_prompts = read_prompts(train_prompts), read_prompts(val_prompts)
+        if not self.train_prompts or not self.val_prompts:
+            raise ValueError("PromptDataModule needs at least one training and one held-out prompt")
+        self.batch_size, self.val_batch_size, self.val_repeats = batch_size, val_batch_size, val_repeats
+        self.epoch_size, self.seed = epoch_size, seed
+
+    def train_dataloader(self):
+        reps = -(-self.epoch_size // len(self.train_prompts))
+        items = (self.train_prompts * reps)[: self.epoch_size]
+        return torch.utils.data.DataLoader(ListDataset(items), batch_size=self.batch_size, shuffle=True,
+                                           collate_fn=list, generator=torch.Generator().manual_seed(self.seed),
+                                           drop_last=True)
+
+    def val_dataloader(self):
+        items = [p for p in self.val_prompts for _ in range(self.val_repeats)]
+        return torch.utils.data.DataLoader(ListDataset(items), batch_size=self.val_batch_size, collate_fn=list)
+
+    def predict_dataloader(self):
+        return self.val_dataloader()

@@ -1,0 +1,156 @@
+"""The Generator contract: a sequential sampler p(x_{0:T} | c).
+
+Every method talks to a generator only through this class, so one method serves every domain.
+A step index ``i`` runs over ``range(len(timesteps))``; ``timesteps[i]`` is the model's own time
+value (a diffusion timestep, an unmasking step, a token position).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Condition:
+    """A batch of encoded conditions. ``raw`` keeps what the user passed (e.g. prompt strings) so
+    rewards that need it (prompt alignment, judges) can read it; ``tensors`` holds what the model
+    consumes. All tensors share the batch dimension B."""
+
+    raw: list[Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def repeat_interleave(self, n: int) -> "Condition":
+        """Each condition n times in a row: (B, ...) -> (B*n, ...)."""
+        return Condition(
+            [r for r in self.raw for _ in range(n)],
+            {k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()},
+        )
+
+    def index(self, idx: torch.Tensor | Sequence[int]) -> "Condition":
+        idx_list = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
+        t_idx = torch.as_tensor(idx_list, dtype=torch.long)
+        return Condition(
+            [self.raw[i] for i in idx_list],
+            {k: v[t_idx.to(v.device)] for k, v in self.tensors.items()},
+        )
+
+
+class ComputeCounter:
+    """Counts the compute a method spends: denoiser calls (NFE, per sample), reward calls (per
+    sample scored) and wall time. Methods are compared at equal compute, never equal steps.
+
+    ``nfe`` counts one per sample per denoiser evaluation (a CFG pass over a batch of B counts B,
+    not 2B: the cond/uncond pair is one guided evaluation, as papers count it).
+    """
+
+    def __init__(self) -> None:
+        self.nfe = 0
+        self.nfe_grad = 0
+        self.reward_calls = 0
+        self.samples = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"nfe": self.nfe, "nfe_grad": self.nfe_grad, "reward_calls": self.reward_calls, "samples": self.samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for k, v in state.items():
+            setattr(self, k, int(v))
+
+
+class Generator(nn.Module, ABC):
+    """A sequential sampler. Subclasses set ``self.counter`` users read for NFE.
+
+    Shapes: states are (B, ...) tensors; ``decode`` returns domain samples (images (B, C, H, W) in
+    [0, 1] for image generators).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counter = ComputeCounter()
+
+    # --- schedule and states -------------------------------------------------------------
+    @property
+    @abstractmethod
+    def timesteps(self) -> torch.Tensor:
+        """The sampling schedule, first step first."""
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @abstractmethod
+    def encode_condition(self, raw: Sequence[Any]) -> Condition:
+        """Turn raw conditions (prompts, ...) into a ``Condition`` once per batch."""
+
+    @abstractmethod
+    def init_state(self, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_T for each condition in ``cond`` (one sample per row)."""
+
+    @abstractmethod
+    def step(self, x_t: torch.Tensor, i: int, cond: Condition, noise: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """One transition x_t -> x_{t-1} at step index ``i``. Differentiable when grad is enabled.
+        ``noise`` (same shape as x_t) is injected instead of drawing it, for reproducible candidates."""
+
+    @abstractmethod
+    def predict_x0(self, x_t: torch.Tensor, i: int, cond: Condition) -> torch.Tensor:
+        """One-shot clean estimate of x_0 from x_t (Tweedie for diffusion)."""
+
+    @abstractmethod
+    def decode(self, x0: torch.Tensor) -> Any:
+        """Domain samples from final states."""
+
+    def log_prob(self, x_t: torch.Tensor, i: int, x_prev: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """log p(x_prev | x_t, c), shape (B,). Only stochastic samplers implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define transition log-probabilities")
+
+    # --- parameters -----------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters a fine-tuning method may train (LoRA adapters, or all of the denoiser)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @contextmanager
+    def base_model(self) -> Iterator[None]:
+        """Context in which the generator behaves as the frozen pretrained model (for KL terms)."""
+        raise NotImplementedError(f"{type(self).__name__} has no frozen base model")
+        yield  # pragma: no cover
+
+    # --- sampling -------------------------------------------------------------------------
+    def sample(
+        self,
+        cond: Condition,
+        *,
+        generator: torch.Generator | None = None,
+        grad_last_k: int | None = 0,
+        x_T: torch.Tensor | None = None,
+        noises: Sequence[torch.Tensor | None] | None = None,
+        return_trajectory: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the whole sampler from x_T to x_0.
+
+        ``grad_last_k``: how many of the final steps run with autograd on (0: none, None: all).
+        Earlier steps run under ``torch.no_grad()`` — they build no graph and store nothing — so
+        the cost of DRaFT-K is T-K plain forwards plus K differentiable ones. The grad mode of the
+        caller is respected: with grad disabled globally nothing is differentiable.
+        """
+        x = self.init_state(cond, generator) if x_T is None else x_T
+        T = self.num_steps
+        first_grad = 0 if grad_last_k is None else T - min(int(grad_last_k), T)
+        outer = torch.is_grad_enabled()
+        traj = [x] if return_trajectory else []
+        for i in range(T):
+            with torch.set_grad_enabled(outer and i >= first_grad):
+                x = self.step(x, i, cond, noise=None if noises is None else noises[i], generator=generator)
+            if return_trajectory:
+                traj.append(x)
+        return (x, traj) if return_trajectory else x

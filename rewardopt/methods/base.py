@@ -1,0 +1,193 @@
+"""What every reward fine-tuning method shares: held-out evaluation before/after, compute counters,
+small checkpoints (trainable weights only), the run summary and the adapter export.
+
+A subclass implements ``training_step`` (or ``loss``) and sets its own knobs; see ``draft.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from rewardopt.generators.base import Generator
+from rewardopt.rewards.base import Reward
+
+
+def params_checksum(params: list[torch.Tensor]) -> str:
+    """A hash of parameter values (to check that DDP ranks hold identical weights)."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class RewardFineTuning(L.LightningModule):
+    """Base LightningModule for methods that fine-tune a generator toward a reward.
+
+    Args:
+        generator: the model to fine-tune (its ``trainable_parameters`` are optimised).
+        reward: the reward to maximise.
+        lr, weight_decay, betas: AdamW settings.
+        eval_seed: seed of the fixed noise used for held-out evaluation and sample grids.
+        output_dir: where summary.json and the adapter go (default: the logger's folder).
+    """
+
+    #: checkpoints hold only trainable weights, so they load non-strictly
+    strict_loading = False
+
+    def __init__(self, generator: Generator, reward: Reward, lr: float = 1e-4, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eval_seed: int = 1234, output_dir: str | None = None) -> None:
+        super().__init__()
+        self.generator, self.reward = generator, reward
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.eval_seed, self._output_dir = eval_seed, output_dir
+        self.reward_before: float | None = None
+        self.history: list[dict[str, float]] = []  # (samples seen, held-out reward) along training
+        self._wall_offset = 0.0  # wall time of earlier (resumed-from) runs
+        self._t0: float | None = None
+
+    # ------------------------------------------------------------------ compute accounting
+    @property
+    def samples_seen(self) -> int:
+        return self.generator.counter.samples
+
+    def wall_time(self) -> float:
+        return self._wall_offset + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
+    def log_compute(self) -> None:
+        c = self.generator.counter
+        self.log_dict({"compute/nfe": float(c.nfe), "compute/nfe_grad": float(c.nfe_grad),
+                       "compute/reward_calls": float(self.reward.calls), "compute/samples": float(c.samples),
+                       "compute/wall_s": self.wall_time()}, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ evaluation
+    def sample_images(self, prompts: list[str], seed: int, grad: bool = False) -> torch.Tensor:
+        """Decoded samples for ``prompts`` from fixed noise; no compute is charged to training."""
+        g = self.generator
+        saved = g.counter.state_dict()
+        try:
+            with torch.set_grad_enabled(grad):
+                cond = g.encode_condition(prompts)
+                rng = torch.Generator().manual_seed(seed)
+                return g.decode(g.sample(cond, generator=rng, grad_last_k=None if grad else 0))
+        finally:
+            g.counter.load_state_dict(saved)
+
+    @torch.no_grad()
+    def evaluate(self, loader=None) -> float:
+        """Mean reward on the held-out prompts (all ranks; averaged across ranks)."""
+        loader = loader if loader is not None else self.trainer.datamodule.val_dataloader()
+        calls = self.reward.calls
+        total, n = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for b, prompts in enumerate(loader):
+            images = self.sample_images(prompts, self.eval_seed + b)
+            r = self.reward(images, prompts).total
+            total += r.sum()
+            n += r.numel()
+        self.reward.calls = calls
+        if self.trainer is not None and self.trainer.world_size > 1:
+            total, n = self.trainer.strategy.reduce(total, reduce_op="sum"), self.trainer.strategy.reduce(n, reduce_op="sum")
+        return float(total / n.clamp(min=1))
+
+    def on_train_start(self) -> None:
+        self._t0 = time.perf_counter()
+        if self.reward_before is None:  # not on resume: it is in the checkpoint
+            self.reward_before = self.evaluate()
+            self.history.append({"samples": 0, "reward": self.reward_before})
+            self.print(f"[rewardopt] held-out reward before fine-tuning: {self.reward_before:.4f}")
+
+    def validation_step(self, batch: list[str], batch_idx: int) -> None:
+        with torch.no_grad():
+            images = self.sample_images(batch, self.eval_seed + batch_idx)
+            calls = self.reward.calls
+            r = self.reward(images, batch).total
+            self.reward.calls = calls
+        self.log("val/reward", r.mean(), sync_dist=True, batch_size=len(batch), prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        v = self.trainer.callback_metrics.get("val/reward")
+        if v is not None and self.global_step > 0:
+            self.history.append({"samples": self.samples_seen * self.trainer.world_size, "reward": float(v)})
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        params = self.generator.trainable_parameters()
+        if not params:
+            raise ValueError(f"{type(self.generator).__name__} has no trainable parameters; set lora_rank or full_finetune")
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rewardopt"] = {
+            "counter": self.generator.counter.state_dict(), "reward_calls": self.reward.calls,
+            "reward_before": self.reward_before, "history": self.history, "wall": self.wall_time(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("rewardopt", {})
+        if "counter" in state:
+            self.generator.counter.load_state_dict(state["counter"])
+            self.reward.calls = state["reward_calls"]
+            self.reward_before = state["reward_before"]
+            self.history = list(state["history"])
+            self._wall_offset = float(state["wall"])
+
+    # ------------------------------------------------------------------ outputs
+    @property
+    def output_dir(self) -> Path:
+        if self._output_dir:
+            return Path(self._output_dir)
+        if self.trainer is not None and self.trainer.log_dir:
+            return Path(self.trainer.log_dir)
+        return Path("runs/unnamed")
+
+    def on_train_end(self) -> None:
+        reward_after = self.evaluate()
+        ranks = [params_checksum(self.generator.trainable_parameters())]
+        if self.trainer.world_size > 1:
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, ranks[0])
+            ranks = gathered
+        if not self.trainer.is_global_zero:
+            return
+        c = self.generator.counter
+        summary = {
+            "method": type(self).__name__,
+            "reward": self.reward.name,
+            "reward_before": self.reward_before,
+            "reward_after": reward_after,
+            "steps": int(self.global_step),
+            "world_size": int(self.trainer.world_size),
+            # counters are per rank; multiply by world_size for the whole job
+            "nfe": c.nfe, "nfe_grad": c.nfe_grad, "reward_calls": self.reward.calls, "samples": c.samples,
+            "wall_time_s": round(self.wall_time(), 2),
+            "param_checksums": ranks,
+            "ranks_in_sync": len(set(ranks)) == 1,
+            "history": self.history + [{"samples": c.samples * self.trainer.world_size, "reward": reward_after}],
+        }
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        adapter = self.save_adapter(out / "adapter")
+        if adapter is not None:
+            summary["adapter"] = str(adapter)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.print(f"[rewardopt] held-out reward: before {self.reward_before:.4f} -> after {reward_after:.4f} "
+                   f"({summary['steps']} steps, {c.samples} samples, NFE {c.nfe}, {summary['wall_time_s']} s)")
+        self.print(f"[rewardopt] summary: {out / 'summary.json'}")
+
+    def save_adapter(self, path: Path) -> Path | None:
+        """Save the trained weights in the model family's format (LoRA for diffusers)."""
+        save = getattr(self.generator, "save_lora", None)
+        if save is not None and getattr(self.generator, "lora_rank", None) is not None:
+            return save(path)
+        return None

@@ -1,0 +1,136 @@
+"""Rewards: ``reward(samples, cond) -> RewardOutput`` with a (B,) ``total`` and named ``terms``.
+
+``Reward.differentiable`` says whether gradients flow from ``total`` back to the samples.
+``Reward.__call__`` validates every output (shape (B,), finite) and raises ``RewardError`` naming
+the reward, so a broken reward never silently corrupts training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class RewardError(RuntimeError):
+    """A reward produced an invalid output or failed under the ``raise`` policy."""
+
+
+@dataclass
+class RewardOutput:
+    """``total``: (B,) tensor, the quantity methods maximise. ``terms``: named (B,) components for
+    logging (for an ensemble, the unweighted members). ``info``: counters and anything else."""
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def validate_output(name: str, out: Any, batch_size: int) -> RewardOutput:
+    """Turn a tensor into a RewardOutput and check shape and finiteness; errors name the reward."""
+    if isinstance(out, torch.Tensor):
+        out = RewardOutput(out)
+    if not isinstance(out, RewardOutput):
+        raise RewardError(f"reward {name} returned {type(out).__name__}; expected a (B,) tensor or RewardOutput")
+    t = out.total
+    if not isinstance(t, torch.Tensor) or t.shape != (batch_size,):
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise RewardError(f"reward {name} returned shape {shape}; expected ({batch_size},) — one value per sample")
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).nonzero().flatten().tolist()
+        raise RewardError(f"reward {name} returned NaN/Inf for samples {bad[:10]}")
+    return out
+
+
+class Reward(nn.Module):
+    """Base class. Subclasses implement ``score(samples, cond) -> Tensor (B,) | RewardOutput``.
+
+    ``samples`` are the generator's decoded samples (images: (B, C, H, W) in [0, 1]); ``cond`` is
+    the list of raw conditions (prompts), one per sample, or None.
+    """
+
+    differentiable: bool = True
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__()
+        self.name = name or type(self).__name__
+        self.calls = 0  # samples scored
+
+    def score(self, samples: Any, cond: Sequence[Any] | None) -> torch.Tensor | RewardOutput:
+        raise NotImplementedError
+
+    def forward(self, samples: Any, cond: Sequence[Any] | None = None) -> RewardOutput:
+        n = len(samples)
+        out = validate_output(self.name, self.score(samples, cond), n)
+        self.calls += n
+        if not out.terms:
+            out.terms = {self.name: out.total}
+        return out
+
+    def differentiable_part(self) -> "Reward | None":
+        """The reward gradient methods may use: itself if differentiable, else None."""
+        return self if self.differentiable else None
+
+    @property
+    def has_gradient(self) -> bool:
+        return self.differentiable_part() is not None
+
+
+class WeightedSum(Reward):
+    """A weighted ensemble ``sum_k w_k r_k``; members may mix differentiable and black-box.
+
+    Gradient methods call ``differentiable_part()`` (the differentiable members only);
+    value/search methods use the whole sum. Terms are logged unweighted under member names.
+    """
+
+    def __init__(self, rewards: Mapping[str, Reward] | Sequence[Reward], weights: Mapping[str, float] | Sequence[float] | None = None,
+                 name: str | None = None) -> None:
+        super().__init__(name or "WeightedSum")
+        if not isinstance(rewards, Mapping):
+            rewards = {r.name: r for r in rewards}
+        if not rewards:
+            raise ValueError("WeightedSum needs at least one reward")
+        self.members = nn.ModuleDict(dict(rewards))
+        if weights is None:
+            weights = {k: 1.0 for k in rewards}
+        elif not isinstance(weights, Mapping):
+            weights = dict(zip(rewards, weights, strict=True))
+        missing = set(rewards) - set(weights)
+        if missing:
+            raise ValueError(f"WeightedSum: no weight for {sorted(missing)}")
+        self.weights = {k: float(weights[k]) for k in rewards}
+        self.differentiable = all(r.differentiable for r in rewards.values())
+
+    def score(self, samples, cond):
+        terms: dict[str, torch.Tensor] = {}
+        total = None
+        device = samples.device if isinstance(samples, torch.Tensor) else None
+        for k, r in self.members.items():
+            out = r(samples, cond)
+            v = out.total.to(device) if device is not None else out.total
+            terms[k] = v
+            total = self.weights[k] * v if total is None else total + self.weights[k] * v
+        return RewardOutput(total, terms)
+
+    def differentiable_part(self) -> Reward | None:
+        diff = {k: r for k, r in self.members.items() if r.differentiable}
+        if not diff:
+            return None
+        if len(diff) == len(self.members):
+            return self
+        return WeightedSum(diff, {k: self.weights[k] for k in diff}, name=f"{self.name}[differentiable]")
+
+
+def require_gradient(method: str, reward: Reward) -> Reward:
+    """The differentiable part of ``reward``, or a TypeError naming the alternatives."""
+    part = reward.differentiable_part() if isinstance(reward, Reward) else None
+    if part is None:
+        raise TypeError(
+            f"{method} needs a differentiable reward; {getattr(reward, 'name', type(reward).__name__)} is black-box. "
+            "Use DDPO (policy gradient) for fine-tuning with a black-box reward, or the inference-time "
+            "methods (Best-of-N, SVDD, DSearch) that only need reward values."
+        )
+    return part

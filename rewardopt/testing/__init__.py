@@ -1,0 +1,1 @@
+"""Test helpers shipped with rewardopt so domain packages reuse them: contract mixins."""

@@ -1,0 +1,61 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+torch.set_num_threads(2)
+
+
+def tiny_generator(**kwargs):
+    """A random 16x16 text-to-image generator with 2 UNet levels: fast enough for unit tests."""
+    from domains.images.tiny import build_tiny_generator
+
+    kwargs.setdefault("num_steps", 4)
+    kwargs.setdefault("guidance_scale", 2.0)
+    kwargs.setdefault("lora_rank", 4)
+    kwargs.setdefault("gradient_checkpointing", False)
+    return build_tiny_generator(seed=0, size=16, channels=(8, 16), **kwargs)
+
+
+@pytest.fixture
+def make_tiny_generator():
+    return tiny_generator
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random tiny model saved with save_pretrained, loaded back by path in tests."""
+    d = tmp_path_factory.mktemp("tiny_t2i")
+    tiny_generator(lora_rank=None).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel + tokenizer saved to a folder (stand-in for real reward weights)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    from domains.images.tiny import build_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_clip")
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=8, pad_token_id=0, bos_token_id=2,
+                                   eos_token_id=3).to_dict(),
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=32, patch_size=8).to_dict(),
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -97,9 +97,11 @@ class SampleGrid(L.Callback):
             before = pl_module.sample_images(prompts, self.seed)
         after = pl_module.sample_images(prompts, self.seed)
         reward = pl_module.reward
+        calls = reward.calls  # display only: not charged to the method's compute
         with torch.no_grad():
             rb = reward(before, prompts).total.tolist()
             ra = reward(after, prompts).total.tolist()
+        reward.calls = calls
         labels = [f"{p}\n{a:.2f}→{b:.2f}" for p, a, b in zip(prompts, rb, ra)]
         path = save_image_grid([before, after], self._dir(pl_module) / "before_after.png", row_labels=["before", "after"],
                                col_labels=labels, title=f"{type(pl_module).__name__}: {reward.name} (before→after)")

@@ -220,15 +220,17 @@ class CLIPScoreReward(Reward):
     """``logit_scale * cos(CLIP_image(x), CLIP_text(prompt))`` — the PickScore form (differentiable).
 
     Args:
-        clip_model: a ``CLIPModel`` folder or hub id with its tokenizer (e.g. a PickScore checkpoint).
+        clip_model: a ``CLIPModel`` folder or hub id (e.g. a PickScore checkpoint).
+        tokenizer: where its tokenizer lives, if not beside the model (PickScore uses the
+            tokenizer of the CLIP ViT-H/14 it was fine-tuned from).
     """
 
-    def __init__(self, clip_model: str, name: str | None = None) -> None:
+    def __init__(self, clip_model: str, tokenizer: str | None = None, name: str | None = None) -> None:
         from transformers import AutoTokenizer, CLIPModel
 
         super().__init__(name or "clip_score")
         self.clip = CLIPModel.from_pretrained(clip_model).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(clip_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or clip_model)
 
     def score(self, samples, cond):
         check_images(self.name, samples)

@@ -51,6 +51,7 @@ class RewardFineTuning(L.LightningModule):
         self.history: list[dict[str, float]] = []  # (samples seen, held-out reward) along training
         self._wall_offset = 0.0  # wall time of earlier (resumed-from) runs
         self._t0: float | None = None
+        self._last_train_reward: float | None = None  # this rank's last batch mean (DDP check)
 
     # ------------------------------------------------------------------ compute accounting
     @property
@@ -154,10 +155,12 @@ class RewardFineTuning(L.LightningModule):
     def on_train_end(self) -> None:
         reward_after = self.evaluate()
         ranks = [params_checksum(self.generator.trainable_parameters())]
+        rank_rewards = [self._last_train_reward]
         if self.trainer.world_size > 1:
             gathered = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, ranks[0])
-            ranks = gathered
+            torch.distributed.all_gather_object(gathered, (ranks[0], self._last_train_reward))
+            ranks, rank_rewards = [g[0] for g in gathered], [g[1] for g in gathered]
+        reduced = self.trainer.callback_metrics.get("train/reward")
         if not self.trainer.is_global_zero:
             return
         c = self.generator.counter
@@ -173,6 +176,9 @@ class RewardFineTuning(L.LightningModule):
             "wall_time_s": round(self.wall_time(), 2),
             "param_checksums": ranks,
             "ranks_in_sync": len(set(ranks)) == 1,
+            # last training batch: each rank's own mean reward, and the value logged (reduced over ranks)
+            "last_train_reward_per_rank": rank_rewards,
+            "last_train_reward_reduced": float(reduced) if reduced is not None else None,
             "history": self.history + [{"samples": c.samples * self.trainer.world_size, "reward": reward_after}],
         }
         out = self.output_dir

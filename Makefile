@@ -1,0 +1,41 @@
+# rewardopt — the two first commands of the README work on a fresh clone:
+#   make demo   fine-tune the embedded tiny text-to-image model (DRaFT-LV), print before/after reward
+#   make test   the default test suite (< 10 minutes on 2 CPU cores)
+# Both create .venv and install pinned versions (constraints.txt) when missing.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test test-all bench install clean pretrain-tiny
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.14.1
+	$(PY) -m pip install -q -c constraints.txt -e ".[images,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rewardopt fit --config recipes/images/draft_lv_tiny.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/backprop_memory.py
+	$(PY) benchmarks/sample_efficiency.py
+
+# Regenerate the shipped tiny weights (domains/images/assets/) from their recipes.
+pretrain-tiny: $(STAMP)
+	$(VENV)/bin/rewardopt fit --config recipes/images/pretrain_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/images/train_classifier_tiny.yaml
+
+clean:
+	rm -rf $(VENV) runs lightning_logs

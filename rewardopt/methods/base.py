@@ -67,6 +67,12 @@ class RewardFineTuning(L.LightningModule):
                        "compute/reward_calls": float(self.reward.calls), "compute/samples": float(c.samples),
                        "compute/wall_s": self.wall_time()}, on_step=True, on_epoch=False)
 
+    def training_rng(self) -> torch.Generator:
+        """The noise of this step on this rank: a function of (seed, global step, rank), so that a
+        resumed run draws exactly what an uninterrupted one would and ranks draw different noise."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        return torch.Generator().manual_seed(getattr(self, "seed", 0) * 1_000_003 + self.global_step * world + rank)
+
     # ------------------------------------------------------------------ evaluation
     def sample_images(self, prompts: list[str], seed: int, grad: bool = False) -> torch.Tensor:
         """Decoded samples for ``prompts`` from fixed noise; no compute is charged to training."""
@@ -86,13 +92,16 @@ class RewardFineTuning(L.LightningModule):
         loader = loader if loader is not None else self.trainer.datamodule.val_dataloader()
         calls = self.reward.calls
         total, n = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
         for b, prompts in enumerate(loader):
+            if b % world != rank:  # ranks share the held-out batches; batch b keeps seed eval_seed + b
+                continue
             images = self.sample_images(prompts, self.eval_seed + b)
             r = self.reward(images, prompts).total
             total += r.sum()
             n += r.numel()
         self.reward.calls = calls
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if world > 1:
             total, n = self.trainer.strategy.reduce(total, reduce_op="sum"), self.trainer.strategy.reduce(n, reduce_op="sum")
         return float(total / n.clamp(min=1))
 

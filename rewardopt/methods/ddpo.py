@@ -67,10 +67,6 @@ class DDPO(RewardFineTuning):
         self.buffer_size, self.min_count, self.grad_clip, self.seed = buffer_size, min_count, grad_clip, seed
         self.buffers: dict[str, deque] = defaultdict(lambda: deque(maxlen=self.buffer_size))
 
-    def training_rng(self) -> torch.Generator:
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * world + rank)
-
     @torch.no_grad()
     def sample_trajectories(self, cond, rng):
         """States x_T..x_0 (T+1 tensors) and per-step (B,) old log-probs; zero-variance steps -> None."""
@@ -127,3 +123,12 @@ class DDPO(RewardFineTuning):
         if "failed" in r.info:
             self.log("reward/failed", float(r.info["failed"]), reduce_fx="sum")
         self.log_compute()
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ddpo_buffers"] = {p: list(b) for p, b in self.buffers.items()}
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        super().on_load_checkpoint(checkpoint)
+        for p, values in checkpoint.get("ddpo_buffers", {}).items():
+            self.buffers[p].extend(values)

@@ -60,11 +60,6 @@ class DRaFT(RewardFineTuning):
         self.samples_per_prompt, self.seed = samples_per_prompt, seed
 
     # ------------------------------------------------------------------ sampling with gradients
-    def training_rng(self) -> torch.Generator:
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * world + rank)
-
     def choose_k(self, rng: torch.Generator) -> int | None:
         """How many final steps carry gradient in this rollout (AlignProp overrides this)."""
         return self.k

@@ -149,13 +149,18 @@ def test_only_lora_parameters_are_trainable():
     assert not any(p.requires_grad for p in g.text_encoder.parameters())
 
 
-def test_base_model_context_disables_lora():
+def perturbed_lora_generator():
+    """A tiny generator whose LoRA weights moved away from their (zero-effect) initialisation."""
     g = tiny_generator(num_steps=2)
     with torch.no_grad():
         for p in g.trainable_parameters():
             p.add_(0.5)
     cond = g.encode_condition(PROMPTS[:1])
-    x = g.init_state(cond, torch.Generator().manual_seed(0))
+    return g, cond, g.init_state(cond, torch.Generator().manual_seed(0))
+
+
+def test_base_model_context_disables_lora():
+    g, cond, x = perturbed_lora_generator()
     with torch.no_grad():
         tuned = g.model_output(x, 0, cond)
         with g.base_model():
@@ -166,12 +171,7 @@ def test_base_model_context_disables_lora():
 
 
 def test_lora_scale_zero_equals_base():
-    g = tiny_generator(num_steps=2)
-    with torch.no_grad():
-        for p in g.trainable_parameters():
-            p.add_(0.5)
-    cond = g.encode_condition(PROMPTS[:1])
-    x = g.init_state(cond, torch.Generator().manual_seed(0))
+    g, cond, x = perturbed_lora_generator()
     with torch.no_grad():
         with g.base_model():
             base = g.model_output(x, 0, cond)

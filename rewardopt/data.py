@@ -21,6 +21,29 @@ class ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
+class ResumableEpochSampler(torch.utils.data.Sampler):
+    """Epoch e visits a permutation seeded by (seed, e), starting ``start`` items in.
+
+    A run killed mid-epoch and resumed from its checkpoint continues with the items the
+    uninterrupted run would have seen next (Lightning calls ``set_epoch`` at each epoch; under DDP
+    it shards this order across ranks).
+    """
+
+    def __init__(self, n: int, seed: int = 0, epoch: int = 0, start: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        return iter(perm[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
 def read_prompts(source: Sequence[str] | str) -> list[str]:
     """A list of prompts, or a path to a text file with one prompt per line."""
     if isinstance(source, str):
@@ -55,9 +78,16 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self):
         reps = -(-self.epoch_size // len(self.train_prompts))
         items = (self.train_prompts * reps)[: self.epoch_size]
-        return torch.utils.data.DataLoader(ListDataset(items), batch_size=self.batch_size, shuffle=True,
-                                           collate_fn=list, generator=torch.Generator().manual_seed(self.seed),
-                                           drop_last=True)
+        epoch, start = 0, 0
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # on resume: skip what this epoch already consumed, on every rank
+            epoch = trainer.current_epoch
+            # checkpoints are written after a batch is processed but before it counts as completed
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            start = done * self.batch_size * trainer.world_size
+        sampler = ResumableEpochSampler(len(items), self.seed, epoch, min(start, len(items)))
+        return torch.utils.data.DataLoader(ListDataset(items), batch_size=self.batch_size, sampler=sampler,
+                                           collate_fn=list, drop_last=True)
 
     def val_dataloader(self):
         items = [p for p in self.val_prompts for _ in range(self.val_repeats)]

@@ -107,6 +107,11 @@ class RewardFineTuning(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._t0 = time.perf_counter()
+        if self.reward_before is not None and self.trainer.is_global_zero:  # resuming
+            for logger in self.trainer.loggers:  # drop rows the killed run logged after its checkpoint
+                truncate = getattr(logger.experiment, "truncate_from", None)
+                if truncate is not None:
+                    truncate(self.global_step)
         if self.reward_before is None:  # not on resume: it is in the checkpoint
             self.reward_before = self.evaluate()
             self.history.append({"samples": 0, "reward": self.reward_before})

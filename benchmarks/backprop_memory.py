@@ -4,8 +4,9 @@ Model: a small latent-space Stable-Diffusion-architecture pipeline built from co
 4-level UNet layout with cross-attention at 3 levels, narrow channels; a tiny VAE; a CLIP text
 encoder), CFG on, DDIM. Reward: a differentiable function of the decoded image.
 
-Each configuration runs in a fresh subprocess. Memory: peak resident set size during the step minus
-the resident size just before it (the idle process, after a warm-up pass). Time: one DRaFT-K
+Each configuration runs in a fresh subprocess. Memory: peak resident set size during the step
+(sampled every 0.5 ms, with glibc told to return freed memory at once) minus the resident size
+just before it (the idle process, after a warm-up pass). Time: one DRaFT-K
 step (forward, reward, backward) divided by a plain no-grad sampling pass timed in the same process,
 then compared with the ideal cost counted in denoiser forwards:
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -33,6 +33,28 @@ ROOT = Path(__file__).resolve().parents[1]
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def poll_peak_rss(fn) -> float:
+    """Run fn while a thread samples the resident set size every 0.5 ms; return the peak (MB).
+    The parent sets glibc's malloc to return freed memory at once, so RSS follows live memory."""
+    import threading
+
+    peak, done = [rss_mb()], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return peak[0]
 
 
 def build(T: int, ckpt: bool):
@@ -78,12 +100,10 @@ def worker(T: int, K: int, ckpt: bool, batch: int, repeats: int) -> dict:
         for p in params:
             p.grad = None
 
-    plain()  # warm-up: allocator and kernels
+    plain()  # warm-up: kernels
     draft_step()
     idle = rss_mb()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    draft_step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = poll_peak_rss(draft_step)
     t_plain, t_step = [], []
     for _ in range(repeats):
         t0 = time.perf_counter(); plain(); t_plain.append(time.perf_counter() - t0)
@@ -91,7 +111,7 @@ def worker(T: int, K: int, ckpt: bool, batch: int, repeats: int) -> dict:
     t_plain_m, t_step_m = sorted(t_plain)[len(t_plain) // 2], sorted(t_step)[len(t_step) // 2]
     ideal = (T - K) + K + (K if ckpt else 0) + 2 * K
     measured = t_step_m / (t_plain_m / T)
-    return {"T": T, "K": K, "ckpt": ckpt, "peak_above_idle_mb": max(peak, peak_before) - idle,
+    return {"T": T, "K": K, "ckpt": ckpt, "peak_above_idle_mb": peak - idle,
             "step_s": t_step_m, "plain_s": t_plain_m, "ideal_forwards": ideal,
             "measured_forwards": measured, "ratio_to_ideal": measured / ideal}
 
@@ -113,7 +133,9 @@ def main() -> None:
             for ckpt in (True, False):
                 out = subprocess.run([sys.executable, __file__, "--worker", json.dumps([T, K, ckpt]), "--batch",
                                       str(args.batch), "--repeats", str(args.repeats)],
-                                     cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                     cwd=ROOT, capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536",
+                                          "MALLOC_TRIM_THRESHOLD_": "0"})
                 line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
                 if not line:
                     print(out.stderr[-2000:], file=sys.stderr)

@@ -137,7 +137,6 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     assert not torch.allclose(lora_at_2[0], c2.model.generator.trainable_parameters()[0])
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_keep_lora_in_sync(tmp_path):
     recipe = ROOT / "recipes/images/draft_k_tiny.yaml"
     cmd = [sys.executable, "-m", "rewardopt.cli", "fit", "--config", str(recipe), "--trainer.devices", "2",

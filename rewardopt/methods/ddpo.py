@@ -116,7 +116,7 @@ class DDPO(RewardFineTuning):
                 clipped_frac.append(((ratio - 1).abs() > self.clip_range).float().mean())
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
             opt.step()
-        self._last_train_reward = float(r.total.mean())
+        self._last_train_reward = float(r.total.detach().mean())
         self.log("train/reward", r.total.mean(), prog_bar=True, batch_size=len(prompts), sync_dist=True)
         self.log("train/loss", torch.stack(losses).mean(), batch_size=len(prompts))
         self.log("train/clipfrac", torch.stack(clipped_frac).mean(), batch_size=len(prompts))

@@ -118,7 +118,7 @@ class DRaFT(RewardFineTuning):
             r = self.grad_reward(g.decode(x0), prompts)
         g.counter.samples += len(prompts)
         loss = -r.total.mean() + self.kl_weight * kl
-        self._last_train_reward = float(r.total.mean())
+        self._last_train_reward = float(r.total.detach().mean())
         self.log("train/reward", r.total.mean(), prog_bar=True, batch_size=len(prompts), sync_dist=True)
         if self.kl_weight > 0:
             self.log("train/kl", kl, batch_size=len(prompts))

@@ -69,13 +69,10 @@ class SampleGrid(L.Callback):
         dm = trainer.datamodule
         return list(getattr(dm, "val_prompts", []))[: self.n]
 
-    def _dir(self, pl_module) -> Path:
-        return pl_module.output_dir
-
     def _grid(self, trainer, pl_module, name: str) -> None:
         prompts = self._prompts(trainer)
         images = pl_module.sample_images(prompts, self.seed)
-        p = save_image_grid([images], self._dir(pl_module) / "grids" / f"{name}.png", col_labels=prompts,
+        p = save_image_grid([images], pl_module.output_dir / "grids" / f"{name}.png", col_labels=prompts,
                             title=f"{type(pl_module).__name__} step {trainer.global_step}")
         self.paths.append(p)
 
@@ -103,7 +100,7 @@ class SampleGrid(L.Callback):
             ra = reward(after, prompts).total.tolist()
         reward.calls = calls
         labels = [f"{p}\n{a:.2f}→{b:.2f}" for p, a, b in zip(prompts, rb, ra)]
-        path = save_image_grid([before, after], self._dir(pl_module) / "before_after.png", row_labels=["before", "after"],
+        path = save_image_grid([before, after], pl_module.output_dir / "before_after.png", row_labels=["before", "after"],
                                col_labels=labels, title=f"{type(pl_module).__name__}: {reward.name} (before→after)")
         self.paths.append(path)
         pl_module.print(f"[rewardopt] before/after grid: {path}")

@@ -139,7 +139,9 @@ class StableDiffusionGenerator(DiffusionGenerator):
         return comps
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the diffusers folder layout (without LoRA: see ``save_lora``)."""
+        """Write the diffusers folder layout of the base model (LoRA adapters: see ``save_lora``)."""
+        if self.lora_rank is not None:
+            raise ValueError("save_pretrained writes base weights only; this generator has LoRA adapters — use save_lora")
         path = Path(path)
         self.denoiser.save_pretrained(path / "unet")
         self.text_encoder.save_pretrained(path / "text_encoder")
@@ -177,9 +179,6 @@ class StableDiffusionGenerator(DiffusionGenerator):
                     f"generator.{key}={v} is not a positive multiple of {need} (VAE factor {self.vae_factor} x "
                     f"UNet downsampling {down}); try {max(need, round(v / need) * need)}"
                 )
-        sample_size = self.denoiser.config.sample_size
-        if isinstance(sample_size, int) and self.vae is None and sample_size != self.height:
-            pass  # UNets are convolutional: other sizes work, quality may differ
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

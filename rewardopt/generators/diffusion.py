@@ -164,13 +164,13 @@ class DiffusionGenerator(Generator):
 
     # ----------------------------------------------------------------------------- denoiser
     def _call_denoiser(self, x: torch.Tensor, t: torch.Tensor, tensors: dict) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled() and self.training_or_grad(x):
+        if self.gradient_checkpointing and torch.is_grad_enabled() and self._needs_graph(x):
             keys = sorted(tensors)
             fn = lambda x_, *vals: self._denoiser_output(self.denoiser, x_, t, dict(zip(keys, vals)))  # noqa: E731
             return checkpoint(fn, x, *[tensors[k] for k in keys], use_reentrant=False)
         return self._denoiser_output(self.denoiser, x, t, tensors)
 
-    def training_or_grad(self, x: torch.Tensor) -> bool:
+    def _needs_graph(self, x: torch.Tensor) -> bool:
         return x.requires_grad or any(p.requires_grad for p in self.denoiser.parameters())
 
     def model_output(self, x_t: torch.Tensor, i: int, cond: Condition) -> torch.Tensor:

@@ -74,10 +74,6 @@ class Reward(nn.Module):
         """The reward gradient methods may use: itself if differentiable, else None."""
         return self if self.differentiable else None
 
-    @property
-    def has_gradient(self) -> bool:
-        return self.differentiable_part() is not None
-
 
 class WeightedSum(Reward):
     """A weighted ensemble ``sum_k w_k r_k``; members may mix differentiable and black-box.

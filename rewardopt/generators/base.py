@@ -96,15 +96,27 @@ class Generator(nn.Module, ABC):
     def init_state(self, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
         """x_T for each condition in ``cond`` (one sample per row)."""
 
-    @abstractmethod
-    def step(self, x_t: torch.Tensor, i: int, cond: Condition, noise: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """One transition x_t -> x_{t-1} at step index ``i``. Differentiable when grad is enabled.
-        ``noise`` (same shape as x_t) is injected instead of drawing it, for reproducible candidates."""
+    def model_output(self, x_t: torch.Tensor, i: int, cond: Condition) -> torch.Tensor:
+        """The network evaluation at step ``i`` that ``step`` and ``predict_x0`` share (one NFE per
+        row; a (B, ...) tensor). Search methods compute it once per state and pass it back as
+        ``out=`` so that scoring a candidate and stepping from it cost one evaluation, not two."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its per-step model output")
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether ``step`` draws noise (SVDD, SMC, Free2Guide and DSearch need distinct children)."""
+        return True
 
     @abstractmethod
-    def predict_x0(self, x_t: torch.Tensor, i: int, cond: Condition) -> torch.Tensor:
-        """One-shot clean estimate of x_0 from x_t (Tweedie for diffusion)."""
+    def step(self, x_t: torch.Tensor, i: int, cond: Condition, noise: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One transition x_t -> x_{t-1} at step index ``i``. Differentiable when grad is enabled.
+        ``noise`` (same shape as x_t) is injected instead of drawing it, for reproducible candidates.
+        ``out``: ``model_output(x_t, i, cond)`` if the caller already has it (no NFE is spent)."""
+
+    @abstractmethod
+    def predict_x0(self, x_t: torch.Tensor, i: int, cond: Condition, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One-shot clean estimate of x_0 from x_t (Tweedie for diffusion); ``out`` as in ``step``."""
 
     @abstractmethod
     def decode(self, x0: torch.Tensor) -> Any:

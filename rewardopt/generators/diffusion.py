@@ -245,12 +245,16 @@ class DiffusionGenerator(Generator):
         std = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20).sqrt() if i + 1 < self.num_steps else a_t.new_zeros(())
         return mean, std, x0
 
-    def step(self, x_t, i, cond, noise=None, generator=None):
-        return self.step_with_output(x_t, i, cond, noise, generator)[0]
+    @property
+    def stochastic(self) -> bool:
+        return isinstance(self.scheduler, DDPMScheduler) or self.eta > 0
 
-    def step_with_output(self, x_t, i, cond, noise=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x_t, i, cond, noise=None, generator=None, out=None):
+        return self.step_with_output(x_t, i, cond, noise, generator, out=out)[0]
+
+    def step_with_output(self, x_t, i, cond, noise=None, generator=None, out=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``step`` that also returns the guided model output (for ε-space KL regularisers)."""
-        out = self.model_output(x_t, i, cond)
+        out = self.model_output(x_t, i, cond) if out is None else out
         mean, std, _ = self.transition(x_t, i, cond, out=out)
         if float(std) == 0.0:
             return mean, out
@@ -265,8 +269,9 @@ class DiffusionGenerator(Generator):
         with self.base_model():
             return self.model_output(x_t.detach(), i, cond)
 
-    def predict_x0(self, x_t, i, cond):
-        return self._clip(self._split(x_t, self.model_output(x_t, i, cond), self.timesteps[i])[0])
+    def predict_x0(self, x_t, i, cond, out=None):
+        out = self.model_output(x_t, i, cond) if out is None else out
+        return self._clip(self._split(x_t, out, self.timesteps[i])[0])
 
     def log_prob(self, x_t, i, x_prev, cond):
         """Gaussian log-density of x_prev, averaged over all non-batch dims (as DDPO's code does)."""

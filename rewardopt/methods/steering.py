@@ -1,0 +1,326 @@
+"""What every inference-time steering method shares.
+
+These methods never train the generator: they decide, step by step, which candidate continuation
+to keep. They talk to the generator only through the ``Generator`` contract (``init_state``,
+``model_output``, ``step(out=...)``, ``predict_x0(out=...)``, ``decode``), so nothing here is
+specific to images.
+
+Compute is counted exactly and compared, never assumed:
+
+* NFE — denoiser evaluations per output sample (``generator.counter``). A candidate's value
+  needs the model output at the candidate (for its x̂0), and that same output drives the next step
+  if the candidate is kept, so it is computed once and passed back with ``out=``.
+* reward calls — samples scored by the reward (``reward.calls``); a batch of B counts B.
+* value calls — evaluations of a learned value network (SVDD-MC), counted separately.
+
+Each method states its analytic cost per output sample (``expected_cost``); tests check the
+counters against it, and ``budget`` (NFE per output sample) picks the method's width knob — the
+largest width whose cost fits — so that methods are compared at equal NFE.
+
+``rewardopt predict --config recipes/<domain>/<method>_<reward>.yaml`` runs ``predict_step`` over
+the data module's ``predict_dataloader`` and writes, into ``output_dir``: the samples, per-sample
+rewards (``rewards.csv``), a grid (``grid.png``, for images) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+
+from rewardopt.generators.base import Condition, Generator
+from rewardopt.rewards.base import Reward
+
+
+def group_argmax(values: torch.Tensor, group: int) -> torch.Tensor:
+    """Index (into the flat (B*group,) tensor) of the best entry in each consecutive group."""
+    v = values.view(-1, group)
+    return v.argmax(1) + torch.arange(v.shape[0], device=values.device) * group
+
+
+def group_sample(values: torch.Tensor, group: int, alpha: float, rng: torch.Generator, k: int = 1,
+                 replacement: bool = True) -> torch.Tensor:
+    """k indices per group drawn from softmax(values / alpha) (flat indices, (B*k,))."""
+    v = values.detach().float().cpu().view(-1, group)
+    probs = torch.softmax(v / alpha, dim=1)
+    idx = torch.multinomial(probs, k, replacement=replacement, generator=rng)
+    return (idx + torch.arange(v.shape[0]).unsqueeze(1) * group).flatten().to(values.device)
+
+
+def group_topk(values: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    """The k best entries of each group, best first (flat indices, (B*k,))."""
+    v = values.view(-1, group)
+    idx = v.topk(k, dim=1).indices
+    return (idx + torch.arange(v.shape[0], device=values.device).unsqueeze(1) * group).flatten()
+
+
+def replace_worst(values: torch.Tensor, group: int, frac: float) -> torch.Tensor:
+    """SVDD-R / DSearch-R replacement. Within each group of ``group`` units, the ceil(frac*group)
+    lowest-valued units become copies of the highest-valued ones (worst <- best, second worst <-
+    second best, ...). Returns the index that applies it, (B,)."""
+    n = values.numel()
+    idx = torch.arange(n, device=values.device)
+    r = min(math.ceil(frac * group), group // 2) if frac > 0 else 0
+    if r == 0:
+        return idx
+    order = values.view(-1, group).argsort(dim=1, descending=True) + torch.arange(n // group, device=values.device).unsqueeze(1) * group
+    idx[order[:, group - r:].flip(1).flatten()] = order[:, :r].flatten()
+    return idx
+
+
+def mean_pairwise_distance(samples: Any, group: int) -> float | None:
+    """Diversity: mean RMS distance between the samples of each group (same condition), averaged
+    over groups. None when samples are not tensors or groups have one member."""
+    if not isinstance(samples, torch.Tensor) or group < 2:
+        return None
+    x = samples.detach().float().flatten(1).view(-1, group, samples[0].numel())
+    d = torch.cdist(x, x) / math.sqrt(x.shape[-1])
+    off = ~torch.eye(group, dtype=torch.bool, device=d.device)
+    return float(d[:, off].mean())
+
+
+def reward_stats(values: torch.Tensor) -> dict[str, float]:
+    """Mean, median and top-10% mean (the SVDD paper's table columns)."""
+    v = values.detach().float().cpu()
+    k = max(1, math.ceil(0.1 * v.numel()))
+    return {"mean": float(v.mean()), "median": float(v.median()), "top10": float(v.topk(k).values.mean())}
+
+
+class InferenceTimeSteering(L.LightningModule):
+    """Base LightningModule for inference-time methods (``predict_step`` only).
+
+    Args:
+        generator: any ``Generator``; it is frozen (nothing is trained).
+        reward: the reward steered toward (black-box is fine for all but DPS).
+        budget: NFE per output sample; when set, the method's width knob (``width_name``) is the
+            largest whose analytic cost fits. None: use the width given.
+        num_samples: outputs per condition (independent searches; SVDD-R / DSearch-R replace among them).
+        seed: seed of the sampling noise; batch b on rank r uses (seed, b, r), so runs are reproducible.
+        eval_reward: reward reported in rewards.csv / summary.json (default: ``reward``). Its calls
+            are not charged to the method.
+        output_dir: where samples, rewards.csv and summary.json go (default: trainer.default_root_dir).
+        save_samples: write every sample (PNG for images, JSON lines otherwise).
+        trace: keep per-step candidate values and choices in ``self.traces`` (for tests and plots).
+    """
+
+    #: the knob ``budget`` sets (e.g. "num_children"); None: the method has a fixed cost
+    width_name: ClassVar[str | None] = None
+    #: needs distinct children from ``step`` (a stochastic sampler)
+    needs_stochastic: ClassVar[bool] = True
+
+    def __init__(self, generator: Generator, reward: Reward, budget: int | None = None, num_samples: int = 1, seed: int = 0,
+                 eval_reward: Reward | None = None, output_dir: str | None = None, save_samples: bool = True,
+                 trace: bool = False) -> None:
+        super().__init__()
+        self.generator, self.reward = generator, reward
+        self.eval_reward = eval_reward
+        generator.requires_grad_(False)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if self.needs_stochastic and not generator.stochastic:
+            raise ValueError(
+                f"{type(self).__name__} picks among stochastic children, but {type(generator).__name__} samples "
+                "deterministically; use a stochastic sampler (DDIM with eta > 0, or sampler: ddpm)")
+        self.budget, self.num_samples, self.seed = budget, num_samples, seed
+        self._output_dir, self.save_samples, self.trace = output_dir, save_samples, trace
+        self.traces: list[dict[str, Any]] = []
+        self.value_calls = 0
+        self._records: list[dict[str, Any]] = []
+        self._grid_samples: list[Any] = []
+        self._wall = 0.0
+
+    # ------------------------------------------------------------------ subclass API
+    def search(self, cond: Condition, rng: torch.Generator, select_rng: torch.Generator) -> torch.Tensor:
+        """Final states, one per row of ``cond``. ``rng`` draws the sampler's noise (in the same order
+        as ``Generator.sample`` at width 1); ``select_rng`` draws the method's own random choices."""
+        raise NotImplementedError
+
+    def expected_cost(self) -> dict[str, int]:
+        """Analytic compute per output sample: {"nfe": ..., "reward_calls": ..., "value_calls": ...}."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ budgets
+    def fit_budget(self) -> None:
+        """Set ``width_name`` to the largest width whose NFE per output sample is <= ``budget``."""
+        if self.budget is None:
+            return
+        if self.width_name is None:
+            raise ValueError(f"{type(self).__name__} has a fixed cost of {self.expected_cost()['nfe']} NFE per sample; "
+                             "it takes no budget")
+        setattr(self, self.width_name, 1)
+        if self.expected_cost()["nfe"] > self.budget:
+            raise ValueError(f"{type(self).__name__}: budget {self.budget} NFE per sample is below the cost of width 1 "
+                             f"({self.expected_cost()['nfe']} NFE)")
+        w = 1
+        while True:
+            setattr(self, self.width_name, w + 1)
+            if self.expected_cost()["nfe"] > self.budget or w >= 100_000:
+                break
+            w += 1
+        setattr(self, self.width_name, w)
+
+    # ------------------------------------------------------------------ shared steps
+    @property
+    def T(self) -> int:
+        return self.generator.num_steps
+
+    def score(self, samples: Any, cond: Condition) -> torch.Tensor:
+        """Reward of decoded samples (counted in reward.calls)."""
+        return self.reward(samples, cond.raw).total.detach().float()
+
+    def value(self, x: torch.Tensor, level: int, cond: Condition, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Posterior-mean value of states ``x`` that have taken ``level`` steps: r(decode(x̂0(x))).
+
+        Returns (values, model output at x) — the output is reused by the next step. At
+        ``level == T`` the states are final: the value is the reward itself and no NFE is spent."""
+        g = self.generator
+        if level >= self.T:
+            return self.score(g.decode(x), cond), None
+        out = g.model_output(x, level, cond) if out is None else out
+        return self.score(g.decode(g.predict_x0(x, level, cond, out=out)), cond), out
+
+    def children(self, x: torch.Tensor, i: int, cond: Condition, out: torch.Tensor | None, m: int,
+                 rng: torch.Generator) -> torch.Tensor:
+        """m stochastic children of each state (B -> B*m, children of a state adjacent)."""
+        if m == 1:
+            return self.generator.step(x, i, cond, generator=rng, out=out)
+        rep = lambda t: None if t is None else t.repeat_interleave(m, dim=0)  # noqa: E731
+        return self.generator.step(rep(x), i, cond.repeat_interleave(m), generator=rng, out=rep(out))
+
+    def next_output(self, x: torch.Tensor, level: int, cond: Condition) -> torch.Tensor | None:
+        return self.generator.model_output(x, level, cond) if level < self.T else None
+
+    def record(self, **kw: Any) -> None:
+        if self.trace:
+            self.traces.append({k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+
+    # ------------------------------------------------------------------ Lightning
+    def _rank(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+
+    def rngs(self, batch_idx: int) -> tuple[torch.Generator, torch.Generator]:
+        rank, world = self._rank()
+        s = self.seed * 1_000_003 + batch_idx * world + rank
+        return torch.Generator().manual_seed(s), torch.Generator().manual_seed(s + 2**40)
+
+    @torch.no_grad()
+    def generate(self, raw: list[Any], batch_idx: int = 0) -> tuple[Any, torch.Tensor]:
+        """(decoded samples, final states) for ``raw`` conditions, ``num_samples`` each, adjacent."""
+        g = self.generator
+        cond = g.encode_condition(raw).repeat_interleave(self.num_samples)
+        rng, select_rng = self.rngs(batch_idx)
+        x = self.search(cond, rng, select_rng)
+        return g.decode(x), x
+
+    def on_predict_start(self) -> None:
+        self._records, self._grid_samples, self.traces = [], [], []
+        self._counts0 = (self.generator.counter.nfe, self.reward.calls, self.value_calls)
+        self._t0 = time.perf_counter()
+        if self.budget is not None:
+            self.print(f"[rewardopt] {type(self).__name__}: budget {self.budget} NFE/sample -> {self.width_name}="
+                       f"{getattr(self, self.width_name)} (expected {self.expected_cost()})")
+
+    def predict_step(self, batch: list[Any], batch_idx: int) -> dict[str, Any]:
+        raw = list(batch)
+        samples, _ = self.generate(raw, batch_idx)
+        rew = self.eval_reward if self.eval_reward is not None else self.reward
+        calls = rew.calls
+        with torch.no_grad():
+            out = rew(samples, [r for r in raw for _ in range(self.num_samples)])
+        rew.calls = calls  # reporting is not charged to the method
+        rank, world = self._rank()
+        base = len(self._records)
+        for j in range(len(raw) * self.num_samples):
+            rec = {"batch": batch_idx, "rank": rank, "condition": raw[j // self.num_samples], "chain": j % self.num_samples,
+                   "reward": float(out.total[j])}
+            rec.update({f"term/{k}": float(v[j]) for k, v in out.terms.items() if k != rew.name})
+            self._records.append(rec)
+        div = mean_pairwise_distance(samples, self.num_samples)
+        if div is not None:
+            self._records[base]["diversity"] = div
+        if self.save_samples:
+            self._save(samples, batch_idx, rank)
+        return {"samples": samples, "rewards": out.total}
+
+    def _save(self, samples: Any, batch_idx: int, rank: int) -> None:
+        folder = self.output_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        if isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[1] in (1, 3):
+            from PIL import Image
+
+            arr = (samples.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            for j, a in enumerate(arr):
+                Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a).save(folder / f"r{rank}_b{batch_idx:05d}_{j:03d}.png")
+            if len(self._grid_samples) < 8:
+                self._grid_samples.append(samples[: self.num_samples * 2].cpu())
+        else:
+            with open(folder / f"r{rank}_b{batch_idx:05d}.jsonl", "w") as f:
+                for s in samples:
+                    f.write(json.dumps(s.tolist() if isinstance(s, torch.Tensor) else s, default=str) + "\n")
+
+    @property
+    def output_dir(self) -> Path:
+        if self._output_dir:
+            return Path(self._output_dir)
+        if self._trainer is not None and self.trainer.default_root_dir:
+            return Path(self.trainer.default_root_dir)
+        return Path("runs/unnamed")
+
+    def on_predict_end(self) -> None:
+        g = self.generator
+        nfe0, calls0, vcalls0 = self._counts0
+        local = {"records": self._records, "nfe": g.counter.nfe - nfe0, "reward_calls": self.reward.calls - calls0,
+                 "value_calls": self.value_calls - vcalls0, "wall": time.perf_counter() - self._t0}
+        rank, world = self._rank()
+        parts = [local]
+        if world > 1:
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, local)
+        if rank != 0:
+            return
+        records = [r for p in parts for r in p["records"]]
+        n = len(records)
+        nfe, calls, vcalls = (sum(p[k] for p in parts) for k in ("nfe", "reward_calls", "value_calls"))
+        values = torch.tensor([r["reward"] for r in records])
+        divs = [r["diversity"] for r in records if "diversity" in r]
+        summary = {
+            "method": type(self).__name__,
+            "reward": (self.eval_reward or self.reward).name,
+            "steered_by": self.reward.name,
+            "budget": self.budget,
+            "width": {self.width_name: getattr(self, self.width_name)} if self.width_name else None,
+            "num_steps": self.T,
+            "samples": n,
+            "reward_stats": reward_stats(values) if n else None,
+            "diversity": sum(divs) / len(divs) if divs else None,
+            "nfe": nfe, "reward_calls": calls, "value_calls": vcalls,
+            "nfe_per_sample": nfe / max(n, 1), "reward_calls_per_sample": calls / max(n, 1),
+            "expected_cost_per_sample": self.expected_cost(),
+            "wall_time_s": round(max(p["wall"] for p in parts), 2),
+            "world_size": world,
+        }
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        keys = sorted({k for r in records for k in r}, key=lambda k: (k not in ("rank", "batch", "chain", "condition", "reward"), k))
+        with open(out / "rewards.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(records)
+        if self._grid_samples and isinstance(self._grid_samples[0], torch.Tensor):
+            from rewardopt.callbacks import save_image_grid
+
+            rows = [s for s in self._grid_samples]
+            save_image_grid(rows, out / "grid.png", title=f"{type(self).__name__} ({self.reward.name}), "
+                            f"{self.num_samples} per prompt, {summary['nfe_per_sample']:.0f} NFE/sample")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        st = summary["reward_stats"] or {}
+        self.print(f"[rewardopt] {type(self).__name__}: {n} samples, reward median {st.get('median', float('nan')):.4f} "
+                   f"top-10% {st.get('top10', float('nan')):.4f}, NFE/sample {summary['nfe_per_sample']:.1f}, "
+                   f"reward calls/sample {summary['reward_calls_per_sample']:.1f}")
+        self.print(f"[rewardopt] summary: {out / 'summary.json'}")

@@ -1,0 +1,150 @@
+"""Value functions V(x_t, level, cond) ≈ E[r(x_0) | x_t] — one reusable component: SVDD-MC steers
+with one now; VARD and DSearch look-aheads can reuse it.
+
+``ValueRegression`` (``rewardopt fit``) trains a value network by regression on rollouts of the
+frozen generator: sample trajectories, score the final samples, and regress V(x at a random level)
+onto the final reward (the Monte-Carlo target SVDD-MC uses). The weights go to
+``<output_dir>/value.pt``; a ``ValueFunction`` built with ``checkpoint=<that file>`` loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rewardopt.generators.base import Condition, Generator
+from rewardopt.rewards.base import Reward
+
+
+class ValueFunction(nn.Module):
+    """V(x, level, cond) -> (B,). ``level`` is how many sampling steps x has taken (0: x_T, T: x_0)."""
+
+    def __init__(self, num_steps: int, checkpoint: str | None = None) -> None:
+        super().__init__()
+        self.num_steps = num_steps
+        self._checkpoint = checkpoint
+
+    def load_checkpoint(self) -> None:
+        if self._checkpoint is None:
+            return
+        path = Path(self._checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"value checkpoint {path} does not exist; train one with a ValueRegression recipe "
+                                    "(rewardopt fit --config recipes/images/svdd_mc_value_fit_tiny.yaml)")
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def level_embedding(self, level: int | torch.Tensor, n: int, dim: int, device) -> torch.Tensor:
+        """Sinusoidal features of level / num_steps, (n, dim)."""
+        s = torch.as_tensor(level, dtype=torch.float32, device=device).expand(n) / self.num_steps
+        freqs = torch.exp(torch.arange(dim // 2, device=device) * (-math.log(100.0) / max(dim // 2 - 1, 1)))
+        ang = s[:, None] * freqs[None] * math.pi
+        return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+
+class ConvValue(ValueFunction):
+    """A small CNN for (B, C, H, W) states with level conditioning (FiLM) and, optionally, the mean
+    of a condition tensor (``cond_key``, e.g. "encoder_hidden_states") projected into the same space.
+
+    Args:
+        in_channels: state channels (3 for pixels, 4 for SD latents).
+        num_steps: the sampler's T (levels are normalised by it).
+        width: channels of the conv stack.
+        cond_key / cond_dim: condition tensor to use and its last dimension (None: unconditional).
+        checkpoint: ``value.pt`` written by ``ValueRegression``.
+    """
+
+    def __init__(self, in_channels: int, num_steps: int, width: int = 32, cond_key: str | None = None,
+                 cond_dim: int | None = None, checkpoint: str | None = None) -> None:
+        super().__init__(num_steps, checkpoint)
+        self.width, self.cond_key = width, cond_key
+        self.convs = nn.ModuleList([nn.Conv2d(in_channels, width, 3, padding=1),
+                                    nn.Conv2d(width, width, 3, stride=2, padding=1),
+                                    nn.Conv2d(width, width, 3, stride=2, padding=1)])
+        self.film = nn.Linear(32, 2 * width)
+        self.cond_proj = nn.Linear(cond_dim, 2 * width) if cond_key is not None and cond_dim else None
+        self.head = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+        self.load_checkpoint()
+
+    def forward(self, x: torch.Tensor, level: int | torch.Tensor, cond: Condition | None = None) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"ConvValue expects (B, C, H, W) states, got {tuple(x.shape)}")
+        film = self.film(self.level_embedding(level, x.shape[0], 32, x.device))
+        if self.cond_proj is not None:
+            if cond is None or self.cond_key not in cond.tensors:
+                raise ValueError(f"ConvValue was built with cond_key={self.cond_key!r}; the condition does not have it")
+            film = film + self.cond_proj(cond.tensors[self.cond_key].float().mean(1))
+        scale, shift = film.chunk(2, dim=1)
+        h = x.float()
+        for conv in self.convs:
+            h = F.silu(conv(h))
+        h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        return self.head(h.mean((2, 3))).squeeze(1)
+
+
+class ValueRegression(L.LightningModule):
+    """Fit a value network on Monte-Carlo rollouts of the frozen generator (SVDD-MC's value).
+
+    Each training step draws ``batch`` trajectories, scores their final samples with ``reward``, and
+    regresses V at ``levels_per_rollout`` random levels of each trajectory onto that reward (MSE on
+    the reward's own scale).
+
+    Args:
+        generator: the frozen generator whose rollouts define the value.
+        reward: the reward to predict.
+        value: the ``ValueFunction`` to train.
+        levels_per_rollout: states per trajectory used as training inputs.
+        lr: AdamW learning rate.
+        seed: rollout noise seed (with the step, so resumes are exact).
+        output_dir: where value.pt and value_fit.json go (default: trainer.default_root_dir).
+    """
+
+    def __init__(self, generator: Generator, reward: Reward, value: ValueFunction, levels_per_rollout: int = 4,
+                 lr: float = 1e-3, seed: int = 0, output_dir: str | None = None) -> None:
+        super().__init__()
+        self.generator, self.reward, self.value = generator.requires_grad_(False), reward, value
+        self.levels_per_rollout, self.lr, self.seed, self._output_dir = levels_per_rollout, lr, seed, output_dir
+        self.losses: list[float] = []
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.value.parameters(), lr=self.lr)
+
+    def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
+        g = self.generator
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        with torch.no_grad():
+            cond = g.encode_condition(list(batch))
+            x0, traj = g.sample(cond, generator=rng, return_trajectory=True)
+            r = self.reward(g.decode(x0), cond.raw).total.float()
+        T, B = g.num_steps, len(batch)
+        levels = torch.randint(0, T + 1, (self.levels_per_rollout, B), generator=rng)
+        loss = 0.0
+        for row in levels:
+            for lvl in row.unique().tolist():
+                idx = (row == lvl).nonzero().flatten()
+                pred = self.value(traj[lvl][idx], lvl, cond.index(idx))
+                loss = loss + F.mse_loss(pred, r[idx], reduction="sum")
+        loss = loss / levels.numel()
+        self.log("train/value_mse", loss, prog_bar=True, batch_size=B)
+        self.log("train/reward", r.mean(), batch_size=B)
+        self.losses.append(float(loss))
+        return loss
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        out = Path(self._output_dir or self.trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(self.value.state_dict(), out / "value.pt")
+        k = max(1, len(self.losses) // 10)
+        first, last = self.losses[:k], self.losses[-k:]
+        (out / "value_fit.json").write_text(json.dumps({
+            "steps": int(self.global_step), "mse_first": sum(first) / len(first), "mse_last": sum(last) / len(last),
+            "value": str(out / "value.pt")}, indent=2))
+        self.print(f"[rewardopt] value MSE {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f}; "
+                   f"weights: {out / 'value.pt'}")

@@ -137,7 +137,7 @@ class DSearch(InferenceTimeSteering):
                 x = g.step(x, i, cb, generator=rng, out=out)
                 out = self.next_output(x, i + 1, cb)
                 continue
-            kids = self.children(x, i, cb, out, c, rng)
+            kids = self.expand(x, i, cb, out, c, rng)
             ckids = cond.repeat_interleave(b * c)
             v, kid_out = self.lookahead_value(kids, i + 1, ckids)
             n = b * c

@@ -73,7 +73,7 @@ class Free2Guide(InferenceTimeSteering):
         guided = set(self.guided)
         for i in range(self.T):
             if i in guided:
-                kids = self.children(x, i, cond, out, n, rng)
+                kids = self.expand(x, i, cond, out, n, rng)
                 v, kid_out = self._values(kids, i + 1, cond_n)
                 sel = group_argmax(v, n) if self.alpha == 0 else group_sample(v, n, self.alpha, select_rng)
                 self.record(step=i, values=v, chosen=sel)

@@ -185,7 +185,7 @@ class InferenceTimeSteering(L.LightningModule):
         out = g.model_output(x, level, cond) if out is None else out
         return self.score(g.decode(g.predict_x0(x, level, cond, out=out)), cond), out
 
-    def children(self, x: torch.Tensor, i: int, cond: Condition, out: torch.Tensor | None, m: int,
+    def expand(self, x: torch.Tensor, i: int, cond: Condition, out: torch.Tensor | None, m: int,
                  rng: torch.Generator) -> torch.Tensor:
         """m stochastic children of each state (B -> B*m, children of a state adjacent)."""
         if m == 1:
@@ -246,7 +246,12 @@ class InferenceTimeSteering(L.LightningModule):
             self._records[base]["diversity"] = div
         if self.save_samples:
             self._save(samples, batch_idx, rank)
-        return {"samples": samples, "rewards": out.total}
+            if isinstance(samples, torch.Tensor) and samples.ndim == 4:
+                for j in range(len(raw)):
+                    if len(self._grid_samples) < 6:
+                        sl = slice(j * self.num_samples, (j + 1) * self.num_samples)
+                        self._grid_samples.append((str(raw[j]), samples[sl].cpu(), out.total[sl].tolist()))
+        return out.total.detach().cpu()  # small: samples are on disk, not held in memory
 
     def _save(self, samples: Any, batch_idx: int, rank: int) -> None:
         folder = self.output_dir / "samples"
@@ -257,8 +262,6 @@ class InferenceTimeSteering(L.LightningModule):
             arr = (samples.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             for j, a in enumerate(arr):
                 Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a).save(folder / f"r{rank}_b{batch_idx:05d}_{j:03d}.png")
-            if len(self._grid_samples) < 8:
-                self._grid_samples.append(samples[: self.num_samples * 2].cpu())
         else:
             with open(folder / f"r{rank}_b{batch_idx:05d}.jsonl", "w") as f:
                 for s in samples:
@@ -312,11 +315,12 @@ class InferenceTimeSteering(L.LightningModule):
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(records)
-        if self._grid_samples and isinstance(self._grid_samples[0], torch.Tensor):
+        if self._grid_samples:
             from rewardopt.callbacks import save_image_grid
 
-            rows = [s for s in self._grid_samples]
-            save_image_grid(rows, out / "grid.png", title=f"{type(self).__name__} ({self.reward.name}), "
+            rows = [s for _, s, _ in self._grid_samples]
+            labels = [f"{p}\n" + " ".join(f"{v:.2f}" for v in r) for p, _, r in self._grid_samples]
+            save_image_grid(rows, out / "grid.png", row_labels=labels, title=f"{type(self).__name__} ({self.reward.name}), "
                             f"{self.num_samples} per prompt, {summary['nfe_per_sample']:.0f} NFE/sample")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         st = summary["reward_stats"] or {}

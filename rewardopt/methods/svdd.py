@@ -73,7 +73,7 @@ class SVDD(InferenceTimeSteering):
         out = g.model_output(x, 0, cond)
         cond_m = cond.repeat_interleave(M)
         for i in range(self.T):
-            kids = self.children(x, i, cond, out, M, rng)
+            kids = self.expand(x, i, cond, out, M, rng)
             if self.learned:
                 v = self.value_net(kids, i + 1, cond_m).detach().float()
                 self.value_calls += kids.shape[0]

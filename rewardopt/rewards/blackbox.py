@@ -9,7 +9,13 @@ exponential backoff, a content-hash cache — and applies an explicit failure po
   (``self.stats["failures"]``) and reported in ``RewardOutput.info`` — never a silent zero.
 
 Timeouts: a call that exceeds ``timeout_s`` is abandoned (Python threads cannot be killed; the
-worker finishes in the background) and counts as a failed attempt.
+worker finishes in the background) and counts as a failed attempt. Network backends should also
+pass the timeout to their client so abandoned workers end.
+
+Circuit breaker (``breaker_threshold``): after that many samples in a row fail (after retries),
+the breaker opens for ``breaker_cooldown_s``: calls fail at once under the failure policy, without
+reaching the backend (counted in ``stats["breaker_rejections"]``). After the cool-down one call is
+let through; a success closes the breaker, a failure re-opens it.
 """
 
 from __future__ import annotations
@@ -59,12 +65,15 @@ class BlackBoxReward(Reward):
         retries: extra attempts after a failure; backoff_s: first wait, doubled each retry.
         cache_size: entries kept in the content-hash LRU cache (0 disables).
         on_failure: "raise", or a float used for samples that still fail (counted).
+        breaker_threshold: consecutive failed samples that open the circuit breaker (None: off).
+        breaker_cooldown_s: how long an open breaker rejects calls.
     """
 
     differentiable = False
 
     def __init__(self, max_workers: int = 4, timeout_s: float | None = 60.0, retries: int = 2, backoff_s: float = 0.5,
-                 cache_size: int = 10_000, on_failure: str | float = "raise", name: str | None = None) -> None:
+                 cache_size: int = 10_000, on_failure: str | float = "raise", breaker_threshold: int | None = None,
+                 breaker_cooldown_s: float = 30.0, name: str | None = None) -> None:
         super().__init__(name)
         if on_failure != "raise" and not isinstance(on_failure, (int, float)):
             raise ValueError(f"{self.name}: on_failure must be 'raise' or a number, got {on_failure!r}")
@@ -73,7 +82,12 @@ class BlackBoxReward(Reward):
         self._cache: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
         self._pool: cf.ThreadPoolExecutor | None = None
-        self.stats = {"calls": 0, "cache_hits": 0, "retries": 0, "failures": 0, "timeouts": 0}
+        if breaker_threshold is not None and breaker_threshold < 1:
+            raise ValueError(f"{self.name}: breaker_threshold must be >= 1 or None, got {breaker_threshold}")
+        self.breaker_threshold, self.breaker_cooldown_s = breaker_threshold, breaker_cooldown_s
+        self._consecutive_failures, self._open_until = 0, 0.0
+        self.stats = {"calls": 0, "cache_hits": 0, "retries": 0, "failures": 0, "timeouts": 0,
+                      "breaker_opened": 0, "breaker_rejections": 0}
 
     # --- subclass API -------------------------------------------------------------------------
     def to_object(self, sample: Any) -> Any:
@@ -110,8 +124,23 @@ class BlackBoxReward(Reward):
             raise ValueError(f"{self.name}: non-finite score {value}")
         return value
 
+    @property
+    def breaker_open(self) -> bool:
+        return time.monotonic() < self._open_until
+
+    def _fail(self, err: BaseException | None, what: str) -> tuple[float, bool]:
+        if self.on_failure == "raise":
+            raise RewardError(f"reward {self.name} failed {what}: {err!r}") from err
+        log.warning("%s: sample failed %s (%r); using on_failure=%s", self.name, what, err, self.on_failure)
+        return float(self.on_failure), True
+
     def _score_with_retries(self, obj: Any, cond: Any) -> tuple[float, bool]:
         """(value, failed). Retries with exponential backoff; applies the failure policy."""
+        if self.breaker_open:
+            with self._lock:
+                self.stats["breaker_rejections"] += 1
+            return self._fail(RuntimeError(f"circuit breaker open for {self._open_until - time.monotonic():.1f}s more"),
+                              "(circuit breaker open)")
         delay = self.backoff_s
         err: BaseException | None = None
         for attempt in range(self.retries + 1):
@@ -121,16 +150,23 @@ class BlackBoxReward(Reward):
                 time.sleep(delay)
                 delay *= 2
             try:
-                return self._attempt(obj, cond), False
+                value = self._attempt(obj, cond)
+                with self._lock:
+                    self._consecutive_failures = 0
+                return value, False
             except Exception as e:  # noqa: BLE001 - every failure goes through the policy
                 err = e
                 log.debug("%s attempt %d failed: %r", self.name, attempt + 1, e)
         with self._lock:
             self.stats["failures"] += 1
-        if self.on_failure == "raise":
-            raise RewardError(f"reward {self.name} failed after {self.retries + 1} attempts: {err!r}") from err
-        log.warning("%s: sample failed after %d attempts (%r); using on_failure=%s", self.name, self.retries + 1, err, self.on_failure)
-        return float(self.on_failure), True
+            self._consecutive_failures += 1
+            if self.breaker_threshold is not None and self._consecutive_failures >= self.breaker_threshold:
+                if not self.breaker_open:
+                    self.stats["breaker_opened"] += 1
+                    log.warning("%s: %d failures in a row; circuit breaker open for %.0fs", self.name,
+                                self._consecutive_failures, self.breaker_cooldown_s)
+                self._open_until = time.monotonic() + self.breaker_cooldown_s
+        return self._fail(err, f"after {self.retries + 1} attempts")
 
     def score(self, samples: Any, cond: Sequence[Any] | None) -> RewardOutput:
         n = len(samples)

@@ -1,0 +1,250 @@
+"""Black-box judges: a vision-language model scores each sample against its prompt.
+
+``OpenAIJudge`` sends the image (or, for a video, a labelled 2x2 grid of key frames) and a prompt
+template to an OpenAI-compatible ``/chat/completions`` endpoint — what vLLM, SGLang and hosted APIs
+serve — and turns the answer into a score in [score_min, score_max]:
+
+* when the server returns log-probabilities (``logprobs``/``top_logprobs``), the score is the
+  expectation of the answer integer under the answer token's distribution (Free²Guide scores
+  GPT-4o this way), so near-ties still rank candidates;
+* otherwise the last integer in range in the text (the template asks for a final "Score: N").
+
+An answer with no score in range is an error: it is retried and, if it persists, handled by the
+failure policy and counted. The API key is read from the environment variable ``api_key_env`` at
+call time; it is never stored on the object, logged or put in an error message.
+
+``TransformersJudge`` is the in-process backend: a ``transformers`` image-text-to-text model and its
+processor (local folder or hub id) score the same template by the next-token distribution over the
+score digits after the prompt — one forward pass per sample, no generation.
+
+Concurrency, per-call timeouts, retries with backoff, the circuit breaker, the content cache and the
+failure policy come from ``BlackBoxReward``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import re
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+import torch
+
+from rewardopt.rewards.blackbox import BlackBoxReward
+
+DEFAULT_TEMPLATE = (
+    "You are judging a generated image for the prompt: \"{prompt}\".\n"
+    "Think step by step about how well the image matches the prompt (objects, attributes, counts) and "
+    "its visual quality. End your answer with a final line of the form \"Score: N\", where N is an "
+    "integer from {min} (worst) to {max} (best)."
+)
+
+
+def to_png(sample: Any, frames: int = 4) -> bytes:
+    """(3, H, W) image in [0, 1] -> PNG bytes; (F, 3, H, W) video -> a labelled 2x2 (or 1xk) grid
+    of ``frames`` evenly spaced key frames."""
+    from PIL import Image, ImageDraw
+
+    t = sample.detach().float().cpu() if isinstance(sample, torch.Tensor) else torch.as_tensor(np.asarray(sample)).float()
+    if t.ndim == 4:
+        idx = torch.linspace(0, t.shape[0] - 1, min(frames, t.shape[0])).round().long()
+        tiles = [to_pil(t[i]) for i in idx]
+        w, h = tiles[0].size
+        cols = 2 if len(tiles) == 4 else len(tiles)
+        rows = -(-len(tiles) // cols)
+        grid = Image.new("RGB", (cols * w, rows * h))
+        for k, (tile, fi) in enumerate(zip(tiles, idx.tolist())):
+            ImageDraw.Draw(tile).text((2, 1), f"Frame {fi + 1}", fill=(255, 255, 0))
+            grid.paste(tile, ((k % cols) * w, (k // cols) * h))
+        img = grid
+    elif t.ndim == 3:
+        img = to_pil(t)
+    else:
+        raise ValueError(f"judges score images (3, H, W) or videos (F, 3, H, W); got shape {tuple(t.shape)}")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def to_pil(img: torch.Tensor):
+    from PIL import Image
+
+    if img.ndim != 3 or img.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image (3, H, W) in [0, 1], got {tuple(img.shape)}")
+    a = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a)
+
+
+def _int_in_range(tok: str, lo: int, hi: int) -> int | None:
+    s = tok.strip()
+    if s.isdigit() and lo <= int(s) <= hi:
+        return int(s)
+    return None
+
+
+def parse_score(text: str, logprobs: list[dict] | None, lo: int, hi: int) -> float:
+    """The judge's score from an answer ``text`` and, if given, the per-token ``logprobs`` content
+    (OpenAI format: [{"token", "logprob", "top_logprobs": [{"token", "logprob"}, ...]}, ...]).
+
+    With log-probs: the last token that is an integer in [lo, hi] is the answer token; the score is
+    the expectation over the in-range integers among its top log-probs (renormalised)."""
+    if logprobs:
+        for entry in reversed(logprobs):
+            if _int_in_range(entry.get("token", ""), lo, hi) is None:
+                continue
+            probs: dict[int, float] = {}
+            for alt in entry.get("top_logprobs") or [entry]:
+                k = _int_in_range(alt.get("token", ""), lo, hi)
+                if k is not None:
+                    probs[k] = probs.get(k, 0.0) + math.exp(float(alt["logprob"]))
+            z = sum(probs.values())
+            if z > 0:
+                return sum(k * p for k, p in probs.items()) / z
+            break
+    m = re.findall(r"score\s*[:=]?\s*\**\s*(\d+)", text, flags=re.IGNORECASE) or re.findall(r"\b(\d+)\b", text)
+    for s in reversed(m):
+        if lo <= int(s) <= hi:
+            return float(s)
+    raise ValueError(f"judge answer has no score in [{lo}, {hi}]: {text[-200:]!r}")
+
+
+class OpenAIJudge(BlackBoxReward):
+    """An LVLM/MLLM judge behind an OpenAI-compatible chat-completions endpoint.
+
+    Args:
+        base_url: e.g. "http://127.0.0.1:8000/v1" (vLLM / SGLang) or a hosted API's base URL.
+        model: the served model name.
+        prompt_template: text with ``{prompt}``, ``{min}`` and ``{max}`` fields.
+        score_min / score_max: the score range asked for (Free²Guide: 1-9).
+        api_key_env: environment variable holding the API key (None: no Authorization header).
+        use_logprobs: ask for log-probs and score by expectation when the server returns them.
+        top_logprobs: alternatives per token requested.
+        max_tokens / temperature: generation settings (temperature 0: deterministic judges).
+        frames: key frames in a video's grid.
+        extra_body: extra JSON fields for the request (server-specific options).
+        max_workers, timeout_s, retries, backoff_s, cache_size, on_failure, breaker_threshold,
+        breaker_cooldown_s: see ``BlackBoxReward`` (concurrency = max_workers requests in flight).
+    """
+
+    def __init__(self, base_url: str, model: str, prompt_template: str = DEFAULT_TEMPLATE, score_min: int = 1,
+                 score_max: int = 9, api_key_env: str | None = "OPENAI_API_KEY", use_logprobs: bool = True,
+                 top_logprobs: int = 10, max_tokens: int = 512, temperature: float = 0.0, frames: int = 4,
+                 extra_body: dict | None = None, max_workers: int = 8, timeout_s: float | None = 60.0, retries: int = 2,
+                 backoff_s: float = 0.5, cache_size: int = 10_000, on_failure: str | float = "raise",
+                 breaker_threshold: int | None = 5, breaker_cooldown_s: float = 30.0, name: str | None = None) -> None:
+        super().__init__(max_workers=max_workers, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
+                         cache_size=cache_size, on_failure=on_failure, breaker_threshold=breaker_threshold,
+                         breaker_cooldown_s=breaker_cooldown_s, name=name or f"judge[{model}]")
+        if score_min >= score_max:
+            raise ValueError(f"score_min must be < score_max, got {score_min}, {score_max}")
+        for field in ("{prompt}",):
+            if field not in prompt_template:
+                raise ValueError(f"prompt_template must contain {field}")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.prompt_template = model, prompt_template
+        self.score_min, self.score_max = score_min, score_max
+        self.api_key_env, self.use_logprobs, self.top_logprobs = api_key_env, use_logprobs, top_logprobs
+        self.max_tokens, self.temperature, self.frames = max_tokens, temperature, frames
+        self.extra_body = dict(extra_body or {})
+
+    def to_object(self, sample: Any) -> bytes:
+        return to_png(sample, self.frames)
+
+    def request_body(self, png: bytes, prompt: Any) -> dict:
+        text = self.prompt_template.format(prompt=prompt if prompt is not None else "", min=self.score_min, max=self.score_max)
+        url = "data:image/png;base64," + base64.b64encode(png).decode()
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": text},
+                                                      {"type": "image_url", "image_url": {"url": url}}]}],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
+        if self.use_logprobs:
+            body.update(logprobs=True, top_logprobs=self.top_logprobs)
+        body.update(self.extra_body)
+        return body
+
+    def score_object(self, obj: bytes, cond: Any) -> float:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if key:
+                headers["Authorization"] = "Bearer " + key
+        req = urllib.request.Request(self.url, data=json.dumps(self.request_body(obj, cond)).encode(), headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                payload = json.loads(resp.read())
+        except urllib.error.HTTPError as e:  # the message holds the URL and status, never the headers
+            raise RuntimeError(f"{self.name}: HTTP {e.code} from {self.url}") from None
+        try:
+            choice = payload["choices"][0]
+            text = choice["message"]["content"] or ""
+            lp = (choice.get("logprobs") or {}).get("content") if self.use_logprobs else None
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"{self.name}: malformed response {str(payload)[:200]!r}") from e
+        return parse_score(text, lp, self.score_min, self.score_max)
+
+
+class TransformersJudge(BlackBoxReward):
+    """In-process VLM judge: P(score digit | image, template) from one forward pass.
+
+    Args:
+        model: local folder or hub id of an image-text-to-text model (``AutoModelForImageTextToText``).
+        processor: its processor (default: same path).
+        prompt_template: as ``OpenAIJudge``; the text is followed by "Score: " and the next-token
+            distribution over the digits score_min..score_max gives the expected score.
+        device / dtype: where the model runs.
+        Other args: ``BlackBoxReward`` (``max_workers`` defaults to 1: one model, one stream).
+    """
+
+    def __init__(self, model: str, processor: str | None = None, prompt_template: str = DEFAULT_TEMPLATE,
+                 score_min: int = 1, score_max: int = 9, device: str = "cpu", dtype: str = "float32", frames: int = 4,
+                 max_workers: int = 1, timeout_s: float | None = None, retries: int = 0, cache_size: int = 10_000,
+                 on_failure: str | float = "raise", name: str | None = None) -> None:
+        super().__init__(max_workers=max_workers, timeout_s=timeout_s, retries=retries, cache_size=cache_size,
+                         on_failure=on_failure, name=name or "vlm_judge")
+        if not 0 <= score_min < score_max <= 9:
+            raise ValueError("TransformersJudge scores single-digit answers: need 0 <= score_min < score_max <= 9")
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(processor or model)
+        self.vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
+        self.vlm.requires_grad_(False)
+        self.prompt_template, self.score_min, self.score_max, self.frames = prompt_template, score_min, score_max, frames
+        tok = self.processor.tokenizer
+        self.digit_ids = []
+        for k in range(score_min, score_max + 1):
+            ids = tok.convert_tokens_to_ids([str(k)])
+            if not ids or ids[0] is None or ids[0] == tok.unk_token_id:
+                raise ValueError(f"the tokenizer of {model} has no single token for {k!r}")
+            self.digit_ids.append(ids[0])
+
+    def to_object(self, sample: Any) -> bytes:
+        return to_png(sample, self.frames)
+
+    def messages(self, prompt: Any) -> list[dict]:
+        text = self.prompt_template.format(prompt=prompt if prompt is not None else "", min=self.score_min, max=self.score_max)
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+    @torch.no_grad()
+    def score_object(self, obj: bytes, cond: Any) -> float:
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(obj)).convert("RGB")
+        proc = self.processor
+        if getattr(proc, "chat_template", None):
+            text = proc.apply_chat_template(self.messages(cond), add_generation_prompt=True) + "Score: "
+        else:
+            image_token = getattr(proc, "image_token", "<image>")
+            text = f"{image_token}\n{self.messages(cond)[0]['content'][1]['text']}\nScore: "
+        inputs = proc(images=image, text=text, return_tensors="pt").to(self.vlm.device)
+        logits = self.vlm(**inputs).logits[0, -1].float()
+        p = torch.softmax(logits[self.digit_ids], dim=0)
+        return float((p * torch.arange(self.score_min, self.score_max + 1, dtype=p.dtype)).sum())

@@ -1,0 +1,155 @@
+"""A local OpenAI-compatible judge server for tests, benchmarks and trying recipes offline.
+
+It answers ``POST /v1/chat/completions`` like vLLM does (text plus ``logprobs.content`` with
+``top_logprobs``). The default scorer is deterministic: it decodes the image and rates how blue it
+is on the 1-9 scale (a stand-in for an LVLM's judgement), and spreads the answer token's
+probability over neighbouring integers. Faults can be injected per request index:
+
+    with JudgeServer(latency_s=0.2, faults={0: "500", 1: "malformed", 2: "drop", 3: "slow"}) as srv:
+        judge = OpenAIJudge(base_url=srv.base_url, model="test")
+
+``faults`` maps request index -> "500" | "malformed" | "drop" (close the connection without an
+answer) | "slow" (sleep ``slow_s``) | "nologprobs"; or pass ``fault_fn(index) -> kind | None``.
+
+    python -m rewardopt.testing.judge_server --port 8000 --latency 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+
+def blueness_score(png: bytes, lo: int = 1, hi: int = 9) -> float:
+    """Continuous score in [lo, hi]: how much blue dominates red and green, averaged over pixels."""
+    from PIL import Image
+
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64) / 255.0
+    b = float((a[..., 2] - (a[..., 0] + a[..., 1]) / 2).mean())  # in [-1, 1]
+    return lo + (hi - lo) * (b + 1) / 2
+
+
+class JudgeServer:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0, faults: dict[int, str] | None = None,
+                 fault_fn: Callable[[int], str | None] | None = None, slow_s: float = 5.0,
+                 scorer: Callable[[bytes, int, int], float] = blueness_score, score_min: int = 1, score_max: int = 9) -> None:
+        self.latency_s, self.faults, self.fault_fn, self.slow_s = latency_s, dict(faults or {}), fault_fn, slow_s
+        self.scorer, self.score_min, self.score_max = scorer, score_min, score_max
+        self.requests = 0
+        self.auth_headers: list[str | None] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):  # noqa: N802
+                with server.lock:
+                    idx = server.requests
+                    server.requests += 1
+                    server.auth_headers.append(self.headers.get("Authorization"))
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                kind = server.faults.get(idx) or (server.fault_fn(idx) if server.fault_fn else None)
+                time.sleep(server.latency_s)
+                if kind == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if kind == "slow":
+                    time.sleep(server.slow_s)
+                if kind == "500":
+                    return self._send(500, {"error": {"message": "internal error (injected)"}})
+                if not self.path.endswith("/chat/completions"):
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                if kind == "malformed":
+                    return self._send(200, server.completion("I cannot rate this image.", None))
+                png = server.image_of(body)
+                s = server.scorer(png, server.score_min, server.score_max)
+                want_lp = body.get("logprobs") and kind != "nologprobs"
+                self._send(200, server.completion_for_score(s, int(body.get("top_logprobs") or 5) if want_lp else 0))
+
+            def _send(self, code, payload):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    @staticmethod
+    def image_of(body: dict) -> bytes:
+        for part in body["messages"][-1]["content"]:
+            if part.get("type") == "image_url":
+                return base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+        raise ValueError("no image in request")
+
+    def completion(self, text: str, logprobs: list | None) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        if logprobs is not None:
+            choice["logprobs"] = {"content": logprobs}
+        return {"id": "cmpl-local", "object": "chat.completion", "model": "local-judge", "choices": [choice]}
+
+    def completion_for_score(self, s: float, top: int) -> dict:
+        """An answer ending in "Score: round(s)"; the answer token's top log-probs are a softmax
+        over integers around s, so their expectation recovers s closely."""
+        k = int(min(self.score_max, max(self.score_min, round(s))))
+        text = f"The image shows the requested content.\nScore: {k}"
+        if not top:
+            return self.completion(text, None)
+        ks = list(range(self.score_min, self.score_max + 1))
+        w = [math.exp(-((j - s) ** 2) / 0.5) for j in ks]
+        z = sum(w)
+        alts = sorted(({"token": str(j), "logprob": math.log(max(wj / z, 1e-30))} for j, wj in zip(ks, w)),
+                      key=lambda a: -a["logprob"])[:top]
+        lp = [{"token": t, "logprob": 0.0, "top_logprobs": []} for t in ["The", " image", "\n", "Score", ":", " "]]
+        lp.append({"token": str(k), "logprob": next(a["logprob"] for a in alts if a["token"] == str(k)) if any(a["token"] == str(k) for a in alts) else -1.0,
+                   "top_logprobs": alts})
+        return self.completion(text, lp)
+
+    def __enter__(self) -> "JudgeServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every answer")
+    a = p.parse_args()
+    with JudgeServer(a.host, a.port, latency_s=a.latency) as srv:
+        print(f"judge server on {srv.base_url} (Ctrl-C to stop)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

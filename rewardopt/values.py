@@ -29,6 +29,9 @@ class ValueFunction(nn.Module):
         super().__init__()
         self.num_steps = num_steps
         self._checkpoint = checkpoint
+        # targets are standardised for training; the network's output is mapped back with these
+        self.register_buffer("target_mean", torch.zeros(()))
+        self.register_buffer("target_std", torch.ones(()))
 
     def load_checkpoint(self) -> None:
         if self._checkpoint is None:
@@ -84,15 +87,15 @@ class ConvValue(ValueFunction):
         for conv in self.convs:
             h = F.silu(conv(h))
         h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-        return self.head(h.mean((2, 3))).squeeze(1)
+        return self.head(h.mean((2, 3))).squeeze(1) * self.target_std + self.target_mean
 
 
 class ValueRegression(L.LightningModule):
     """Fit a value network on Monte-Carlo rollouts of the frozen generator (SVDD-MC's value).
 
     Each training step draws ``batch`` trajectories, scores their final samples with ``reward``, and
-    regresses V at ``levels_per_rollout`` random levels of each trajectory onto that reward (MSE on
-    the reward's own scale).
+    regresses V at ``levels_per_rollout`` random levels of each trajectory onto that reward (MSE in
+    standardised units: the first batch's reward mean and std become the value's output scale).
 
     Args:
         generator: the frozen generator whose rollouts define the value.
@@ -110,6 +113,7 @@ class ValueRegression(L.LightningModule):
         self.generator, self.reward, self.value = generator.requires_grad_(False), reward, value
         self.levels_per_rollout, self.lr, self.seed, self._output_dir = levels_per_rollout, lr, seed, output_dir
         self.losses: list[float] = []
+        self._scaled = False
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.value.parameters(), lr=self.lr)
@@ -121,6 +125,10 @@ class ValueRegression(L.LightningModule):
             cond = g.encode_condition(list(batch))
             x0, traj = g.sample(cond, generator=rng, return_trajectory=True)
             r = self.reward(g.decode(x0), cond.raw).total.float()
+            if self.global_step == 0 and batch_idx == 0 and not self._scaled:
+                self.value.target_mean.fill_(r.mean())
+                self.value.target_std.fill_(r.std().clamp(min=1e-6) if len(r) > 1 else 1.0)
+                self._scaled = True
         T, B = g.num_steps, len(batch)
         levels = torch.randint(0, T + 1, (self.levels_per_rollout, B), generator=rng)
         loss = 0.0
@@ -128,11 +136,12 @@ class ValueRegression(L.LightningModule):
             for lvl in row.unique().tolist():
                 idx = (row == lvl).nonzero().flatten()
                 pred = self.value(traj[lvl][idx], lvl, cond.index(idx))
-                loss = loss + F.mse_loss(pred, r[idx], reduction="sum")
+                std = self.value.target_std
+                loss = loss + F.mse_loss(pred / std, r[idx] / std, reduction="sum")
         loss = loss / levels.numel()
         self.log("train/value_mse", loss, prog_bar=True, batch_size=B)
         self.log("train/reward", r.mean(), batch_size=B)
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
         return loss
 
     def on_train_end(self) -> None:

@@ -59,3 +59,34 @@ def tiny_clip_dir(tmp_path_factory):
     CLIPModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    """A tiny random LLaVA (CLIP vision tower + Llama text model) and its processor, saved to a
+    folder: the in-process judge loads it with AutoModelForImageTextToText / AutoProcessor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    words = ["<unk>", "<pad>", "<s>", "</s>", "<image>", *map(str, range(10)),
+             *"score : a the of image prompt you are judging generated for blue red circle square . , \"".split()]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
+                                                pre_tokenizers.Digits(individual_digits=True)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                          tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    torch.manual_seed(0)
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=16, patch_size=8).to_dict(),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512).to_dict(),
+        image_token_index=vocab["<image>"], vision_feature_layer=-1)
+    d = tmp_path_factory.mktemp("tiny_vlm")
+    LlavaForConditionalGeneration(cfg).save_pretrained(d)
+    proc.save_pretrained(d)
+    return d

@@ -13,8 +13,9 @@ from rewardopt.cli import RewardOptCLI
 from tests.conftest import ROOT
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
-TINY = [p for p in RECIPES if p.stem.endswith("_tiny") and not p.stem.startswith(("pretrain", "train_"))]
-FULL = [p for p in RECIPES if "sd15" in p.stem]
+FIT = [p for p in RECIPES if "steer" not in p.parts]  # steering recipes: tests/test_steering_recipes.py
+TINY = [p for p in FIT if p.stem.endswith("_tiny") and not p.stem.startswith(("pretrain", "train_"))]
+FULL = [p for p in FIT if "sd15" in p.stem]
 
 
 class ParseOnly(RewardOptCLI):

@@ -46,8 +46,11 @@ class DPS(InferenceTimeSteering):
     def guidance(self, x: torch.Tensor, i: int, cond: Condition) -> tuple[torch.Tensor, torch.Tensor]:
         """(∇_x r(decode(x̂0(x))), model output at x) — one NFE with autograd."""
         g = self.generator
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+        # Lightning predicts under inference_mode; guidance needs a graph, so leave it and use
+        # ordinary copies of the (inference-mode) state and condition tensors.
+        with torch.inference_mode(False), torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            cond = Condition(cond.raw, {k: v.clone() for k, v in cond.tensors.items()})
             out = g.model_output(xg, i, cond)
             r = self.grad_reward(g.decode(g.predict_x0(xg, i, cond, out=out)), cond.raw).total
             grad, = torch.autograd.grad(r.sum(), xg)

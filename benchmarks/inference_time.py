@@ -1,0 +1,211 @@
+"""Inference-time steering at equal NFE on the embedded tiny text-to-image default, plus the
+black-box judge's throughput against a local server.
+
+Methods: pretrained (plain sampler), Best-of-N, SVDD-PM, DSearch, SMC (FK difference potential),
+Free²Guide and DPS, each given the same NFE per output sample (``budget`` = 4x, 8x, 16x the plain
+sampler's T by default) — the budget sets each method's width (N, M, W, k, n, chains), and the
+counted NFE and reward calls per sample are printed next to the rewards. Rewards: ``jpeg``
+(default; minus the JPEG size in kB — the SVDD paper's image task; black-box, so DPS is skipped),
+``colour`` (1 - mean pixel distance to blue; differentiable, so DPS runs) or ``classifier`` (the
+shapes classifier's log p(blue); it saturates at 0 within a few x T, so it separates methods only
+at small budgets). Held-out prompts: the 12 held-out shapes prompts, ``--per-prompt``
+samples each; diversity = mean RMS pixel distance between the samples of one prompt.
+
+Judge throughput: an ``OpenAIJudge`` scores ``--judge-requests`` distinct images against the local
+judge server answering in ``--judge-latency`` seconds, at several concurrencies; the target is at
+least 80% of concurrency / latency requests per second.
+
+Usage: python benchmarks/inference_time.py [--steps 10] [--multiples 4 8 16] [--seeds 0 1 2]
+Prints markdown tables; writes runs/inference_time.json and runs/inference_time.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build(method: str, gen, reward, budget: int | None, seed: int, steps: int):
+    from rewardopt.methods.best_of_n import BestOfN
+    from rewardopt.methods.dps import DPS
+    from rewardopt.methods.dsearch import DSearch
+    from rewardopt.methods.free2guide import Free2Guide
+    from rewardopt.methods.smc import SMC
+    from rewardopt.methods.svdd import SVDD
+
+    common = {"budget": budget, "seed": seed, "save_samples": False}
+    if method == "pretrained":
+        return BestOfN(gen, reward, n=1, seed=seed, save_samples=False)
+    if method == "Best-of-N":
+        return BestOfN(gen, reward, **common)
+    if method == "SVDD-PM":
+        return SVDD(gen, reward, alpha=0.0, **common)
+    if method == "DSearch":
+        return DSearch(gen, reward, schedule="exponential", search_start=0.5, lookahead=0, **common)
+    if method == "SMC":
+        return SMC(gen, reward, potential="difference", alpha=1.0, resample="ess", **common)
+    if method == "Free2Guide":
+        return Free2Guide(gen, reward, guide_steps=max(1, round(0.2 * steps)), **common)
+    if method == "DPS":
+        return DPS(gen, reward, scale=0.1, normalize=True, **common)
+    raise ValueError(method)
+
+
+def run_methods(args) -> list[dict]:
+    import torch
+
+    from domains.images.rewards import ColourReward, JpegCompressibilityReward, ShapeAttributeReward
+    from domains.images.shapes import split_prompts
+    from domains.images.stable_diffusion import StableDiffusionGenerator
+    from rewardopt.methods.steering import mean_pairwise_distance
+
+    torch.set_num_threads(2)
+    gen = StableDiffusionGenerator("embedded:tiny-shapes", height=24, width=24, num_steps=args.steps, guidance_scale=3.0,
+                                   eta=1.0, gradient_checkpointing=False)
+    reward = {"jpeg": lambda: JpegCompressibilityReward(max_workers=2),
+              "colour": lambda: ColourReward("blue"),
+              "classifier": lambda: ShapeAttributeReward("colour", target="blue")}[args.reward]()
+    methods = [m for m in args.methods if not (m == "DPS" and args.reward == "jpeg")]
+    _, prompts = split_prompts(0)
+    rows = []
+    for mult in [None, *args.multiples]:
+        for method in methods:
+            if (mult is None) != (method == "pretrained"):
+                continue
+            per_seed = []
+            for seed in args.seeds:
+                m = build(method, gen, reward, None if mult is None else mult * args.steps, seed, args.steps)
+                m.num_samples = args.per_prompt
+                n0, c0 = gen.counter.nfe, reward.calls
+                t0 = time.perf_counter()
+                vals, divs = [], []
+                for b in range(0, len(prompts), args.batch):
+                    batch = prompts[b:b + args.batch]
+                    samples, _ = m.generate(batch, batch_idx=b)
+                    calls = reward.calls
+                    with torch.no_grad():
+                        vals += reward(samples, [p for p in batch for _ in range(args.per_prompt)]).total.tolist()
+                    reward.calls = calls
+                    divs.append(mean_pairwise_distance(samples, args.per_prompt))
+                n = len(vals)
+                v = sorted(vals, reverse=True)
+                k = max(1, round(0.1 * n))
+                per_seed.append({"median": statistics.median(vals), "top10": sum(v[:k]) / k, "mean": sum(vals) / n,
+                                 "diversity": sum(divs) / len(divs), "nfe": (gen.counter.nfe - n0) / n,
+                                 "reward_calls": (reward.calls - c0) / n, "wall_s": time.perf_counter() - t0,
+                                 "width": getattr(m, m.width_name) if mult is not None else 1})
+            agg = {k: statistics.mean(s[k] for s in per_seed) for k in per_seed[0]}
+            agg.update({f"{k}_sd": statistics.pstdev([s[k] for s in per_seed]) for k in ("median", "top10")})
+            rows.append({"method": method, "multiple": mult or 1, "budget": (mult or 1) * args.steps, **agg})
+            r = rows[-1]
+            print(f"  {method:11s} x{r['multiple']:<3d} width {r['width']:>5.0f}  median {r['median']:9.3f}  "
+                  f"top10 {r['top10']:9.3f}  div {r['diversity']:.3f}  NFE {r['nfe']:.0f}  calls {r['reward_calls']:.0f}  "
+                  f"{r['wall_s']:.1f}s", flush=True)
+    return rows
+
+
+def judge_throughput(args) -> list[dict]:
+    import torch
+
+    from rewardopt.rewards.judges import OpenAIJudge
+    from rewardopt.testing.judge_server import JudgeServer
+
+    out = []
+    imgs = torch.rand(args.judge_requests, 3, 24, 24)
+    for conc in args.concurrency:
+        with JudgeServer(latency_s=args.judge_latency) as srv:
+            j = OpenAIJudge(srv.base_url, "bench", max_workers=conc, cache_size=0, timeout_s=10)
+            j(imgs[:conc], ["warm"] * conc)  # connections and threads up
+            t0 = time.perf_counter()
+            res = j(imgs, ["a prompt"] * len(imgs))
+            dt = time.perf_counter() - t0
+        rps, ideal = len(imgs) / dt, conc / args.judge_latency
+        out.append({"concurrency": conc, "requests": len(imgs), "seconds": dt, "rps": rps, "ideal_rps": ideal,
+                    "ratio": rps / ideal, "failed": res.info["failed"]})
+        print(f"  judge concurrency {conc}: {rps:.1f} req/s of ideal {ideal:.1f} ({rps / ideal:.2f})", flush=True)
+    return out
+
+
+def plot(rows, path: Path, reward_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    base = [r for r in rows if r["method"] == "pretrained"]
+    for key, ax in zip(("median", "top10"), axes):
+        for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "pretrained"):
+            rs = [r for r in rows if r["method"] == method]
+            ax.errorbar([r["nfe"] for r in rs], [r[key] for r in rs], yerr=[r[f"{key}_sd"] for r in rs], marker="o",
+                        capsize=2, label=method)
+        if base:
+            ax.axhline(base[0][key], color="k", ls="--", lw=1, label="pretrained")
+        ax.set_xscale("log", base=2), ax.set_xlabel("NFE per sample (counted)"), ax.set_ylabel(f"{key} {reward_name}")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Inference-time steering at equal NFE (tiny text-to-image, mean over seeds)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="inference-time steering at equal NFE")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps T of the plain sampler")
+    p.add_argument("--multiples", type=int, nargs="+", default=[4, 8, 16], help="budgets as multiples of T")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--per-prompt", type=int, default=2, help="samples per held-out prompt")
+    p.add_argument("--batch", type=int, default=6, help="prompts per generate() call")
+    p.add_argument("--reward", choices=["jpeg", "colour", "classifier"], default="jpeg")
+    p.add_argument("--methods", nargs="+",
+                   default=["pretrained", "Best-of-N", "SVDD-PM", "DSearch", "SMC", "Free2Guide", "DPS"])
+    p.add_argument("--judge-latency", type=float, default=0.2)
+    p.add_argument("--judge-requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--skip-judge", action="store_true")
+    p.add_argument("--out", default="runs/inference_time")
+    args = p.parse_args()
+
+    print(f"steering: T={args.steps}, budgets {[m * args.steps for m in args.multiples]} NFE/sample, seeds {args.seeds}")
+    rows = run_methods(args) if args.methods else []
+    judge = [] if args.skip_judge else judge_throughput(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"args": vars(args), "steering": rows, "judge": judge}, indent=2))
+    if rows:
+        plot(rows, Path(f"{out}.png"), args.reward)
+        print(f"\nReward: {args.reward}; {len(args.seeds)} seeds x 12 held-out prompts x {args.per_prompt} samples; "
+              f"mean over seeds (± sd over seeds).\n")
+        print("| method | budget (x T) | width | NFE/sample (counted) | reward calls/sample | median | top-10% | diversity |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['method']} | {r['multiple']} | {r['width']:.0f} | {r['nfe']:.1f} | {r['reward_calls']:.1f} | "
+                  f"{r['median']:.3f} ± {r['median_sd']:.3f} | {r['top10']:.3f} ± {r['top10_sd']:.3f} | {r['diversity']:.3f} |")
+        for mult in args.multiples:
+            at = {r["method"]: r for r in rows if r["multiple"] == mult}
+            if {"SVDD-PM", "Best-of-N"} <= set(at):
+                s, b = at["SVDD-PM"], at["Best-of-N"]
+                print(f"\nx{mult}: SVDD-PM vs Best-of-N median {s['median']:.3f} vs {b['median']:.3f} "
+                      f"({'beats' if s['median'] > b['median'] else 'does NOT beat'})", end="")
+                if "DSearch" in at:
+                    d = at["DSearch"]
+                    print(f"; DSearch vs SVDD-PM {d['median']:.3f} vs {s['median']:.3f} "
+                          f"({'at least as good' if d['median'] >= s['median'] else 'worse'})", end="")
+        print()
+    if judge:
+        print("\n| concurrency | requests | latency (s) | req/s | ideal req/s | ratio (target >= 0.8) |")
+        print("|---|---|---|---|---|---|")
+        for j in judge:
+            print(f"| {j['concurrency']} | {j['requests']} | {args.judge_latency} | {j['rps']:.1f} | {j['ideal_rps']:.1f} | {j['ratio']:.2f} |")
+    print(f"\nwrote {out}.json" + (f" and {out}.png" if rows else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -31,6 +31,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/backprop_memory.py
 	$(PY) benchmarks/sample_efficiency.py
+	$(PY) benchmarks/inference_time.py --reward jpeg
+	$(PY) benchmarks/inference_time.py --reward colour --skip-judge
 
 # Regenerate the shipped tiny weights (domains/images/assets/) from their recipes.
 pretrain-tiny: $(STAMP)

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build(method: str, gen, reward, budget: int | None, seed: int, steps: int):
+def build(method: str, gen, reward, budget: int | None, seed: int, steps: int, smc_alpha: float = 1.0,
+          dps_scale: float = 0.1):
     from rewardopt.methods.best_of_n import BestOfN
     from rewardopt.methods.dps import DPS
     from rewardopt.methods.dsearch import DSearch
@@ -50,11 +51,11 @@ def build(method: str, gen, reward, budget: int | None, seed: int, steps: int):
     if method == "DSearch":
         return DSearch(gen, reward, schedule="exponential", search_start=0.5, lookahead=0, **common)
     if method == "SMC":
-        return SMC(gen, reward, potential="difference", alpha=1.0, resample="ess", **common)
+        return SMC(gen, reward, potential="difference", alpha=smc_alpha, resample="ess", **common)
     if method == "Free2Guide":
         return Free2Guide(gen, reward, guide_steps=max(1, round(0.2 * steps)), **common)
     if method == "DPS":
-        return DPS(gen, reward, scale=0.1, normalize=True, **common)
+        return DPS(gen, reward, scale=dps_scale, normalize=True, **common)
     raise ValueError(method)
 
 
@@ -81,7 +82,8 @@ def run_methods(args) -> list[dict]:
                 continue
             per_seed = []
             for seed in args.seeds:
-                m = build(method, gen, reward, None if mult is None else mult * args.steps, seed, args.steps)
+                m = build(method, gen, reward, None if mult is None else mult * args.steps, seed, args.steps,
+                          args.smc_alpha, args.dps_scale)
                 m.num_samples = args.per_prompt
                 n0, c0 = gen.counter.nfe, reward.calls
                 t0 = time.perf_counter()
@@ -144,11 +146,13 @@ def plot(rows, path: Path, reward_name: str) -> None:
     for key, ax in zip(("median", "top10"), axes):
         for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "pretrained"):
             rs = [r for r in rows if r["method"] == method]
-            ax.errorbar([r["nfe"] for r in rs], [r[key] for r in rs], yerr=[r[f"{key}_sd"] for r in rs], marker="o",
+            ax.errorbar([r["multiple"] for r in rs], [r[key] for r in rs], yerr=[r[f"{key}_sd"] for r in rs], marker="o",
                         capsize=2, label=method)
         if base:
             ax.axhline(base[0][key], color="k", ls="--", lw=1, label="pretrained")
-        ax.set_xscale("log", base=2), ax.set_xlabel("NFE per sample (counted)"), ax.set_ylabel(f"{key} {reward_name}")
+        mults = sorted({r["multiple"] for r in rows if r["method"] != "pretrained"})
+        ax.set_xscale("log", base=2), ax.set_xticks(mults, [f"{m}x" for m in mults])
+        ax.set_xlabel("NFE budget per sample (x the plain sampler's T)"), ax.set_ylabel(f"{key} reward ({reward_name})")
     axes[1].legend(fontsize=7)
     fig.suptitle("Inference-time steering at equal NFE (tiny text-to-image, mean over seeds)", fontsize=9)
     fig.tight_layout()
@@ -164,10 +168,13 @@ def main() -> None:
     p.add_argument("--per-prompt", type=int, default=2, help="samples per held-out prompt")
     p.add_argument("--batch", type=int, default=6, help="prompts per generate() call")
     p.add_argument("--reward", choices=["jpeg", "colour", "classifier"], default="jpeg")
-    p.add_argument("--methods", nargs="+",
+    p.add_argument("--methods", nargs="*",
                    default=["pretrained", "Best-of-N", "SVDD-PM", "DSearch", "SMC", "Free2Guide", "DPS"])
+    p.add_argument("--smc-alpha", type=float, default=0.01,
+                   help="SMC potential temperature, in reward units (the reward's spread between candidates)")
+    p.add_argument("--dps-scale", type=float, default=0.1, help="DPS step on the RMS-normalised gradient")
     p.add_argument("--judge-latency", type=float, default=0.2)
-    p.add_argument("--judge-requests", type=int, default=64)
+    p.add_argument("--judge-requests", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--skip-judge", action="store_true")
     p.add_argument("--out", default="runs/inference_time")

@@ -225,3 +225,14 @@ def test_free2guide_scores_batch_relative_rewards_per_chain():
     m = Free2Guide(g, Spy([SumReward()]), num_candidates=4, guide_steps=[0, 1], save_samples=False)
     m.generate([0, 1, 2])
     assert seen == [4] * 6  # 3 chains x 2 guided steps, each scored alone
+
+
+from rewardopt.testing.contracts import GeneratorContract  # noqa: E402
+
+
+class TestRandomWalkContract(GeneratorContract):
+    raw_conditions = [0, 1, 2]
+
+    @pytest.fixture
+    def make_generator(self):
+        return lambda: RandomWalkGenerator(num_steps=3, dim=2)

@@ -110,3 +110,26 @@ def test_full_size_steering_recipes_build_with_stand_ins(recipe, tiny_model_dir,
     c = RewardOptCLI(args=args, run=False)
     assert type(c.model).__name__ in recipe.read_text()
     assert c.model.expected_cost()["nfe"] <= 8
+
+
+def test_ddp_predict_shards_prompts_and_gathers_one_summary(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "rewardopt.cli", "predict", "--config",
+           str(ROOT / "recipes/images/steer/best_of_n_classifier_tiny.yaml"), "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--model.init_args.generator.init_args.num_steps", "2",
+           "--model.init_args.budget", "4", "--model.init_args.num_samples", "2",
+           "--model.init_args.output_dir", str(tmp_path), "--data.init_args.val_batch_size", "3",
+           "--trainer.enable_progress_bar", "false"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["samples"] == 24
+    assert s["nfe"] == 24 * s["expected_cost_per_sample"]["nfe"]
+    rows = list(csv.DictReader((tmp_path / "rewards.csv").open()))
+    assert {r["rank"] for r in rows} == {"0", "1"}
+    from domains.images.shapes import split_prompts
+
+    assert sorted({r["condition"] for r in rows}) == sorted(split_prompts(0)[1]), "every held-out prompt, once per chain"
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 24

@@ -49,6 +49,21 @@ class GeneratorContract:
         if not torch.equal(a, b):  # deterministic samplers ignore noise; stochastic must use it
             assert not torch.allclose(a, b)
 
+    def test_model_output_is_reused_without_nfe(self, make_generator):
+        """``step``/``predict_x0`` given ``out=model_output(...)`` equal the plain calls and spend no NFE
+        (steering methods rely on this to value a candidate and step from it with one evaluation)."""
+        g = make_generator()
+        cond = g.encode_condition(self.raw_conditions)
+        x = g.init_state(cond, torch.Generator().manual_seed(0))
+        noise = torch.randn_like(x)
+        with torch.no_grad():
+            out = g.model_output(x, 0, cond)
+            n0 = g.counter.nfe
+            a, x0 = g.step(x, 0, cond, noise=noise, out=out), g.predict_x0(x, 0, cond, out=out)
+            assert g.counter.nfe == n0, "passing out= must not evaluate the model again"
+            assert torch.allclose(a, g.step(x, 0, cond, noise=noise), atol=1e-6)
+            assert torch.allclose(x0, g.predict_x0(x, 0, cond), atol=1e-6)
+
     def test_nfe_counted(self, make_generator):
         g = make_generator()
         cond = g.encode_condition(self.raw_conditions)

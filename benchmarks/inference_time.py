@@ -141,13 +141,14 @@ def plot(rows, path: Path, reward_name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = {"Best-of-N": "C0", "SVDD-PM": "C1", "DSearch": "C2", "SMC": "C3", "Free2Guide": "C4", "DPS": "C5"}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     base = [r for r in rows if r["method"] == "pretrained"]
     for key, ax in zip(("median", "top10"), axes):
         for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "pretrained"):
             rs = [r for r in rows if r["method"] == method]
             ax.errorbar([r["multiple"] for r in rs], [r[key] for r in rs], yerr=[r[f"{key}_sd"] for r in rs], marker="o",
-                        capsize=2, label=method)
+                        capsize=2, label=method, color=colours.get(method))
         if base:
             ax.axhline(base[0][key], color="k", ls="--", lw=1, label="pretrained")
         mults = sorted({r["multiple"] for r in rows if r["method"] != "pretrained"})
@@ -178,7 +179,19 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--skip-judge", action="store_true")
     p.add_argument("--out", default="runs/inference_time")
+    p.add_argument("--replot", nargs="+", metavar="JSON",
+                   help="only redraw the plot from earlier runs' JSON (later files replace a method's rows)")
     args = p.parse_args()
+    if args.replot:
+        rows: dict = {}
+        for path in args.replot:
+            data = json.loads(Path(path).read_text())
+            for m in {r["method"] for r in data["steering"]}:
+                rows = {k: v for k, v in rows.items() if k[0] != m}
+            rows.update({(r["method"], r["multiple"]): r for r in data["steering"]})
+        plot(list(rows.values()), Path(f"{args.out}.png"), data["args"]["reward"])
+        print(f"wrote {args.out}.png")
+        return
 
     print(f"steering: T={args.steps}, budgets {[m * args.steps for m in args.multiples]} NFE/sample, seeds {args.seeds}")
     rows = run_methods(args) if args.methods else []

@@ -213,7 +213,9 @@ def test_batch_relative_ensembles():
     assert mm.differentiable_part() is None and mm.batch_relative
 
 
-def test_free2guide_scores_batch_relative_rewards_per_chain():
+@pytest.mark.parametrize("cls,kw,calls", [(Free2Guide, {"num_candidates": 4, "guide_steps": [0, 1]}, 6),
+                                          (SVDD, {"num_children": 4}, 9), (SMC, {"num_particles": 4}, 9)])
+def test_batch_relative_rewards_are_scored_per_decision(cls, kw, calls):
     seen = []
 
     class Spy(RankConsensus):
@@ -222,9 +224,9 @@ def test_free2guide_scores_batch_relative_rewards_per_chain():
             return super().score(samples, cond)
 
     g = RandomWalkGenerator(num_steps=3, dim=1)
-    m = Free2Guide(g, Spy([SumReward()]), num_candidates=4, guide_steps=[0, 1], save_samples=False)
+    m = cls(g, Spy([SumReward()]), save_samples=False, **kw)
     m.generate([0, 1, 2])
-    assert seen == [4] * 6  # 3 chains x 2 guided steps, each scored alone
+    assert seen == [4] * calls  # each chain's 4 candidates scored alone, never mixed with another chain's
 
 
 from rewardopt.testing.contracts import GeneratorContract  # noqa: E402

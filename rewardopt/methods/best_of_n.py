@@ -31,7 +31,7 @@ class BestOfN(InferenceTimeSteering):
     def search(self, cond: Condition, rng: torch.Generator, select_rng: torch.Generator) -> torch.Tensor:
         c = cond.repeat_interleave(self.n)
         x = self.generator.sample(c, generator=rng)
-        v = self.score(self.generator.decode(x), c)
+        v = self.score(self.generator.decode(x), c, group=self.n)
         best = group_argmax(v, self.n)
         self.record(step=self.T, values=v, chosen=best)
         return x[best]

@@ -68,7 +68,7 @@ class DPS(InferenceTimeSteering):
             x = g.step(x, i, cc, generator=rng, out=out) + self.scale * grad
         if c == 1:
             return x
-        v = self.score(g.decode(x), cc)
+        v = self.score(g.decode(x), cc, group=c)
         best = group_argmax(v, c)
         self.record(step=self.T, values=v, chosen=best)
         return x[best]

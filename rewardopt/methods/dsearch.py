@@ -108,19 +108,20 @@ class DSearch(InferenceTimeSteering):
                 nfe += b * c * (1 + self._k(i + 1))
         return {"nfe": nfe, "reward_calls": calls, "value_calls": 0}
 
-    def lookahead_value(self, kids: torch.Tensor, level: int, cond: Condition) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def lookahead_value(self, kids: torch.Tensor, level: int, cond: Condition,
+                        group: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Value of children at ``level`` after K noise-free look-ahead steps; returns the model
         output at the children themselves (for their next real step)."""
         g = self.generator
         K = self._k(level)
         if level >= self.T or K == 0:
-            return self.value(kids, level, cond)
+            return self.value(kids, level, cond, group=group)
         out0 = g.model_output(kids, level, cond)
         y, o = kids, out0
         for j in range(K):
             y = g.step(y, level + j, cond, noise=torch.zeros_like(y), out=o)
             o = g.model_output(y, level + j + 1, cond)
-        v, _ = self.value(y, level + K, cond, out=o)
+        v, _ = self.value(y, level + K, cond, out=o, group=group)
         return v, out0
 
     def search(self, cond: Condition, rng: torch.Generator, select_rng: torch.Generator) -> torch.Tensor:
@@ -139,8 +140,8 @@ class DSearch(InferenceTimeSteering):
                 continue
             kids = self.expand(x, i, cb, out, c, rng)
             ckids = cond.repeat_interleave(b * c)
-            v, kid_out = self.lookahead_value(kids, i + 1, ckids)
             n = b * c
+            v, kid_out = self.lookahead_value(kids, i + 1, ckids, group=n)
             if self.alpha == 0:
                 sel = group_topk(v, n, keep)
             else:

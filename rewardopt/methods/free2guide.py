@@ -9,7 +9,7 @@ Only the first steps are guided (paper: the first 5 of 50, i.e. 10%); n = 5 (LaV
 steps) reward calls.
 
 Batch-relative ensembles (min-max normalised sum, rank consensus) are scored over each chain's n
-candidates together, so normalisation never mixes chains.
+candidates together, so normalisation never mixes chains (as in every method here).
 """
 
 from __future__ import annotations
@@ -54,17 +54,6 @@ class Free2Guide(InferenceTimeSteering):
         before_last = sum(1 for s in self.guided if s < T - 1)
         return {"nfe": T + (n - 1) * before_last, "reward_calls": n * len(self.guided), "value_calls": 0}
 
-    def _values(self, kids: torch.Tensor, level: int, cond_n: Condition) -> tuple[torch.Tensor, torch.Tensor | None]:
-        n = self.num_candidates
-        if not getattr(self.reward, "batch_relative", False) or kids.shape[0] == n:
-            return self.value(kids, level, cond_n)
-        out = self.next_output(kids, level, cond_n)  # normalise over each chain's candidates only
-        vals = []
-        for s in range(0, kids.shape[0], n):
-            part = cond_n.index(range(s, s + n))
-            vals.append(self.value(kids[s:s + n], level, part, None if out is None else out[s:s + n])[0])
-        return torch.cat(vals), out
-
     def search(self, cond: Condition, rng: torch.Generator, select_rng: torch.Generator) -> torch.Tensor:
         g, n = self.generator, self.num_candidates
         x = g.init_state(cond, rng)
@@ -74,7 +63,7 @@ class Free2Guide(InferenceTimeSteering):
         for i in range(self.T):
             if i in guided:
                 kids = self.expand(x, i, cond, out, n, rng)
-                v, kid_out = self._values(kids, i + 1, cond_n)
+                v, kid_out = self.value(kids, i + 1, cond_n, group=n)
                 sel = group_argmax(v, n) if self.alpha == 0 else group_sample(v, n, self.alpha, select_rng)
                 self.record(step=i, values=v, chosen=sel)
                 x, out = kids[sel], None if kid_out is None else kid_out[sel]

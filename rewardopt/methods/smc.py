@@ -85,7 +85,7 @@ class SMC(InferenceTimeSteering):
         prev = vmax = None
         for i in range(self.T):
             x = g.step(x, i, c, generator=rng, out=out)
-            v, out = self.value(x, i + 1, c)
+            v, out = self.value(x, i + 1, c, group=k)
             v = v.cpu()
             logw = logw + self._increment(v, prev, vmax)
             prev, vmax = v, v if vmax is None else torch.maximum(vmax, v)

@@ -170,20 +170,27 @@ class InferenceTimeSteering(L.LightningModule):
     def T(self) -> int:
         return self.generator.num_steps
 
-    def score(self, samples: Any, cond: Condition) -> torch.Tensor:
-        """Reward of decoded samples (counted in reward.calls)."""
+    def score(self, samples: Any, cond: Condition, group: int | None = None) -> torch.Tensor:
+        """Reward of decoded samples (counted in reward.calls). A batch-relative reward (min-max or
+        rank ensembles) is scored one ``group`` of competing candidates at a time, so its
+        normalisation never mixes different chains' decisions."""
+        if group and getattr(self.reward, "batch_relative", False) and len(samples) > group:
+            return torch.cat([self.reward(samples[s:s + group], cond.raw[s:s + group]).total.detach().float()
+                              for s in range(0, len(samples), group)])
         return self.reward(samples, cond.raw).total.detach().float()
 
-    def value(self, x: torch.Tensor, level: int, cond: Condition, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def value(self, x: torch.Tensor, level: int, cond: Condition, out: torch.Tensor | None = None,
+              group: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Posterior-mean value of states ``x`` that have taken ``level`` steps: r(decode(x̂0(x))).
+        ``group``: candidates compared with each other (adjacent), as in ``score``.
 
         Returns (values, model output at x) — the output is reused by the next step. At
         ``level == T`` the states are final: the value is the reward itself and no NFE is spent."""
         g = self.generator
         if level >= self.T:
-            return self.score(g.decode(x), cond), None
+            return self.score(g.decode(x), cond, group), None
         out = g.model_output(x, level, cond) if out is None else out
-        return self.score(g.decode(g.predict_x0(x, level, cond, out=out)), cond), out
+        return self.score(g.decode(g.predict_x0(x, level, cond, out=out)), cond, group), out
 
     def expand(self, x: torch.Tensor, i: int, cond: Condition, out: torch.Tensor | None, m: int,
                  rng: torch.Generator) -> torch.Tensor:

@@ -79,7 +79,7 @@ class SVDD(InferenceTimeSteering):
                 self.value_calls += kids.shape[0]
                 kid_out = None
             else:
-                v, kid_out = self.value(kids, i + 1, cond_m)
+                v, kid_out = self.value(kids, i + 1, cond_m, group=M)
             sel = self.select(v, M, select_rng)
             self.record(step=i, values=v, chosen=sel)
             x, v = kids[sel], v[sel]

@@ -25,6 +25,20 @@ def tiny_generator(**kwargs):
     return build_tiny_generator(seed=0, size=16, channels=(8, 16), **kwargs)
 
 
+def aesthetic_stand_in_args(tmp_path):
+    """CLI overrides that point an AestheticReward at a tiny random CLIP vision tower and head."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from domains.images.rewards import AestheticHead
+
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=32, patch_size=8,
+                                                   projection_dim=16)).save_pretrained(tmp_path / "vision")
+    torch.save(AestheticHead(16).state_dict(), tmp_path / "head.pth")
+    return ["--model.init_args.reward.init_args.clip_model", str(tmp_path / "vision"),
+            "--model.init_args.reward.init_args.head", str(tmp_path / "head.pth")]
+
+
 @pytest.fixture
 def make_tiny_generator():
     return tiny_generator

@@ -4,13 +4,12 @@ DDP keeps ranks in sync; bad pairings fail at config time."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from rewardopt.cli import RewardOptCLI
-from tests.conftest import ROOT
+from tests.conftest import ROOT, aesthetic_stand_in_args
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 FIT = [p for p in RECIPES if "steer" not in p.parts]  # steering recipes: tests/test_steering_recipes.py
@@ -50,16 +49,7 @@ def stand_ins(recipe, tiny_model_dir, tiny_clip_dir, tmp_path):
             "--trainer.logger.init_args.save_dir", str(tmp_path)]
     text = recipe.read_text()
     if "AestheticReward" in text:
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-        from domains.images.rewards import AestheticHead
-
-        CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                       num_attention_heads=2, image_size=32, patch_size=8,
-                                                       projection_dim=16)).save_pretrained(tmp_path / "vision")
-        torch.save(AestheticHead(16).state_dict(), tmp_path / "head.pth")
-        args += ["--model.init_args.reward.init_args.clip_model", str(tmp_path / "vision"),
-                 "--model.init_args.reward.init_args.head", str(tmp_path / "head.pth")]
+        args += aesthetic_stand_in_args(tmp_path)
     if "CLIPScoreReward" in text:
         args += ["--model.init_args.reward.init_args.clip_model", str(tiny_clip_dir),
                  "--model.init_args.reward.init_args.tokenizer", str(tiny_clip_dir)]

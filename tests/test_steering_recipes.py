@@ -9,7 +9,7 @@ import torch
 
 from rewardopt.cli import RewardOptCLI
 from rewardopt.testing.judge_server import JudgeServer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, aesthetic_stand_in_args
 
 STEER = sorted((ROOT / "recipes/images/steer").glob("*.yaml"))
 PREDICT_TINY = [p for p in STEER if p.stem.endswith("_tiny") and "svdd_mc" not in p.stem]
@@ -97,16 +97,7 @@ def test_full_size_steering_recipes_build_with_stand_ins(recipe, tiny_model_dir,
             "--model.init_args.generator.init_args.height", "16", "--model.init_args.generator.init_args.width", "16",
             "--model.init_args.generator.init_args.num_steps", "2", "--model.init_args.budget", "8"]
     if "aesthetic" in recipe.stem:
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-        from domains.images.rewards import AestheticHead
-
-        CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                       num_attention_heads=2, image_size=32, patch_size=8,
-                                                       projection_dim=16)).save_pretrained(tmp_path / "vision")
-        torch.save(AestheticHead(16).state_dict(), tmp_path / "head.pth")
-        args += ["--model.init_args.reward.init_args.clip_model", str(tmp_path / "vision"),
-                 "--model.init_args.reward.init_args.head", str(tmp_path / "head.pth")]
+        args += aesthetic_stand_in_args(tmp_path)
     c = RewardOptCLI(args=args, run=False)
     assert type(c.model).__name__ in recipe.read_text()
     assert c.model.expected_cost()["nfe"] <= 8

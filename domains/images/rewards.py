@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from domains.images.shapes import COLOURS, SHAPES, ShapeSpec
-from rewardopt.rewards.base import Reward, RewardOutput
+from rewardopt.rewards.base import Reward
 from rewardopt.rewards.blackbox import BlackBoxReward
 
 ASSETS = Path(__file__).parent / "assets"

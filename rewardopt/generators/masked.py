@@ -1,0 +1,189 @@
+"""Masked (absorbing-state) discrete diffusion — MDLM (Sahoo et al., arXiv 2406.07524) with the
+SUBS parameterisation, the sampler DRAKES fine-tunes (Wang et al., arXiv 2410.13643).
+
+States are one-hot float tensors (B, L, V) over a vocabulary that includes the [MASK] token, so
+the same code runs without grad (hard one-hots) and with grad (straight-through Gumbel-softmax):
+
+* forward process: each token is independently replaced by [MASK] with probability 1 - α(t);
+  log-linear schedule α(t) = 1 - (1 - eps)·t, t from 1 (all masked) to 0;
+* SUBS: the denoiser never predicts [MASK] (its logit is -inf) and unmasked tokens are carried over;
+* reverse step t -> s (= t - 1/T) for a masked position: unmask to token k with probability
+  (α_s - α_t)/(1 - α_t)·x̂0_k, stay masked with (1 - α_s)/(1 - α_t); at s = 0 everything unmasks;
+* sampling uses Gumbel-max on log q plus Gumbel noise G = -log(-log U), U ~ Uniform drawn as
+  ``torch.rand((B, L, V), generator=...)`` — ``noise`` injects G, so candidates are reproducible;
+* with grad on, each step returns hard + softmax((log q + G)/τ) - stop_grad(softmax(...)): one-hot
+  in the forward pass, the Gumbel-softmax gradient in the backward pass (straight-through), so
+  ``sample(grad_last_k=K)`` truncates backprop to the last K steps exactly as DRaFT-K does.
+
+The denoiser is any bidirectional ``transformers`` encoder with an LM head (``BertForMaskedLM``,
+``RobertaForMaskedLM``, ...); it reads ``inputs_embeds = x @ word_embeddings`` so soft states
+carry gradient. MDLM's absorbing SUBS model needs no time input.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rewardopt.generators.base import Condition, Generator
+
+
+def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """G = -log(-log U), U ~ Uniform(0, 1) clamped away from 0 and 1."""
+    u = torch.rand(tuple(shape), generator=generator, device=generator.device if generator is not None else device)
+    return -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
+
+
+class MaskedDiffusionGenerator(Generator):
+    """Absorbing-state discrete diffusion over sequences of length ``seq_len``.
+
+    Args:
+        denoiser: a transformers masked-LM (logits (B, L, V) from ``inputs_embeds``).
+        mask_token_id: the [MASK] (absorbing) token.
+        seq_len: L.
+        num_steps: T reverse steps (DRAKES: 128).
+        eps: schedule floor: α(1) = eps.
+        tau: Gumbel-softmax temperature for differentiable steps (DRAKES: 1).
+        forbidden_token_ids: tokens never sampled (padding, BOS/EOS, ...), besides [MASK].
+        full_finetune: train all denoiser weights, keeping a frozen copy as the pretrained model.
+    """
+
+    def __init__(self, denoiser: nn.Module, mask_token_id: int, seq_len: int, num_steps: int = 128, eps: float = 1e-3,
+                 tau: float = 1.0, forbidden_token_ids: Sequence[int] = (), full_finetune: bool = False) -> None:
+        super().__init__()
+        if num_steps < 1 or seq_len < 1 or tau <= 0 or not 0 < eps < 1:
+            raise ValueError(f"need num_steps >= 1, seq_len >= 1, tau > 0, 0 < eps < 1; got {num_steps}, {seq_len}, {tau}, {eps}")
+        self.denoiser = denoiser
+        self.vocab_size = int(denoiser.get_input_embeddings().weight.shape[0])
+        if not 0 <= mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary (size {self.vocab_size})")
+        self.mask_token_id, self.seq_len, self.eps, self.tau = mask_token_id, seq_len, eps, tau
+        banned = torch.zeros(self.vocab_size, dtype=torch.bool)
+        banned[[mask_token_id, *forbidden_token_ids]] = True
+        self.register_buffer("banned", banned, persistent=False)
+        self.full_finetune = full_finetune
+        self._frozen: list[nn.Module] = []
+        self.set_num_steps(num_steps)
+
+    # ------------------------------------------------------------------ schedule
+    def set_num_steps(self, num_steps: int) -> None:
+        self._t = torch.linspace(1.0, 0.0, num_steps + 1)  # t_0 = 1 ... t_T = 0
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self._t[:-1]
+
+    def alpha(self, t: float | torch.Tensor) -> torch.Tensor:
+        """Probability that a token is still unmasked at time t (log-linear schedule)."""
+        return 1 - (1 - self.eps) * torch.as_tensor(t, dtype=torch.float32)
+
+    def transition_probs(self, i: int) -> tuple[float, float]:
+        """(p_unmask, p_stay_masked) for a masked position at step i."""
+        a_t, a_s = float(self.alpha(self._t[i])), float(self.alpha(self._t[i + 1]))
+        return (a_s - a_t) / (1 - a_t), (1 - a_s) / (1 - a_t)
+
+    # ------------------------------------------------------------------ trainable parts
+    def setup_trainable(self) -> None:
+        self.requires_grad_(False)
+        if self.full_finetune:
+            self._frozen = [copy.deepcopy(self.denoiser).requires_grad_(False).eval()]
+            self.denoiser.requires_grad_(True)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        for m in self._frozen:
+            m._apply(fn, recurse)
+        return out
+
+    @contextmanager
+    def base_model(self) -> Iterator[None]:
+        if not self._frozen:
+            yield
+            return
+        live = self.denoiser
+        self.denoiser = self._frozen[0]
+        try:
+            yield
+        finally:
+            self.denoiser = live
+
+    # ------------------------------------------------------------------ states
+    def encode_condition(self, raw: Sequence[Any]) -> Condition:
+        """Unconditional generation: one (ignored) raw condition per sample."""
+        if isinstance(raw, str):
+            raise TypeError("encode_condition takes a list (one entry per sample), not one string")
+        return Condition(list(raw))
+
+    def init_state(self, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
+        """All positions masked: (B, L, V) one-hots. Draws no randomness."""
+        x = torch.zeros(len(cond), self.seq_len, self.vocab_size, device=self.banned.device)
+        x[..., self.mask_token_id] = 1.0
+        return x
+
+    def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, V) one-hot states."""
+        return F.one_hot(tokens.long(), self.vocab_size).float()
+
+    def is_masked(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, 1) float indicator of [MASK] positions (no gradient)."""
+        return (x.detach().argmax(-1) == self.mask_token_id).unsqueeze(-1).to(x.dtype)
+
+    # ------------------------------------------------------------------ model
+    def model_output(self, x_t: torch.Tensor, i: int, cond: Condition) -> torch.Tensor:
+        """log x̂0 probabilities (B, L, V) with [MASK] and forbidden tokens at -inf (SUBS)."""
+        self.counter.nfe += x_t.shape[0]
+        if torch.is_grad_enabled():
+            self.counter.nfe_grad += x_t.shape[0]
+        emb = self.denoiser.get_input_embeddings().weight
+        logits = self.denoiser(inputs_embeds=x_t.to(emb.dtype) @ emb).logits.float()
+        logits = logits.masked_fill(self.banned, float("-inf"))
+        return torch.log_softmax(logits, dim=-1)
+
+    def _straight_through(self, scores: torch.Tensor, tau: float) -> torch.Tensor:
+        hard = F.one_hot(scores.argmax(-1), self.vocab_size).to(scores.dtype)
+        if not torch.is_grad_enabled():
+            return hard
+        soft = torch.softmax(scores / tau, dim=-1)
+        return hard + soft - soft.detach()
+
+    def step_log_probs(self, logp: torch.Tensor, i: int) -> torch.Tensor:
+        """log q(x_s | x_t masked) over the vocabulary, (B, L, V)."""
+        p_unmask, p_stay = self.transition_probs(i)
+        logq = logp + torch.log(torch.tensor(p_unmask))
+        stay = torch.log(torch.tensor(p_stay)) if p_stay > 0 else torch.tensor(float("-inf"))
+        return logq.index_fill(-1, torch.tensor([self.mask_token_id], device=logq.device), float(stay))
+
+    def step(self, x_t, i, cond, noise=None, generator=None, out=None):
+        logp = self.model_output(x_t, i, cond) if out is None else out
+        g = gumbel_noise(x_t.shape, generator, x_t.device).to(x_t.device) if noise is None else noise
+        y = self._straight_through(self.step_log_probs(logp, i) + g, self.tau)
+        m = self.is_masked(x_t)
+        return m * y + (1 - m) * x_t
+
+    def predict_x0(self, x_t, i, cond, out=None):
+        """The denoiser's most likely token at masked positions (straight-through softmax with grad);
+        unmasked tokens carried over."""
+        logp = self.model_output(x_t, i, cond) if out is None else out
+        m = self.is_masked(x_t)
+        return m * self._straight_through(logp, 1.0) + (1 - m) * x_t
+
+    def decode(self, x0: torch.Tensor) -> Any:
+        """Token ids (B, L). Domain adapters override this to return strings / molecules."""
+        return x0.argmax(-1)
+
+    def kl_to_base(self, x_t: torch.Tensor, i: int, cond: Condition, logp: torch.Tensor | None = None) -> torch.Tensor:
+        """KL(q_θ(x_s | x_t) || q_pre(x_s | x_t)) per sample, (B,): masked positions only; the shared
+        stay-masked mass cancels, leaving p_unmask · KL(x̂0_θ || x̂0_pre)."""
+        logp = self.model_output(x_t, i, cond) if logp is None else logp
+        with torch.no_grad(), self.base_model():
+            logp_pre = self.model_output(x_t.detach(), i, cond)
+        p_unmask, _ = self.transition_probs(i)
+        p = logp.exp()
+        kl = (p * (logp - logp_pre)).masked_fill(self.banned, 0.0).sum(-1)  # (B, L)
+        return p_unmask * (kl * self.is_masked(x_t).squeeze(-1)).sum(-1)

@@ -41,7 +41,7 @@ def test_sampling_matches_an_independent_reference():
     T, B = 6, 4
     g = make(T)
     with torch.no_grad():
-        got = g.decode(g.sample(g.encode_condition([None] * B), generator=torch.Generator().manual_seed(3)))
+        got = g.tokens(g.sample(g.encode_condition([None] * B), generator=torch.Generator().manual_seed(3)))
     den, rng = g.denoiser, torch.Generator().manual_seed(3)
     tokens = torch.full((B, L), MASK)
     for i in range(T):
@@ -61,7 +61,7 @@ def test_sampling_matches_an_independent_reference():
 def test_every_token_is_valid_and_unmasked():
     g = make(T=3)
     with torch.no_grad():
-        ids = g.decode(g.sample(g.encode_condition([None] * 64), generator=torch.Generator().manual_seed(0)))
+        ids = g.tokens(g.sample(g.encode_condition([None] * 64), generator=torch.Generator().manual_seed(0)))
     assert ids.shape == (64, L)
     assert not (ids == MASK).any() and not (ids == PAD).any()
     assert ((ids >= 0) & (ids < V)).all()
@@ -112,7 +112,7 @@ class CountToken(__import__("rewardopt.rewards.base", fromlist=["Reward"]).Rewar
     """r = how many times token 3 occurs (on decoded token ids)."""
 
     def score(self, samples, cond):
-        return (samples == 3).sum(1).float()
+        return samples[..., 3].sum(1)
 
 
 def _methods():
@@ -140,4 +140,47 @@ def test_steering_methods_run_on_discrete_sequences(cls, width):
     n0, c0 = g.counter.nfe, r.calls
     steered, _ = m.generate([None] * 4)
     assert g.counter.nfe - n0 == 4 * m.expected_cost()["nfe"] and r.calls - c0 == 4 * m.expected_cost()["reward_calls"]
-    assert not (steered == MASK).any()
+    assert not (g.tokens(steered) == MASK).any()
+
+
+def test_drakes_changes_parameters_and_raises_the_reward(tmp_path):
+    import json
+
+    import lightning as L
+
+    from rewardopt.data import PromptDataModule
+    from rewardopt.methods.drakes import DRAKES
+
+    g = make(T=4, full_finetune=True)
+    method = DRAKES(g, CountToken(), truncate=2, kl_weight=1e-3, lr=3e-3, samples_per_prompt=1, output_dir=str(tmp_path))
+    cond = g.encode_condition([None] * 32)
+
+    def mean_reward():
+        with torch.no_grad():
+            return float(CountToken()(g.sample(cond, generator=torch.Generator().manual_seed(99))).total.mean())
+
+    before_r = mean_reward()
+    before = [p.detach().clone() for p in g.trainable_parameters()]
+    data = PromptDataModule(list(range(16)), list(range(8)), batch_size=16, val_batch_size=16, epoch_size=16 * 12)
+    L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(method, datamodule=data)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["reward_after"] > summary["reward_before"] and summary["nfe_grad"] == 12 * 16 * 2
+    after = g.trainable_parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert mean_reward() > before_r + 0.3, "token 3 becomes more frequent"
+    with torch.no_grad(), g.base_model():  # the frozen copy is untouched
+        assert all(torch.equal(p, b) for p, b in zip(g.denoiser.parameters(), before))
+
+
+def test_drakes_rejects_black_box_rewards_and_continuous_generators():
+    from rewardopt.methods.drakes import DRAKES
+    from rewardopt.testing.toy import RandomWalkGenerator, SumReward
+
+    class BlackBox(CountToken):
+        differentiable = False
+
+    with pytest.raises(TypeError, match="DRAKES needs a differentiable reward"):
+        DRAKES(make(full_finetune=True), BlackBox())
+    with pytest.raises(TypeError, match="masked discrete diffusion"):
+        DRAKES(RandomWalkGenerator(), SumReward())

@@ -50,12 +50,16 @@ class MaskedDiffusionGenerator(Generator):
         num_steps: T reverse steps (DRAKES: 128).
         eps: schedule floor: α(1) = eps.
         tau: Gumbel-softmax temperature for differentiable steps (DRAKES: 1).
+        soft_steps: with grad, intermediate steps return the soft Gumbel-softmax sample itself (the
+            DRAKES paper's relaxation; the denoiser then reads soft inputs) instead of the
+            straight-through one-hot; the final step is straight-through either way.
         forbidden_token_ids: tokens never sampled (padding, BOS/EOS, ...), besides [MASK].
         full_finetune: train all denoiser weights, keeping a frozen copy as the pretrained model.
     """
 
     def __init__(self, denoiser: nn.Module, mask_token_id: int, seq_len: int, num_steps: int = 128, eps: float = 1e-3,
-                 tau: float = 1.0, forbidden_token_ids: Sequence[int] = (), full_finetune: bool = False) -> None:
+                 tau: float = 1.0, forbidden_token_ids: Sequence[int] = (), full_finetune: bool = False,
+                 soft_steps: bool = False) -> None:
         super().__init__()
         if num_steps < 1 or seq_len < 1 or tau <= 0 or not 0 < eps < 1:
             raise ValueError(f"need num_steps >= 1, seq_len >= 1, tau > 0, 0 < eps < 1; got {num_steps}, {seq_len}, {tau}, {eps}")
@@ -67,7 +71,7 @@ class MaskedDiffusionGenerator(Generator):
         banned = torch.zeros(self.vocab_size, dtype=torch.bool)
         banned[[mask_token_id, *forbidden_token_ids]] = True
         self.register_buffer("banned", banned, persistent=False)
-        self.full_finetune = full_finetune
+        self.full_finetune, self.soft_steps = full_finetune, soft_steps
         self._frozen: list[nn.Module] = []
         self.set_num_steps(num_steps)
 
@@ -145,12 +149,12 @@ class MaskedDiffusionGenerator(Generator):
         logits = logits.masked_fill(self.banned, float("-inf"))
         return torch.log_softmax(logits, dim=-1)
 
-    def _straight_through(self, scores: torch.Tensor, tau: float) -> torch.Tensor:
+    def _straight_through(self, scores: torch.Tensor, tau: float, soft_only: bool = False) -> torch.Tensor:
         hard = F.one_hot(scores.argmax(-1), self.vocab_size).to(scores.dtype)
         if not torch.is_grad_enabled():
             return hard
         soft = torch.softmax(scores / tau, dim=-1)
-        return hard + soft - soft.detach()
+        return soft if soft_only else hard + soft - soft.detach()
 
     def step_log_probs(self, logp: torch.Tensor, i: int) -> torch.Tensor:
         """log q(x_s | x_t masked) over the vocabulary, (B, L, V)."""
@@ -162,7 +166,8 @@ class MaskedDiffusionGenerator(Generator):
     def step(self, x_t, i, cond, noise=None, generator=None, out=None):
         logp = self.model_output(x_t, i, cond) if out is None else out
         g = gumbel_noise(x_t.shape, generator, x_t.device).to(x_t.device) if noise is None else noise
-        y = self._straight_through(self.step_log_probs(logp, i) + g, self.tau)
+        soft_only = self.soft_steps and i + 1 < self.num_steps
+        y = self._straight_through(self.step_log_probs(logp, i) + g, self.tau, soft_only)
         m = self.is_masked(x_t)
         return m * y + (1 - m) * x_t
 
@@ -173,9 +178,16 @@ class MaskedDiffusionGenerator(Generator):
         m = self.is_masked(x_t)
         return m * self._straight_through(logp, 1.0) + (1 - m) * x_t
 
-    def decode(self, x0: torch.Tensor) -> Any:
-        """Token ids (B, L). Domain adapters override this to return strings / molecules."""
-        return x0.argmax(-1)
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """The one-hot sequences themselves, (B, L, V) — differentiable under straight-through, so
+        a differentiable reward (a surrogate network) takes them as they are; black-box rewards turn
+        each into a string / molecule in ``to_object`` (``tokens`` gives the ids)."""
+        return x0
+
+    @staticmethod
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        """(B, L, V) one-hots -> (B, L) token ids."""
+        return x.detach().argmax(-1)
 
     def kl_to_base(self, x_t: torch.Tensor, i: int, cond: Condition, logp: torch.Tensor | None = None) -> torch.Tensor:
         """KL(q_θ(x_s | x_t) || q_pre(x_s | x_t)) per sample, (B,): masked positions only; the shared
@@ -184,6 +196,8 @@ class MaskedDiffusionGenerator(Generator):
         with torch.no_grad(), self.base_model():
             logp_pre = self.model_output(x_t.detach(), i, cond)
         p_unmask, _ = self.transition_probs(i)
-        p = logp.exp()
-        kl = (p * (logp - logp_pre)).masked_fill(self.banned, 0.0).sum(-1)  # (B, L)
+        # banned tokens have log-prob -inf under both models: zero their difference before the
+        # product so neither the value nor its gradient sees -inf - -inf
+        diff = (logp - logp_pre).masked_fill(self.banned, 0.0)
+        kl = (logp.exp() * diff).sum(-1)  # (B, L)
         return p_unmask * (kl * self.is_masked(x_t).squeeze(-1)).sum(-1)

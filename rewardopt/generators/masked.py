@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -201,3 +202,53 @@ class MaskedDiffusionGenerator(Generator):
         diff = (logp - logp_pre).masked_fill(self.banned, 0.0)
         kl = (logp.exp() * diff).sum(-1)  # (B, L)
         return p_unmask * (kl * self.is_masked(x_t).squeeze(-1)).sum(-1)
+
+
+class MaskedDiffusionPretraining(L.LightningModule):
+    """Train a masked diffusion model with MDLM's continuous-time objective: draw t ~ U(0, 1], mask
+    each token with probability 1 - α(t), and minimise (1/t)·Σ_masked -log x̂0(token) per sequence,
+    averaged over tokens — for the log-linear schedule α'(t)/(1 - α(t)) = -1/t, so this is the
+    NELBO's weighting. Batches are (B, L) token-id tensors. At the end the generator's
+    ``save_pretrained(output_dir)`` writes the weights (if it has one).
+
+    Args:
+        generator: the ``MaskedDiffusionGenerator`` to train (all denoiser weights).
+        lr, weight_decay: AdamW.
+        output_dir: where the model is saved (default: trainer.default_root_dir).
+    """
+
+    def __init__(self, generator: MaskedDiffusionGenerator, lr: float = 1e-3, weight_decay: float = 0.0,
+                 output_dir: str | None = None) -> None:
+        super().__init__()
+        self.generator, self.lr, self.weight_decay, self._output_dir = generator, lr, weight_decay, output_dir
+        generator.denoiser.requires_grad_(True).train()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.generator.denoiser.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def loss(self, tokens: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+        g = self.generator
+        B = tokens.shape[0]
+        t = torch.rand(B, 1, generator=rng).clamp(min=1e-3).to(tokens.device)
+        masked = torch.rand(tokens.shape, generator=rng).to(tokens.device) < (1 - g.alpha(t).to(tokens.device))
+        x = g.from_tokens(torch.where(masked, torch.full_like(tokens, g.mask_token_id), tokens))
+        logp = g.model_output(x, 0, Condition([None] * B))
+        nll = -logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return (nll * masked / t).sum() / tokens.numel()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/nelbo", loss, prog_bar=True, batch_size=batch.shape[0])
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        rng = torch.Generator().manual_seed(batch_idx)
+        self.log("val/nelbo", self.loss(batch, rng), prog_bar=True, batch_size=batch.shape[0])
+
+    def on_train_end(self) -> None:
+        save = getattr(self.generator, "save_pretrained", None)
+        if save is not None and self.trainer.is_global_zero:
+            out = self._output_dir or self.trainer.default_root_dir
+            self.generator.denoiser.eval()
+            save(out)
+            self.print(f"[rewardopt] saved the pretrained model to {out}")

@@ -269,6 +269,9 @@ class InferenceTimeSteering(L.LightningModule):
             arr = (samples.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
             for j, a in enumerate(arr):
                 Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a).save(folder / f"r{rank}_b{batch_idx:05d}_{j:03d}.png")
+        elif hasattr(self.generator, "to_text"):  # e.g. SMILES for molecules, bases for DNA
+            lines = self.generator.to_text(samples)
+            (folder / f"r{rank}_b{batch_idx:05d}.txt").write_text("".join(f"{t}\n" for t in lines))
         else:
             with open(folder / f"r{rank}_b{batch_idx:05d}.jsonl", "w") as f:
                 for s in samples:

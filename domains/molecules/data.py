@@ -1,0 +1,62 @@
+"""Molecule data: RDKit's NCI sample as SELFIES token tensors (pretraining), and unconditional
+"conditions" (one ``None`` per sample) for fine-tuning and steering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from domains.molecules.chem import SelfiesVocab, nci_smiles
+from rewardopt.data import PromptDataModule
+
+VOCAB = Path(__file__).parent / "assets" / "nci_vocab.json"
+
+
+def build_vocab(path: str | Path = VOCAB, seq_len: int = 48) -> SelfiesVocab:
+    """The SELFIES alphabet of the NCI sample (deterministic), saved to ``path``."""
+    vocab = SelfiesVocab.build(nci_smiles(), seq_len)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    vocab.save(path)
+    return vocab
+
+
+def encode_corpus(vocab: SelfiesVocab) -> torch.Tensor:
+    """(N, L) ids of every NCI molecule that fits in seq_len tokens of the vocabulary."""
+    rows = [ids for ids in (vocab.encode(s) for s in nci_smiles()) if ids is not None]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class MoleculeDataModule(L.LightningDataModule):
+    """Token tensors for pretraining: a seeded split of the encoded NCI molecules.
+
+    Args:
+        vocab: vocab.json path (default: the shipped NCI vocabulary).
+        batch_size: sequences per step. val_fraction: held-out share. seed: split seed.
+    """
+
+    def __init__(self, vocab: str = str(VOCAB), batch_size: int = 64, val_fraction: float = 0.05, seed: int = 0) -> None:
+        super().__init__()
+        self.vocab = SelfiesVocab.load(vocab)
+        data = encode_corpus(self.vocab)
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        n_val = max(1, int(val_fraction * len(data)))
+        self.val, self.train = data[perm[:n_val]], data[perm[n_val:]]
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                                           generator=torch.Generator().manual_seed(0))
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.val, batch_size=256)
+
+
+class UnconditionalDataModule(PromptDataModule):
+    """``None`` conditions: ``batch_size`` samples per training step, ``num_eval`` for evaluation
+    and prediction (in batches of ``val_batch_size``)."""
+
+    def __init__(self, batch_size: int = 16, num_eval: int = 64, val_batch_size: int = 32, epoch_size: int = 1024) -> None:
+        super().__init__([None], [None] * num_eval, batch_size=batch_size, val_batch_size=val_batch_size,
+                         val_repeats=1, epoch_size=epoch_size)

@@ -1,0 +1,82 @@
+"""``MoleculeGenerator``: masked discrete diffusion over SELFIES tokens with a BERT-style denoiser.
+
+``pretrained`` is a folder written by ``save_pretrained`` (``denoiser/`` in transformers format +
+``vocab.json``) or "embedded:tiny-nci", the tiny model ``recipes/molecules/pretrain_tiny.yaml``
+trains on RDKit's NCI sample (shipped in ``domains/molecules/assets/tiny_nci``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from domains.molecules.chem import SelfiesVocab
+from rewardopt.generators.masked import MaskedDiffusionGenerator
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED = {"embedded:tiny-nci": ASSETS / "tiny_nci"}
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    if pretrained in EMBEDDED:
+        path = EMBEDDED[pretrained]
+        if not (path / "vocab.json").is_file():
+            raise FileNotFoundError(f"{pretrained} is not built: run `rewardopt fit --config recipes/molecules/pretrain_tiny.yaml`")
+        return str(path)
+    if not os.path.isdir(pretrained):
+        raise FileNotFoundError(f"pretrained={pretrained!r} is neither an embedded model ({sorted(EMBEDDED)}) nor a folder")
+    return pretrained
+
+
+def tiny_denoiser(vocab_size: int, seq_len: int, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    return BertForMaskedLM(BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                      num_attention_heads=heads, intermediate_size=4 * hidden,
+                                      max_position_embeddings=seq_len, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0))
+
+
+class MoleculeGenerator(MaskedDiffusionGenerator):
+    """Args:
+        pretrained: "embedded:tiny-nci", or a folder from ``save_pretrained``; None with ``vocab``
+            (a vocab.json path, e.g. ``domains/molecules/assets/nci_vocab.json``) and
+            ``hidden``/``layers`` builds a random model (for pretraining).
+        num_steps: reverse steps (DRAKES: 128).
+        Other args: ``MaskedDiffusionGenerator``.
+    """
+
+    def __init__(self, pretrained: str | None = "embedded:tiny-nci", num_steps: int = 128, tau: float = 1.0,
+                 full_finetune: bool = False, soft_steps: bool = False, vocab: str | None = None,
+                 hidden: int = 64, layers: int = 2, seed: int = 0) -> None:
+        if pretrained is not None:
+            from transformers import BertForMaskedLM
+
+            path = resolve_pretrained(pretrained)
+            vocab = SelfiesVocab.load(os.path.join(path, "vocab.json"))
+            denoiser = BertForMaskedLM.from_pretrained(os.path.join(path, "denoiser")).eval()
+        else:
+            if vocab is None:
+                raise ValueError("pretrained=None builds a random model and needs vocab (a vocab.json path)")
+            vocab = SelfiesVocab.load(vocab)
+            denoiser = tiny_denoiser(len(vocab), vocab.seq_len, hidden, layers, seed=seed)
+        super().__init__(denoiser, mask_token_id=vocab.mask_id, seq_len=vocab.seq_len, num_steps=num_steps, tau=tau,
+                         full_finetune=full_finetune, soft_steps=soft_steps)
+        self.vocab = vocab
+
+    def smiles(self, x: torch.Tensor) -> list[str | None]:
+        """Canonical SMILES of each sequence (None if invalid)."""
+        return [self.vocab.decode(ids) for ids in self.tokens(x).tolist()]
+
+    def to_text(self, x: torch.Tensor) -> list[str]:
+        """One line per sample for saved outputs: canonical SMILES, or "<invalid>"."""
+        return [s if s is not None else "<invalid>" for s in self.smiles(x)]
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.denoiser.save_pretrained(path / "denoiser")
+        self.vocab.save(path / "vocab.json")

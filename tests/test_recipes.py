@@ -12,7 +12,8 @@ from rewardopt.cli import RewardOptCLI
 from tests.conftest import ROOT, aesthetic_stand_in_args
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
-FIT = [p for p in RECIPES if "steer" not in p.parts]  # steering recipes: tests/test_steering_recipes.py
+# image fine-tuning recipes; steering recipes: tests/test_steering_recipes.py; other domains: tests/<domain>/
+FIT = [p for p in RECIPES if p.parent.name == "images"]
 TINY = [p for p in FIT if p.stem.endswith("_tiny") and not p.stem.startswith(("pretrain", "train_"))]
 FULL = [p for p in FIT if "sd15" in p.stem]
 

@@ -60,3 +60,33 @@ class UnconditionalDataModule(PromptDataModule):
     def __init__(self, batch_size: int = 16, num_eval: int = 64, val_batch_size: int = 32, epoch_size: int = 1024) -> None:
         super().__init__([None], [None] * num_eval, batch_size=batch_size, val_batch_size=val_batch_size,
                          val_repeats=1, epoch_size=epoch_size)
+
+
+class OracleLabelledDataModule(L.LightningDataModule):
+    """(token ids, oracle value) pairs over the encoded NCI molecules, for fitting a surrogate.
+
+    Args:
+        oracle: a ``MoleculeReward`` (QED, SA, logP) that labels each molecule.
+        vocab: vocab.json path. batch_size, val_fraction, seed: as ``MoleculeDataModule``.
+    """
+
+    def __init__(self, oracle, vocab: str = str(VOCAB), batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        self.vocab = SelfiesVocab.load(vocab)
+        ids = encode_corpus(self.vocab)
+        smiles = [self.vocab.decode(row) for row in ids.tolist()]
+        labels = oracle(smiles).total.float()
+        perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+        n_val = max(1, int(val_fraction * len(ids)))
+        v, t = perm[:n_val], perm[n_val:]
+        self.train_set = torch.utils.data.TensorDataset(ids[t], labels[t])
+        self.val_set = torch.utils.data.TensorDataset(ids[v], labels[v])
+        self.train_labels = labels[t]
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                                           generator=torch.Generator().manual_seed(0))
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.val_set, batch_size=512)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from domains.molecules.chem import SelfiesVocab
-from rewardopt.generators.masked import MaskedDiffusionGenerator
+from rewardopt.generators.masked import MaskedDiffusionGenerator, tiny_denoiser
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {"embedded:tiny-nci": ASSETS / "tiny_nci"}
@@ -28,16 +28,6 @@ def resolve_pretrained(pretrained: str) -> str:
     if not os.path.isdir(pretrained):
         raise FileNotFoundError(f"pretrained={pretrained!r} is neither an embedded model ({sorted(EMBEDDED)}) nor a folder")
     return pretrained
-
-
-def tiny_denoiser(vocab_size: int, seq_len: int, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(seed)
-    return BertForMaskedLM(BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                                      num_attention_heads=heads, intermediate_size=4 * hidden,
-                                      max_position_embeddings=seq_len, hidden_dropout_prob=0.0,
-                                      attention_probs_dropout_prob=0.0))
 
 
 class MoleculeGenerator(MaskedDiffusionGenerator):

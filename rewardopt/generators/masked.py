@@ -41,6 +41,17 @@ def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None = None,
     return -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
 
 
+def tiny_denoiser(vocab_size: int, seq_len: int, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
+    """A small bidirectional BERT masked-LM (no dropout), seeded: the tiny defaults' denoiser."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    return BertForMaskedLM(BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                      num_attention_heads=heads, intermediate_size=4 * hidden,
+                                      max_position_embeddings=seq_len, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0))
+
+
 class MaskedDiffusionGenerator(Generator):
     """Absorbing-state discrete diffusion over sequences of length ``seq_len``.
 

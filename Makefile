@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1
-	$(PY) -m pip install -q -c constraints.txt -e ".[images,molecules,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[images,molecules,dna,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/sample_efficiency.py
 	$(PY) benchmarks/inference_time.py --reward jpeg
 	$(PY) benchmarks/inference_time.py --reward colour --skip-judge
+	$(PY) benchmarks/discrete.py
 
 # Regenerate the shipped tiny weights (domains/images/assets/) from their recipes.
 pretrain-tiny: $(STAMP)

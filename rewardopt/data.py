@@ -95,3 +95,12 @@ class PromptDataModule(L.LightningDataModule):
 
     def predict_dataloader(self):
         return self.val_dataloader()
+
+
+class UnconditionalDataModule(PromptDataModule):
+    """``None`` conditions: ``batch_size`` samples per training step, ``num_eval`` for evaluation
+    and prediction (in batches of ``val_batch_size``)."""
+
+    def __init__(self, batch_size: int = 16, num_eval: int = 64, val_batch_size: int = 32, epoch_size: int = 1024) -> None:
+        super().__init__([None], [None] * num_eval, batch_size=batch_size, val_batch_size=val_batch_size,
+                         val_repeats=1, epoch_size=epoch_size)

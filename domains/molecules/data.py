@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from domains.molecules.chem import SelfiesVocab, nci_smiles
-from rewardopt.data import PromptDataModule
+from rewardopt.data import UnconditionalDataModule  # noqa: F401 - recipes name it here too
 
 VOCAB = Path(__file__).parent / "assets" / "nci_vocab.json"
 
@@ -51,15 +51,6 @@ class MoleculeDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(self.val, batch_size=256)
-
-
-class UnconditionalDataModule(PromptDataModule):
-    """``None`` conditions: ``batch_size`` samples per training step, ``num_eval`` for evaluation
-    and prediction (in batches of ``val_batch_size``)."""
-
-    def __init__(self, batch_size: int = 16, num_eval: int = 64, val_batch_size: int = 32, epoch_size: int = 1024) -> None:
-        super().__init__([None], [None] * num_eval, batch_size=batch_size, val_batch_size=val_batch_size,
-                         val_repeats=1, epoch_size=epoch_size)
 
 
 class OracleLabelledDataModule(L.LightningDataModule):

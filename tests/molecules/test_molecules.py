@@ -165,3 +165,21 @@ def test_shipped_surrogate_tracks_rdkit_qed(vocab):
         pred = s(x).total
     true = torch.tensor([QED.qed(Chem.MolFromSmiles(vocab.decode(r))) for r in ids.tolist()])
     assert float(torch.corrcoef(torch.stack([pred, true]))[0, 1]) > 0.7
+
+
+def test_surrogate_fit_writes_weights_and_validation(tmp_path):
+    import json
+
+    import lightning as L
+
+    from domains.molecules.data import OracleLabelledDataModule
+    from rewardopt.rewards.surrogate import SequenceSurrogate, SurrogateFit
+
+    data = OracleLabelledDataModule(LogPReward(), batch_size=64)
+    fit = SurrogateFit(SequenceSurrogate(97, 48, width=16), lr=3e-3, output_dir=str(tmp_path))
+    L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, val_check_interval=40, num_sanity_val_steps=0).fit(fit, datamodule=data)
+    report = json.loads((tmp_path / "surrogate_fit.json").read_text())
+    assert report["steps"] == 40 and report["pearson"] > 0.3
+    loaded = SequenceSurrogate(97, 48, width=16, checkpoint=str(tmp_path / "surrogate.pt"))
+    assert float(loaded.target_std) == pytest.approx(float(data.train_labels.std()), rel=1e-5)

@@ -104,3 +104,28 @@ class UnconditionalDataModule(PromptDataModule):
     def __init__(self, batch_size: int = 16, num_eval: int = 64, val_batch_size: int = 32, epoch_size: int = 1024) -> None:
         super().__init__([None], [None] * num_eval, batch_size=batch_size, val_batch_size=val_batch_size,
                          val_repeats=1, epoch_size=epoch_size)
+
+
+class TokenDataModule(L.LightningDataModule):
+    """(N, L) token tensors split into training and held-out sets, for pretraining sequence models.
+    Subclasses build ``data`` (molecules, DNA) and call ``super().__init__``.
+
+    Args:
+        data: (N, L) long tensor. batch_size: sequences per step. val_fraction: held-out share.
+        seed: split seed. permute: shuffle before splitting (False: the first rows are held out).
+    """
+
+    def __init__(self, data: torch.Tensor, batch_size: int = 64, val_fraction: float = 0.05, seed: int = 0,
+                 permute: bool = True) -> None:
+        super().__init__()
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)) if permute else torch.arange(len(data))
+        n_val = max(1, int(val_fraction * len(data)))
+        self.val, self.train = data[order[:n_val]], data[order[n_val:]]
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                                           generator=torch.Generator().manual_seed(0))
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.val, batch_size=256)

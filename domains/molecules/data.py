@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from domains.molecules.chem import SelfiesVocab, nci_smiles
-from rewardopt.data import UnconditionalDataModule  # noqa: F401 - recipes name it here too
+from rewardopt.data import TokenDataModule
 
 VOCAB = Path(__file__).parent / "assets" / "nci_vocab.json"
 
@@ -28,7 +28,7 @@ def encode_corpus(vocab: SelfiesVocab) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-class MoleculeDataModule(L.LightningDataModule):
+class MoleculeDataModule(TokenDataModule):
     """Token tensors for pretraining: a seeded split of the encoded NCI molecules.
 
     Args:
@@ -37,20 +37,8 @@ class MoleculeDataModule(L.LightningDataModule):
     """
 
     def __init__(self, vocab: str = str(VOCAB), batch_size: int = 64, val_fraction: float = 0.05, seed: int = 0) -> None:
-        super().__init__()
         self.vocab = SelfiesVocab.load(vocab)
-        data = encode_corpus(self.vocab)
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-        n_val = max(1, int(val_fraction * len(data)))
-        self.val, self.train = data[perm[:n_val]], data[perm[n_val:]]
-        self.batch_size = batch_size
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                                           generator=torch.Generator().manual_seed(0))
-
-    def val_dataloader(self):
-        return torch.utils.data.DataLoader(self.val, batch_size=256)
+        super().__init__(encode_corpus(self.vocab), batch_size, val_fraction, seed)
 
 
 class OracleLabelledDataModule(L.LightningDataModule):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from domains.dna.motifs import BASES
+from rewardopt.generators.base import resolve_local_pretrained
 from rewardopt.generators.masked import MaskedDiffusionGenerator, tiny_denoiser
 
 ASSETS = Path(__file__).parent / "assets"
@@ -21,14 +22,7 @@ MASK_ID = 4
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    if pretrained in EMBEDDED:
-        path = EMBEDDED[pretrained]
-        if not (path / "dna.json").is_file():
-            raise FileNotFoundError(f"{pretrained} is not built: run `rewardopt fit --config recipes/dna/pretrain_tiny.yaml`")
-        return str(path)
-    if not os.path.isdir(pretrained):
-        raise FileNotFoundError(f"pretrained={pretrained!r} is neither an embedded model ({sorted(EMBEDDED)}) nor a folder")
-    return pretrained
+    return resolve_local_pretrained(pretrained, EMBEDDED, "dna.json", "recipes/dna/pretrain_tiny.yaml")
 
 
 class DNAGenerator(MaskedDiffusionGenerator):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from domains.molecules.chem import SelfiesVocab
+from rewardopt.generators.base import resolve_local_pretrained
 from rewardopt.generators.masked import MaskedDiffusionGenerator, tiny_denoiser
 
 ASSETS = Path(__file__).parent / "assets"
@@ -20,14 +21,7 @@ EMBEDDED = {"embedded:tiny-nci": ASSETS / "tiny_nci"}
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    if pretrained in EMBEDDED:
-        path = EMBEDDED[pretrained]
-        if not (path / "vocab.json").is_file():
-            raise FileNotFoundError(f"{pretrained} is not built: run `rewardopt fit --config recipes/molecules/pretrain_tiny.yaml`")
-        return str(path)
-    if not os.path.isdir(pretrained):
-        raise FileNotFoundError(f"pretrained={pretrained!r} is neither an embedded model ({sorted(EMBEDDED)}) nor a folder")
-    return pretrained
+    return resolve_local_pretrained(pretrained, EMBEDDED, "vocab.json", "recipes/molecules/pretrain_tiny.yaml")
 
 
 class MoleculeGenerator(MaskedDiffusionGenerator):

@@ -137,6 +137,35 @@ class Generator(nn.Module, ABC):
         raise NotImplementedError(f"{type(self).__name__} has no frozen base model")
         yield  # pragma: no cover
 
+    # --- full fine-tuning: a frozen copy of the denoiser as the pretrained model ------------------
+    # Generators with a ``denoiser`` module share this; the copy sits in a list so that it is not
+    # in state_dict (checkpoints stay small) yet follows .to()/.half() through ``_apply``.
+    def freeze_copy_of_denoiser(self) -> None:
+        import copy
+
+        self._frozen = [copy.deepcopy(self.denoiser).requires_grad_(False).eval()]
+        self.denoiser.requires_grad_(True)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        for m in getattr(self, "_frozen", []):
+            m._apply(fn, recurse)
+        return out
+
+    @contextmanager
+    def frozen_denoiser(self) -> Iterator[None]:
+        """Swap the frozen copy in (no-op without one)."""
+        frozen = getattr(self, "_frozen", [])
+        if not frozen:
+            yield
+            return
+        live = self.denoiser
+        self.denoiser = frozen[0]
+        try:
+            yield
+        finally:
+            self.denoiser = live
+
     # --- sampling -------------------------------------------------------------------------
     def sample(
         self,
@@ -166,3 +195,18 @@ class Generator(nn.Module, ABC):
             if return_trajectory:
                 traj.append(x)
         return (x, traj) if return_trajectory else x
+
+
+def resolve_local_pretrained(pretrained: str, embedded: dict, marker: str, recipe: str) -> str:
+    """``embedded:<name>`` -> its shipped folder (which must hold ``marker``; else: run ``recipe``),
+    or an existing local folder; anything else is a FileNotFoundError naming both options."""
+    import os
+
+    if pretrained in embedded:
+        path = embedded[pretrained]
+        if not os.path.exists(os.path.join(path, marker)):
+            raise FileNotFoundError(f"{pretrained} is not built: run `rewardopt fit --config {recipe}`")
+        return str(path)
+    if not os.path.isdir(pretrained):
+        raise FileNotFoundError(f"pretrained={pretrained!r} is neither an embedded model ({sorted(embedded)}) nor a folder")
+    return pretrained

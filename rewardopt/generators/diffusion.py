@@ -13,7 +13,6 @@ states are decoded; see ``domains/images/stable_diffusion.py``.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,15 +112,7 @@ class DiffusionGenerator(Generator):
                 )
             )
         elif self.full_finetune:
-            frozen = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
-            self._frozen = [frozen]
-            self.denoiser.requires_grad_(True)
-
-    def _apply(self, fn, recurse=True):  # keep the hidden frozen copy on the same device/dtype
-        out = super()._apply(fn, recurse)
-        for m in self._frozen:
-            m._apply(fn, recurse)
-        return out
+            self.freeze_copy_of_denoiser()
 
     @contextmanager
     def base_model(self) -> Iterator[None]:
@@ -132,15 +123,9 @@ class DiffusionGenerator(Generator):
                 yield
             finally:
                 self.denoiser.enable_adapters()
-        elif self._frozen:
-            live = self.denoiser
-            self.denoiser = self._frozen[0]
-            try:
+        else:  # the frozen copy, or (nothing trained) the model itself
+            with self.frozen_denoiser():
                 yield
-            finally:
-                self.denoiser = live
-        else:
-            yield  # nothing is trained: the model is the base model
 
     # ----------------------------------------------------------------------------- schedule
     @property

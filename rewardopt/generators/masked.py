@@ -22,9 +22,7 @@ carry gradient. MDLM's absorbing SUBS model needs no time input.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -108,26 +106,10 @@ class MaskedDiffusionGenerator(Generator):
     def setup_trainable(self) -> None:
         self.requires_grad_(False)
         if self.full_finetune:
-            self._frozen = [copy.deepcopy(self.denoiser).requires_grad_(False).eval()]
-            self.denoiser.requires_grad_(True)
+            self.freeze_copy_of_denoiser()
 
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        for m in self._frozen:
-            m._apply(fn, recurse)
-        return out
-
-    @contextmanager
-    def base_model(self) -> Iterator[None]:
-        if not self._frozen:
-            yield
-            return
-        live = self.denoiser
-        self.denoiser = self._frozen[0]
-        try:
-            yield
-        finally:
-            self.denoiser = live
+    def base_model(self):
+        return self.frozen_denoiser()
 
     # ------------------------------------------------------------------ states
     def encode_condition(self, raw: Sequence[Any]) -> Condition:

@@ -35,10 +35,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/inference_time.py --reward colour --skip-judge
 	$(PY) benchmarks/discrete.py
 
-# Regenerate the shipped tiny weights (domains/images/assets/) from their recipes.
+# Regenerate the shipped tiny weights (domains/*/assets/) from their recipes.
 pretrain-tiny: $(STAMP)
 	$(VENV)/bin/rewardopt fit --config recipes/images/pretrain_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/images/train_classifier_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/molecules/pretrain_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/molecules/train_surrogate_qed_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/molecules/train_surrogate_sa_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/dna/pretrain_tiny.yaml
 
 clean:
 	rm -rf $(VENV) runs lightning_logs

@@ -23,8 +23,10 @@ def _plt():
 
 
 def save_image_grid(rows: list[torch.Tensor], path: str | Path, row_labels: list[str] | None = None,
-                    col_labels: list[str] | None = None, title: str | None = None) -> Path:
-    """Save rows of images (each (N, 3, H, W) in [0, 1]) as a labelled PNG grid."""
+                    col_labels: list[str] | None = None, title: str | None = None,
+                    cell_labels: list[list[str]] | None = None) -> Path:
+    """Save rows of images (each (N, 3, H, W) in [0, 1]) as a labelled PNG grid. ``col_labels`` title
+    the first row's columns; ``cell_labels[i][j]`` titles image j of row i (e.g. its reward)."""
     plt = _plt()
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.3 * n_cols + 0.8, 1.4 * n_rows + 0.4), squeeze=False)
@@ -34,7 +36,9 @@ def save_image_grid(rows: list[torch.Tensor], path: str | Path, row_labels: list
             ax.set_xticks([]), ax.set_yticks([])
             if j < len(row):
                 ax.imshow(row[j].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
-            if i == 0 and col_labels and j < len(col_labels):
+            if cell_labels and i < len(cell_labels) and j < len(cell_labels[i]):
+                ax.set_title(cell_labels[i][j], fontsize=7)
+            elif i == 0 and col_labels and j < len(col_labels):
                 ax.set_title(col_labels[j], fontsize=7)
         if row_labels:
             axes[i][0].set_ylabel(row_labels[i], fontsize=8)
@@ -46,6 +50,11 @@ def save_image_grid(rows: list[torch.Tensor], path: str | Path, row_labels: list
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _labels(prompts: list) -> list[str]:
+    """Column titles: the prompt, or nothing for unconditional samples (None conditions)."""
+    return ["" if p is None else str(p) for p in prompts]
 
 
 class SampleGrid(L.Callback):
@@ -71,8 +80,10 @@ class SampleGrid(L.Callback):
 
     def _grid(self, trainer, pl_module, name: str) -> None:
         prompts = self._prompts(trainer)
-        images = pl_module.sample_images(prompts, self.seed)
-        p = save_image_grid([images], pl_module.output_dir / "grids" / f"{name}.png", col_labels=prompts,
+        images = pl_module.generator.render(pl_module.sample_images(prompts, self.seed))
+        if images is None:
+            return
+        p = save_image_grid([images], pl_module.output_dir / "grids" / f"{name}.png", col_labels=_labels(prompts),
                             title=f"{type(pl_module).__name__} step {trainer.global_step}")
         self.paths.append(p)
 
@@ -93,14 +104,17 @@ class SampleGrid(L.Callback):
         with g.base_model():
             before = pl_module.sample_images(prompts, self.seed)
         after = pl_module.sample_images(prompts, self.seed)
+        pictures = [g.render(before), g.render(after)]
+        if pictures[0] is None:
+            return
         reward = pl_module.reward
         calls = reward.calls  # display only: not charged to the method's compute
         with torch.no_grad():
             rb = reward(before, prompts).total.tolist()
             ra = reward(after, prompts).total.tolist()
         reward.calls = calls
-        labels = [f"{p}\n{a:.2f}→{b:.2f}" for p, a, b in zip(prompts, rb, ra)]
-        path = save_image_grid([before, after], pl_module.output_dir / "before_after.png", row_labels=["before", "after"],
+        labels = [f"{p}\n{a:.2f}→{b:.2f}" for p, a, b in zip(_labels(prompts), rb, ra)]
+        path = save_image_grid(pictures, pl_module.output_dir / "before_after.png", row_labels=["before", "after"],
                                col_labels=labels, title=f"{type(pl_module).__name__}: {reward.name} (before→after)")
         self.paths.append(path)
         pl_module.print(f"[rewardopt] before/after grid: {path}")

@@ -10,16 +10,14 @@ from rewardopt.testing.contracts import GeneratorContract
 V, MASK, PAD, L = 8, 7, 0, 6
 
 
-def tiny_denoiser(seed=0):
-    from transformers import BertConfig, BertForMaskedLM
+def tiny_denoiser(seed=0, arch="bert"):
+    from rewardopt.generators.masked import tiny_denoiser as build
 
-    torch.manual_seed(seed)
-    return BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=32, max_position_embeddings=L)).eval()
+    return build(V, L, hidden=16, layers=1, heads=2, seed=seed, arch=arch).eval()
 
 
-def make(T=5, **kw):
-    return MaskedDiffusionGenerator(tiny_denoiser(), mask_token_id=MASK, seq_len=L, num_steps=T,
+def make(T=5, arch="bert", **kw):
+    return MaskedDiffusionGenerator(tiny_denoiser(arch=arch), mask_token_id=MASK, seq_len=L, num_steps=T,
                                     forbidden_token_ids=[PAD], **kw)
 
 
@@ -35,11 +33,12 @@ class TestMaskedDiffusionContract(GeneratorContract):
         return build
 
 
-def test_sampling_matches_an_independent_reference():
+@pytest.mark.parametrize("arch", ["bert", "roformer"])
+def test_sampling_matches_an_independent_reference(arch):
     """Integer-token reference: MDLM's reverse probabilities written out, Gumbel-max with the same
     uniform draws, the denoiser called on input_ids (not the generator's one-hot path)."""
     T, B = 6, 4
-    g = make(T)
+    g = make(T, arch=arch)
     with torch.no_grad():
         got = g.tokens(g.sample(g.encode_condition([None] * B), generator=torch.Generator().manual_seed(3)))
     den, rng = g.denoiser, torch.Generator().manual_seed(3)
@@ -56,6 +55,11 @@ def test_sampling_matches_an_independent_reference():
         choice = (q.log() - torch.log(-torch.log(u))).argmax(-1)
         tokens = torch.where(tokens == MASK, choice, tokens)
     assert torch.equal(got, tokens)
+
+
+def test_tiny_denoiser_rejects_unknown_architectures():
+    with pytest.raises(ValueError, match="arch must be"):
+        tiny_denoiser(arch="lstm")
 
 
 def test_every_token_is_valid_and_unmasked():

@@ -28,20 +28,23 @@ def resolve_pretrained(pretrained: str) -> str:
 class DNAGenerator(MaskedDiffusionGenerator):
     """Args:
         pretrained: "embedded:tiny-dna", a folder, or None (random model of ``seq_len``, for pretraining).
-        num_steps: reverse steps (DRAKES: 128). Other args: ``MaskedDiffusionGenerator``.
+        num_steps: reverse steps (DRAKES: 128).
+        seq_len, hidden, layers, arch, seed: the random model's shape (``tiny_denoiser``); the tiny
+            default uses "roformer": rotary positions let it learn motifs planted at any offset.
+        Other args: ``MaskedDiffusionGenerator``.
     """
 
     def __init__(self, pretrained: str | None = "embedded:tiny-dna", num_steps: int = 128, tau: float = 1.0,
                  full_finetune: bool = False, soft_steps: bool = False, seq_len: int = 64, hidden: int = 64,
-                 layers: int = 2, seed: int = 0) -> None:
+                 layers: int = 2, arch: str = "roformer", seed: int = 0) -> None:
         if pretrained is not None:
-            from transformers import BertForMaskedLM
+            from transformers import AutoModelForMaskedLM
 
             path = resolve_pretrained(pretrained)
             seq_len = json.loads(Path(path, "dna.json").read_text())["seq_len"]
-            denoiser = BertForMaskedLM.from_pretrained(os.path.join(path, "denoiser")).eval()
+            denoiser = AutoModelForMaskedLM.from_pretrained(os.path.join(path, "denoiser")).eval()
         else:
-            denoiser = tiny_denoiser(5, seq_len, hidden, layers, seed=seed)
+            denoiser = tiny_denoiser(5, seq_len, hidden, layers, seed=seed, arch=arch)
         super().__init__(denoiser, mask_token_id=MASK_ID, seq_len=seq_len, num_steps=num_steps, tau=tau,
                          full_finetune=full_finetune, soft_steps=soft_steps)
 

@@ -45,14 +45,15 @@ def log_odds(name: str) -> torch.Tensor:
 
 
 def generate_corpus(n: int, seq_len: int = 64, seed: int = 0, motifs: tuple[str, ...] = LIVER_TFS,
-                    max_sites: int = 3) -> list[str]:
-    """n sequences: background bases with 0..max_sites motif instances sampled from the PWMs."""
+                    max_sites: int = 3, min_sites: int = 0) -> list[str]:
+    """n sequences: background bases with min_sites..max_sites motif instances sampled from the PWMs
+    (a later site may overwrite part of an earlier one)."""
     rng = np.random.default_rng(seed)
     pwms = [jaspar_pwm(m) for m in motifs]
     out = []
     for _ in range(n):
         seq = rng.choice(4, size=seq_len, p=BACKGROUND)
-        for _ in range(rng.integers(0, max_sites + 1)):
+        for _ in range(rng.integers(min_sites, max_sites + 1)):
             pwm = pwms[rng.integers(len(pwms))]
             if len(pwm) > seq_len:
                 continue

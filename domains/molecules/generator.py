@@ -37,11 +37,11 @@ class MoleculeGenerator(MaskedDiffusionGenerator):
                  full_finetune: bool = False, soft_steps: bool = False, vocab: str | None = None,
                  hidden: int = 64, layers: int = 2, seed: int = 0) -> None:
         if pretrained is not None:
-            from transformers import BertForMaskedLM
+            from transformers import AutoModelForMaskedLM
 
             path = resolve_pretrained(pretrained)
             vocab = SelfiesVocab.load(os.path.join(path, "vocab.json"))
-            denoiser = BertForMaskedLM.from_pretrained(os.path.join(path, "denoiser")).eval()
+            denoiser = AutoModelForMaskedLM.from_pretrained(os.path.join(path, "denoiser")).eval()
         else:
             if vocab is None:
                 raise ValueError("pretrained=None builds a random model and needs vocab (a vocab.json path)")
@@ -58,6 +58,21 @@ class MoleculeGenerator(MaskedDiffusionGenerator):
     def to_text(self, x: torch.Tensor) -> list[str]:
         """One line per sample for saved outputs: canonical SMILES, or "<invalid>"."""
         return [s if s is not None else "<invalid>" for s in self.smiles(x)]
+
+    def render(self, samples: torch.Tensor, size: int = 160) -> torch.Tensor:
+        """RDKit 2-D drawings (N, 3, size, size) in [0, 1]; an invalid sequence is a grey square."""
+        import numpy as np
+        from rdkit import Chem
+        from rdkit.Chem import Draw
+
+        pictures = []
+        for smi in self.smiles(samples):
+            mol = Chem.MolFromSmiles(smi) if smi is not None else None
+            if mol is None:
+                pictures.append(np.full((size, size, 3), 200, dtype=np.uint8))
+            else:
+                pictures.append(np.asarray(Draw.MolToImage(mol, size=(size, size)).convert("RGB")))
+        return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 255
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         path = Path(path)

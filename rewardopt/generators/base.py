@@ -122,6 +122,14 @@ class Generator(nn.Module, ABC):
     def decode(self, x0: torch.Tensor) -> Any:
         """Domain samples from final states."""
 
+    def render(self, samples: Any) -> torch.Tensor | None:
+        """Pictures of decoded samples for grids: (N, 3, H, W) in [0, 1], or None when the domain has
+        no picture (then outputs are text only). Images are their own picture; domains whose samples
+        are not images (molecules, DNA) override this."""
+        if isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[1] in (1, 3):
+            return samples.expand(-1, 3, -1, -1)
+        return None
+
     def log_prob(self, x_t: torch.Tensor, i: int, x_prev: torch.Tensor, cond: Condition) -> torch.Tensor:
         """log p(x_prev | x_t, c), shape (B,). Only stochastic samplers implement it."""
         raise NotImplementedError(f"{type(self).__name__} does not define transition log-probabilities")

@@ -39,15 +39,24 @@ def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None = None,
     return -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
 
 
-def tiny_denoiser(vocab_size: int, seq_len: int, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
-    """A small bidirectional BERT masked-LM (no dropout), seeded: the tiny defaults' denoiser."""
-    from transformers import BertConfig, BertForMaskedLM
+def tiny_denoiser(vocab_size: int, seq_len: int, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
+                  arch: str = "bert"):
+    """A small seeded bidirectional masked-LM without dropout, the tiny defaults' denoiser.
 
+    ``arch``: "bert" (learned absolute positions) or "roformer" (rotary, i.e. relative, positions:
+    position-free patterns such as DNA motifs planted anywhere are learned much faster).
+    """
+    from transformers import BertConfig, BertForMaskedLM, RoFormerConfig, RoFormerForMaskedLM
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=4 * hidden, max_position_embeddings=seq_len, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
     torch.manual_seed(seed)
-    return BertForMaskedLM(BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                                      num_attention_heads=heads, intermediate_size=4 * hidden,
-                                      max_position_embeddings=seq_len, hidden_dropout_prob=0.0,
-                                      attention_probs_dropout_prob=0.0))
+    if arch == "bert":
+        return BertForMaskedLM(BertConfig(**common))
+    if arch == "roformer":
+        return RoFormerForMaskedLM(RoFormerConfig(embedding_size=hidden, **common))
+    raise ValueError(f"arch must be 'bert' or 'roformer', got {arch!r}")
 
 
 class MaskedDiffusionGenerator(Generator):
@@ -207,17 +216,29 @@ class MaskedDiffusionPretraining(L.LightningModule):
     Args:
         generator: the ``MaskedDiffusionGenerator`` to train (all denoiser weights).
         lr, weight_decay: AdamW.
+        warmup_steps: linear learning-rate warm-up; decay: then decay linearly to 5% at max_steps.
         output_dir: where the model is saved (default: trainer.default_root_dir).
     """
 
     def __init__(self, generator: MaskedDiffusionGenerator, lr: float = 1e-3, weight_decay: float = 0.0,
-                 output_dir: str | None = None) -> None:
+                 warmup_steps: int = 0, decay: bool = False, output_dir: str | None = None) -> None:
         super().__init__()
         self.generator, self.lr, self.weight_decay, self._output_dir = generator, lr, weight_decay, output_dir
+        self.warmup_steps, self.decay = warmup_steps, decay
         generator.denoiser.requires_grad_(True).train()
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.generator.denoiser.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(self.generator.denoiser.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if not self.warmup_steps and not self.decay:
+            return opt
+        total = max(1, int(self.trainer.max_steps)) if self.decay else 0
+
+        def factor(step: int) -> float:  # linear warm-up, then linear decay to 5% at max_steps
+            warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+            return warm * (max(0.05, 1 - step / total) if total else 1.0)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def loss(self, tokens: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
         g = self.generator

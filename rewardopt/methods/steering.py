@@ -253,12 +253,30 @@ class InferenceTimeSteering(L.LightningModule):
             self._records[base]["diversity"] = div
         if self.save_samples:
             self._save(samples, batch_idx, rank)
-            if isinstance(samples, torch.Tensor) and samples.ndim == 4:
-                for j in range(len(raw)):
-                    if len(self._grid_samples) < 6:
-                        sl = slice(j * self.num_samples, (j + 1) * self.num_samples)
-                        self._grid_samples.append((str(raw[j]), samples[sl].cpu(), out.total[sl].tolist()))
+            self._collect_grid(raw, samples, out.total.tolist())
         return out.total.detach().cpu()  # small: samples are on disk, not held in memory
+
+    def _collect_grid(self, raw: list[Any], samples: Any, totals: list[float], rows: int = 6) -> None:
+        """Keep up to ``rows`` grid rows of pictures (``generator.render``): one row per condition, or
+        for unconditional samples rows of up to 6 samples."""
+        n = self.num_samples
+        if all(r is None for r in raw):
+            start = 0
+            if self._grid_samples and len(self._grid_samples[-1][1]) < 6:  # top up the last row first
+                label, pics, vals = self._grid_samples[-1]
+                start = 6 - len(pics)
+                more = self.generator.render(samples[:start])
+                if more is None:
+                    return
+                self._grid_samples[-1] = (label, torch.cat([pics, more.cpu()]), vals + totals[:start])
+            groups = [("", slice(k, min(k + 6, len(totals)))) for k in range(start, len(totals), 6)]
+        else:
+            groups = [(str(raw[j]), slice(j * n, (j + 1) * n)) for j in range(len(raw))]
+        for label, sl in groups[: max(0, rows - len(self._grid_samples))]:
+            pictures = self.generator.render(samples[sl])
+            if pictures is None:
+                return
+            self._grid_samples.append((label, pictures.cpu(), totals[sl]))
 
     def _save(self, samples: Any, batch_idx: int, rank: int) -> None:
         folder = self.output_dir / "samples"
@@ -329,8 +347,8 @@ class InferenceTimeSteering(L.LightningModule):
             from rewardopt.callbacks import save_image_grid
 
             rows = [s for _, s, _ in self._grid_samples]
-            labels = [f"{p}\n" + " ".join(f"{v:.2f}" for v in r) for p, _, r in self._grid_samples]
-            save_image_grid(rows, out / "grid.png", row_labels=labels, title=f"{type(self).__name__} ({self.reward.name}), "
+            save_image_grid(rows, out / "grid.png", row_labels=[p for p, _, _ in self._grid_samples],
+                            cell_labels=[[f"{v:.2f}" for v in r] for _, _, r in self._grid_samples], title=f"{type(self).__name__} ({self.reward.name}), "
                             f"{self.num_samples} per prompt, {summary['nfe_per_sample']:.0f} NFE/sample")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         st = summary["reward_stats"] or {}

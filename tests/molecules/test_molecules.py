@@ -74,6 +74,20 @@ def test_generator_loads_and_samples_valid_tokens(saved_model, vocab):
         MoleculeGenerator(pretrained="/no/such/folder")
 
 
+def test_render_draws_valid_molecules_and_greys_invalid_ones(vocab, saved_model):
+    from rdkit.Chem import Draw
+
+    g = MoleculeGenerator(pretrained=str(saved_model), num_steps=4)
+    x = one_hots(vocab, ["c1ccccc1O"])
+    bad = torch.zeros_like(x)
+    bad[..., vocab.pad_id] = 1  # an all-padding sequence decodes to no molecule
+    pics = g.render(torch.cat([x, bad]), size=96)
+    assert pics.shape == (2, 3, 96, 96) and 0 <= pics.min() and pics.max() <= 1
+    direct = torch.tensor(list(Draw.MolToImage(Chem.MolFromSmiles(canonical("c1ccccc1O")), size=(96, 96)).convert("RGB").getdata()))
+    assert torch.allclose(pics[0].permute(1, 2, 0).reshape(-1, 3) * 255, direct.float(), atol=1e-3)
+    assert torch.all(pics[1] == pics[1, 0, 0, 0]) and 0 < pics[1, 0, 0, 0] < 1
+
+
 def test_pretraining_lowers_the_nelbo():
     from rewardopt.generators.masked import MaskedDiffusionPretraining
 
@@ -116,6 +130,10 @@ def test_molecule_steering_recipes_predict(recipe, tmp_path):
     assert all(0.0 <= float(r["reward"]) <= 1.0 for r in rows)
     lines = (tmp_path / "samples" / "r0_b00000.txt").read_text().splitlines()
     assert len(lines) == 6 and all(line == "<invalid>" or canonical(line) == line for line in lines)
+    from PIL import Image
+
+    w, h = Image.open(tmp_path / "grid.png").size  # one row of 6 drawn molecules
+    assert w > 3 * h
 
 
 def test_drakes_recipe_runs_and_saves_the_fine_tuned_model(tmp_path):
@@ -127,7 +145,8 @@ def test_drakes_recipe_runs_and_saves_the_fine_tuned_model(tmp_path):
     args = ["--config", str(ROOT / "recipes/molecules/drakes_qed_tiny.yaml"), "--trainer.max_steps", "2",
             "--model.init_args.generator.init_args.num_steps", "4", "--model.init_args.truncate", "2",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--model.init_args.output_dir", str(tmp_path / "out"), "--trainer.callbacks", "[]",
+            "--model.init_args.output_dir", str(tmp_path / "out"),
+            "--trainer.callbacks", '[{"class_path": "rewardopt.callbacks.SampleGrid", "init_args": {"n": 3}}]',
             "--data.init_args.batch_size", "4", "--data.init_args.num_eval", "8", "--trainer.enable_progress_bar", "false"]
     c = RewardOptCLI(args=args, run=False)
     before = [p.detach().clone() for p in c.model.generator.trainable_parameters()]
@@ -135,6 +154,7 @@ def test_drakes_recipe_runs_and_saves_the_fine_tuned_model(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(c.model.generator.trainable_parameters(), before))
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["steps"] == 2 and s["nfe_grad"] == 2 * 4 * 2  # 2 steps x 4 molecules x 2 differentiable steps
+    assert (tmp_path / "out" / "before_after.png").is_file()  # molecules drawn before/after fine-tuning
     reloaded = MoleculeGenerator(pretrained=s["adapter"], num_steps=4)
     for a, b in zip(reloaded.denoiser.parameters(), c.model.generator.denoiser.parameters()):
         assert torch.equal(a, b.detach())
@@ -153,17 +173,22 @@ def test_surrogate_is_differentiable_and_fits(vocab):
         SequenceSurrogate(len(vocab), vocab.seq_len, checkpoint="/nope.pt")
 
 
-def test_shipped_surrogate_tracks_rdkit_qed(vocab):
+@pytest.mark.parametrize("name", ["qed", "sa"])
+def test_shipped_surrogates_track_rdkit(vocab, name):
     from tests.conftest import ROOT
 
     from rewardopt.rewards.surrogate import SequenceSurrogate
 
-    s = SequenceSurrogate(len(vocab), vocab.seq_len, 64, checkpoint=str(ROOT / "domains/molecules/assets/surrogate_qed/surrogate.pt"))
+    s = SequenceSurrogate(len(vocab), vocab.seq_len, 64, checkpoint=str(ROOT / f"domains/molecules/assets/surrogate_{name}/surrogate.pt"))
     ids = encode_corpus(vocab)[:300]
     x = torch.nn.functional.one_hot(ids, len(vocab)).float()
     with torch.no_grad():
         pred = s(x).total
-    true = torch.tensor([QED.qed(Chem.MolFromSmiles(vocab.decode(r))) for r in ids.tolist()])
+    mols = [Chem.MolFromSmiles(vocab.decode(r)) for r in ids.tolist()]
+    if name == "qed":
+        true = torch.tensor([QED.qed(m) for m in mols])
+    else:
+        true = torch.tensor([(10 - sascorer().calculateScore(m)) / 9 for m in mols])
     assert float(torch.corrcoef(torch.stack([pred, true]))[0, 1]) > 0.7
 
 

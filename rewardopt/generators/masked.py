@@ -259,6 +259,11 @@ class MaskedDiffusionPretraining(L.LightningModule):
         rng = torch.Generator().manual_seed(batch_idx)
         self.log("val/nelbo", self.loss(batch, rng), prog_bar=True, batch_size=batch.shape[0])
 
+    def on_validation_epoch_end(self) -> None:
+        v = self.trainer.callback_metrics.get("val/nelbo")
+        if v is not None and not self.trainer.sanity_checking:
+            self.print(f"[rewardopt] step {self.global_step}: val NELBO {float(v):.4f} nats/token")
+
     def on_train_end(self) -> None:
         save = getattr(self.generator, "save_pretrained", None)
         if save is not None and self.trainer.is_global_zero:

@@ -59,8 +59,11 @@ def test_shipped_model_learned_the_motifs():
     with torch.no_grad():
         x = g.sample(g.encode_condition([None] * 64), generator=torch.Generator().manual_seed(0))
     background = generate_corpus(64, 64, seed=5, max_sites=0)
-    for oracle in (MotifActivity(), MotifHitActivity()):
-        assert oracle(x).total.mean() > oracle(background).total.mean() + 3 * oracle(background).total.std() / 8
+    planted = generate_corpus(64, 64, seed=6, min_sites=2, max_sites=4)
+    # measured (128 samples): activity 7.1 vs background -11.1 / corpus 21.2; hits 1.19 vs 0.16 / 2.23
+    for oracle, margin in ((MotifActivity(), 10.0), (MotifHitActivity(), 0.5)):
+        got, bg, top = (oracle(s).total.mean() for s in (x, background, planted))
+        assert bg + margin < got < top
 
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "recipes/dna").glob("*_oracle_tiny.yaml")), ids=lambda p: p.stem)

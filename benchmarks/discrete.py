@@ -39,6 +39,7 @@ def diversity(smiles: list[str | None]) -> float:
     return 1.0 - sum(sims) / len(sims)
 
 
+METHODS = ["pretrained", "Best-of-N", "SVDD-PM", "SMC", "DSearch", "DRAKES"]
 SURROGATES = {"QED": "surrogate_qed", "SA": "surrogate_sa"}
 
 
@@ -139,6 +140,8 @@ def run_task(task: dict, args) -> list[dict]:
     }
     results = []
     for name, make in methods.items():
+        if name not in args.methods:
+            continue
         per = []
         for s in args.seeds:
             m = make(s)
@@ -148,7 +151,7 @@ def run_task(task: dict, args) -> list[dict]:
                 x = m.search(gen.encode_condition([None] * args.n), rng, srng)
             per.append(measured(task, gen, x, nfe=(gen.counter.nfe - n0) / args.n, reward_calls=(oracle.calls - c0) / args.n))
         results.append(summarise(task["name"], name, per))
-    if task["drakes_reward"] is None or args.drakes_steps <= 0:
+    if task["drakes_reward"] is None or args.drakes_steps <= 0 or "DRAKES" not in args.methods:
         return results
     per = []
     for s in args.seeds:
@@ -180,6 +183,7 @@ def main() -> None:
     p.add_argument("--drakes-lr", type=float, default=1e-4)
     p.add_argument("--drakes-kl", type=float, default=1e-3)
     p.add_argument("--drakes-batch", type=int, default=16)
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--smc-alpha", type=float, default=0.01)
     p.add_argument("--domains", nargs="+", default=["molecules", "dna"], choices=["molecules", "dna"])
     p.add_argument("--dna-smc-alpha", type=float, default=1.0)

@@ -1,4 +1,4 @@
-"""Molecule data: RDKit's NCI sample as SELFIES token tensors (pretraining), and unconditional
+"""Molecule data: RDKit's NCI sample as SELFIES (or SMILES) token tensors (pretraining), and unconditional
 "conditions" (one ``None`` per sample) for fine-tuning and steering."""
 
 from __future__ import annotations
@@ -8,21 +8,24 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from domains.molecules.chem import SelfiesVocab, nci_smiles
+from domains.molecules.chem import VOCABS, MoleculeVocab, load_vocab, nci_smiles
 from rewardopt.data import TokenDataModule
 
 VOCAB = Path(__file__).parent / "assets" / "nci_vocab.json"
 
 
-def build_vocab(path: str | Path = VOCAB, seq_len: int = 48) -> SelfiesVocab:
-    """The SELFIES alphabet of the NCI sample (deterministic), saved to ``path``."""
-    vocab = SelfiesVocab.build(nci_smiles(), seq_len)
+SMILES_VOCAB = Path(__file__).parent / "assets" / "nci_smiles_vocab.json"
+
+
+def build_vocab(path: str | Path = VOCAB, seq_len: int = 48, kind: str = "selfies") -> MoleculeVocab:
+    """The SELFIES (or SMILES) alphabet of the NCI sample (deterministic), saved to ``path``."""
+    vocab = VOCABS[kind].build(nci_smiles(), seq_len)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     vocab.save(path)
     return vocab
 
 
-def encode_corpus(vocab: SelfiesVocab) -> torch.Tensor:
+def encode_corpus(vocab: MoleculeVocab) -> torch.Tensor:
     """(N, L) ids of every NCI molecule that fits in seq_len tokens of the vocabulary."""
     rows = [ids for ids in (vocab.encode(s) for s in nci_smiles()) if ids is not None]
     return torch.tensor(rows, dtype=torch.long)
@@ -37,7 +40,7 @@ class MoleculeDataModule(TokenDataModule):
     """
 
     def __init__(self, vocab: str = str(VOCAB), batch_size: int = 64, val_fraction: float = 0.05, seed: int = 0) -> None:
-        self.vocab = SelfiesVocab.load(vocab)
+        self.vocab = load_vocab(vocab)
         super().__init__(encode_corpus(self.vocab), batch_size, val_fraction, seed)
 
 
@@ -51,7 +54,7 @@ class OracleLabelledDataModule(L.LightningDataModule):
 
     def __init__(self, oracle, vocab: str = str(VOCAB), batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0) -> None:
         super().__init__()
-        self.vocab = SelfiesVocab.load(vocab)
+        self.vocab = load_vocab(vocab)
         ids = encode_corpus(self.vocab)
         smiles = [self.vocab.decode(row) for row in ids.tolist()]
         labels = oracle(smiles).total.float()

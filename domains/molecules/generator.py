@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from domains.molecules.chem import SelfiesVocab
+from domains.molecules.chem import load_vocab
 from rewardopt.generators.base import resolve_local_pretrained
 from rewardopt.generators.masked import MaskedDiffusionGenerator, tiny_denoiser
 
@@ -40,12 +40,12 @@ class MoleculeGenerator(MaskedDiffusionGenerator):
             from transformers import AutoModelForMaskedLM
 
             path = resolve_pretrained(pretrained)
-            vocab = SelfiesVocab.load(os.path.join(path, "vocab.json"))
+            vocab = load_vocab(os.path.join(path, "vocab.json"))
             denoiser = AutoModelForMaskedLM.from_pretrained(os.path.join(path, "denoiser")).eval()
         else:
             if vocab is None:
                 raise ValueError("pretrained=None builds a random model and needs vocab (a vocab.json path)")
-            vocab = SelfiesVocab.load(vocab)
+            vocab = load_vocab(vocab)
             denoiser = tiny_denoiser(len(vocab), vocab.seq_len, hidden, layers, seed=seed)
         super().__init__(denoiser, mask_token_id=vocab.mask_id, seq_len=vocab.seq_len, num_steps=num_steps, tau=tau,
                          full_finetune=full_finetune, soft_steps=soft_steps)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from domains.molecules.chem import SelfiesVocab
+from domains.molecules.chem import load_vocab
 from domains.molecules.generator import resolve_pretrained
 from rewardopt.rewards.blackbox import BlackBoxReward
 
@@ -53,7 +53,7 @@ class MoleculeReward(BlackBoxReward):
                  on_failure: str | float = "raise", name: str | None = None) -> None:
         super().__init__(max_workers=max_workers, timeout_s=timeout_s, retries=retries, cache_size=cache_size,
                          on_failure=on_failure, name=name)
-        self.vocab = SelfiesVocab.load(os.path.join(resolve_pretrained(vocab), "vocab.json"))
+        self.vocab = load_vocab(os.path.join(resolve_pretrained(vocab), "vocab.json"))
         self.invalid_value = float(invalid_value)
         self.stats["invalid"] = 0
         self._count_lock = threading.Lock()

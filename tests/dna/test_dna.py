@@ -87,3 +87,18 @@ def test_dna_recipes_run(recipe, tmp_path):
         c.trainer.fit(c.model, datamodule=c.datamodule)
         s = json.loads((tmp_path / "out" / "summary.json").read_text())
         assert s["steps"] == 2 and s["nfe_grad"] == 2 * 4 * 2
+
+
+def test_pretrain_recipe_runs_and_saves_a_loadable_model(tmp_path):
+    from domains.dna.generator import DNAGenerator
+    from rewardopt.cli import RewardOptCLI
+
+    args = ["--config", str(ROOT / "recipes/dna/pretrain_tiny.yaml"), "--trainer.max_steps", "2", "--data.init_args.n", "200",
+            "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path),
+            "--model.init_args.output_dir", str(tmp_path / "model"), "--trainer.enable_progress_bar", "false"]
+    c = RewardOptCLI(args=args, run=False)
+    c.trainer.fit(c.model, datamodule=c.datamodule)
+    g = DNAGenerator(pretrained=str(tmp_path / "model"), num_steps=2)
+    assert type(g.denoiser).__name__ == "RoFormerForMaskedLM"
+    for a, b in zip(g.denoiser.parameters(), c.model.generator.denoiser.parameters()):
+        assert torch.equal(a, b.detach())

@@ -10,8 +10,8 @@ pytest.importorskip("selfies")
 from rdkit import Chem  # noqa: E402
 from rdkit.Chem import QED, Crippen  # noqa: E402
 
-from domains.molecules.chem import SelfiesVocab, canonical, nci_smiles  # noqa: E402
-from domains.molecules.data import VOCAB, encode_corpus  # noqa: E402
+from domains.molecules.chem import SelfiesVocab, SmilesVocab, canonical, load_vocab, nci_smiles  # noqa: E402
+from domains.molecules.data import SMILES_VOCAB, VOCAB, build_vocab, encode_corpus  # noqa: E402
 from domains.molecules.generator import MoleculeGenerator  # noqa: E402
 from domains.molecules.rewards import LogPReward, QEDReward, SAReward, ValidityReward, sascorer  # noqa: E402
 
@@ -39,6 +39,40 @@ def test_nci_corpus_round_trips(vocab):
     assert data.shape[1] == vocab.seq_len and len(data) > 4000
     for row, smi in zip(data[:50].tolist(), [s for s in nci_smiles() if vocab.encode(s) is not None][:50]):
         assert vocab.decode(row) == canonical(smi)
+
+
+def test_shipped_vocabularies_are_reproducible(tmp_path):
+    for path, kind in ((VOCAB, "selfies"), (SMILES_VOCAB, "smiles")):
+        rebuilt = build_vocab(tmp_path / f"{kind}.json", seq_len=48, kind=kind)
+        shipped = load_vocab(path)
+        assert type(shipped).kind == kind and shipped.tokens == rebuilt.tokens
+
+
+def test_smiles_tokens_round_trip_and_invalid_strings_decode_to_none():
+    v = load_vocab(SMILES_VOCAB)
+    assert isinstance(v, SmilesVocab)
+    data = encode_corpus(v)
+    assert len(data) > 4000
+    for row, smi in zip(data[:100].tolist(), [s for s in nci_smiles() if v.encode(s) is not None][:100]):
+        assert v.decode(row) == canonical(smi)
+    assert v.split("C[NH3+].[Cl-]") == ["C", "[NH3+]", ".", "[Cl-]"] and v.encode("C[NH3+].[Cl-]") is None  # salts left out
+    toks = v.split("Clc1ccc(Br)cc1")
+    assert "".join(toks) == canonical("Clc1ccc(Br)cc1") and "Cl" in toks and "Br" in toks and len(toks) == 12
+    ring_open = [v.index[t] for t in ("C", "1", "C", "C")] + [v.pad_id] * (v.seq_len - 4)
+    assert v.decode(ring_open) is None  # SMILES, unlike SELFIES, can be invalid
+
+
+def test_smiles_generator_saves_loads_and_its_rewards_count_invalid_samples(tmp_path):
+    g = MoleculeGenerator(pretrained=None, vocab=str(SMILES_VOCAB), num_steps=4, hidden=16, layers=1)
+    g.save_pretrained(tmp_path)
+    g2 = MoleculeGenerator(pretrained=str(tmp_path), num_steps=4)
+    assert isinstance(g2.vocab, SmilesVocab) and g2.vocab.tokens == g.vocab.tokens
+    with torch.no_grad():
+        x = g2.sample(g2.encode_condition([None] * 16), generator=torch.Generator().manual_seed(0))
+    r = QEDReward(vocab=str(tmp_path), invalid_value=-1.0)
+    out = r(x).total
+    n_invalid = sum(s is None for s in g2.smiles(x))
+    assert n_invalid > 0 and r.stats["invalid"] == n_invalid and (out == -1.0).sum() == n_invalid  # an untrained model
 
 
 def test_rdkit_rewards_match_rdkit(vocab, saved_model):
@@ -136,13 +170,14 @@ def test_molecule_steering_recipes_predict(recipe, tmp_path):
     assert w > 3 * h
 
 
-def test_drakes_recipe_runs_and_saves_the_fine_tuned_model(tmp_path):
+@pytest.mark.parametrize("recipe", ["drakes_qed_tiny", "drakes_sa_tiny"])
+def test_drakes_recipe_runs_and_saves_the_fine_tuned_model(recipe, tmp_path):
     import json
 
     from rewardopt.cli import RewardOptCLI
     from tests.conftest import ROOT
 
-    args = ["--config", str(ROOT / "recipes/molecules/drakes_qed_tiny.yaml"), "--trainer.max_steps", "2",
+    args = ["--config", str(ROOT / f"recipes/molecules/{recipe}.yaml"), "--trainer.max_steps", "2",
             "--model.init_args.generator.init_args.num_steps", "4", "--model.init_args.truncate", "2",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
             "--model.init_args.output_dir", str(tmp_path / "out"),
@@ -208,3 +243,19 @@ def test_surrogate_fit_writes_weights_and_validation(tmp_path):
     assert report["steps"] == 40 and report["pearson"] > 0.3
     loaded = SequenceSurrogate(97, 48, width=16, checkpoint=str(tmp_path / "surrogate.pt"))
     assert float(loaded.target_std) == pytest.approx(float(data.train_labels.std()), rel=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["pretrain_tiny", "pretrain_smiles_tiny"])
+def test_pretrain_recipes_run_and_save_a_loadable_model(recipe, tmp_path):
+    from rewardopt.cli import RewardOptCLI
+    from tests.conftest import ROOT
+
+    args = ["--config", str(ROOT / f"recipes/molecules/{recipe}.yaml"), "--trainer.max_steps", "2",
+            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path),
+            "--model.init_args.output_dir", str(tmp_path / "model"), "--trainer.enable_progress_bar", "false"]
+    c = RewardOptCLI(args=args, run=False)
+    c.trainer.fit(c.model, datamodule=c.datamodule)
+    g = MoleculeGenerator(pretrained=str(tmp_path / "model"), num_steps=2)
+    assert type(g.vocab).kind == ("smiles" if "smiles" in recipe else "selfies")
+    for a, b in zip(g.denoiser.parameters(), c.model.generator.denoiser.parameters()):
+        assert torch.equal(a, b.detach())

@@ -157,3 +157,54 @@ def test_best_of_n_raises_a_token_count_reward():
         plain = torch.cat([g.sample(cond, generator=torch.Generator().manual_seed(s)) for s in range(6)])
     assert best.shape == (40, N, V)
     assert reward(best).total.mean() > reward(plain).total.mean() + 0.5  # plain: about N/11 = 0.45 per sequence
+
+
+class TokenPreference(__import__("rewardopt.rewards.base", fromlist=["Reward"]).Reward):
+    """Differentiable: mean over positions of a per-token score (token 3 scores 1, others 0)."""
+
+    def score(self, samples, cond):
+        w = torch.zeros(V)
+        w[3] = 1.0
+        return (samples @ w).mean(-1)
+
+
+def test_diffro_changes_the_lm_and_raises_the_reward_within_bounded_kl(tmp_path):
+    import lightning as L
+
+    from rewardopt.data import PromptDataModule
+    from rewardopt.methods.diffro import DiffRO
+
+    torch.manual_seed(0)
+    g = make(full_finetune=True, forbidden_token_ids=[BOS])
+    targets = torch.randint(2, V, (32, N), generator=torch.Generator().manual_seed(0)).tolist()
+    pairs = [([4 + k % 3], t) for k, t in enumerate(targets)]
+    m = DiffRO(g, TokenPreference("prefers_3"), kl_weight=0.1, lr=3e-3, seed=0, output_dir=str(tmp_path))
+    before = [p.detach().clone() for p in g.trainable_parameters()]
+    cond = g.encode_condition([[4], [5], [6]] * 20)
+    with torch.no_grad():
+        r0 = m.reward(g.sample(cond, generator=torch.Generator().manual_seed(9))).total.mean()
+    dm = PromptDataModule(pairs, [[4], [5]], batch_size=8, val_batch_size=4, val_repeats=1, epoch_size=64)
+    L.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(m, datamodule=dm)
+    assert any(not torch.equal(a, b) for a, b in zip(g.trainable_parameters(), before))
+    with torch.no_grad():
+        r1 = m.reward(g.sample(cond, generator=torch.Generator().manual_seed(9))).total.mean()
+        _, logp = g.teacher_forced(g.encode_condition([p[0] for p in pairs]), torch.tensor(targets))
+        kl = g.kl_to_reference(g.encode_condition([p[0] for p in pairs]), torch.tensor(targets), logp).mean()
+    assert r1 > r0 + 0.1, (r0, r1)  # free-running samples, not the training relaxation (measured 0.08 -> 0.26)
+    assert 0 < kl < 20 * N
+
+
+def test_diffro_rejects_what_it_cannot_train():
+    from rewardopt.methods.diffro import DiffRO
+    from rewardopt.testing.toy import RandomWalkGenerator
+
+    with pytest.raises(TypeError, match="autoregressive"):
+        DiffRO(RandomWalkGenerator(), TokenPreference("p"))
+    with pytest.raises(ValueError, match="full_finetune"):
+        DiffRO(make(), TokenPreference("p"))
+    m = DiffRO(make(full_finetune=True), TokenPreference("p"))
+    with pytest.raises(ValueError, match="pairs"):
+        m.loss_terms(["just a condition"])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        m.loss_terms([([4], [V + 1])])

@@ -206,8 +206,13 @@ class RewardFineTuning(L.LightningModule):
         self.print(f"[rewardopt] summary: {out / 'summary.json'}")
 
     def save_adapter(self, path: Path) -> Path | None:
-        """Save the trained weights in the model family's format (LoRA for diffusers)."""
+        """Save the trained weights in the model family's format: LoRA for diffusers; a generator
+        trained in full (``full_finetune``) with a ``save_pretrained`` saves the whole model."""
         save = getattr(self.generator, "save_lora", None)
         if save is not None and getattr(self.generator, "lora_rank", None) is not None:
             return save(path)
+        save = getattr(self.generator, "save_pretrained", None)
+        if save is not None and getattr(self.generator, "full_finetune", False):
+            save(path)
+            return path
         return None

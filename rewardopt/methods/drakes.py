@@ -52,14 +52,6 @@ class DRAKES(RewardFineTuning):
         if generator.full_finetune and not generator._frozen:
             generator.setup_trainable()
 
-    def save_adapter(self, path):
-        """All weights are trained: save the fine-tuned model in the domain's format, if it has one."""
-        save = getattr(self.generator, "save_pretrained", None)
-        if save is None:
-            return None
-        save(path)
-        return path
-
     def rollout(self, cond: Condition, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """x_0 (straight-through one-hots) and the summed per-step KL over the differentiable steps."""
         g = self.generator

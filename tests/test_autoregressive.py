@@ -208,3 +208,26 @@ def test_diffro_rejects_what_it_cannot_train():
         m.loss_terms(["just a condition"])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         m.loss_terms([([4], [V + 1])])
+
+
+def test_causal_lm_pretraining_learns_a_prompt_to_tokens_map(tmp_path):
+    import lightning as L
+
+    from rewardopt.data import PromptDataModule
+    from rewardopt.generators.autoregressive import CausalLMPretraining
+
+    g = make(eos_token_id=EOS, pad_token_id=2, temperature=0.0)
+    pairs = [([k], [k + 4] * (1 + k % 3)) for k in range(3, 6)]  # prompt k -> (k+4) repeated 1..3 times, then EOS
+    ids, mask = g.pad_targets([pairs[2][1]], append_eos=True)
+    assert ids[0].tolist() == [9, 9, 9, EOS, 2] and mask[0].tolist() == [1, 1, 1, 1, 0]
+    m = CausalLMPretraining(g, lr=1e-2, output_dir=str(tmp_path))
+    before = float(m.loss(pairs))
+    dm = PromptDataModule(pairs, [p[0] for p in pairs], batch_size=3, epoch_size=3)
+    L.Trainer(max_steps=150, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(m, datamodule=dm)
+    g.lm.eval()
+    assert float(m.loss(pairs)) < 0.1 * before
+    with torch.no_grad():
+        out = g.tokens(g.sample(g.encode_condition([p[0] for p in pairs])))
+    for (_, target), row in zip(pairs, out.tolist()):
+        assert row[:len(target) + 1] == target + [EOS] and set(row[len(target) + 1:]) <= {2}

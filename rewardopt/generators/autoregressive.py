@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -234,6 +235,31 @@ class AutoregressiveGenerator(Generator):
         ids = x.detach().argmax(-1)
         return ids.masked_fill(x.detach().sum(-1) == 0, -1)
 
+    def pad_targets(self, targets: Sequence[Sequence[int]], append_eos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-id lists -> (B, N) ids padded with ``pad_token_id`` and (B, N) float mask of real
+        positions; ``append_eos`` ends each with EOS (what a model must learn to stop). Too-long
+        targets are cut at N; ids outside the vocabulary raise."""
+        N = self.max_new_tokens
+        ids = torch.full((len(targets), N), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(targets), N)
+        for b, t in enumerate(targets):
+            t = [int(v) for v in t]
+            if any(not 0 <= v < self.vocab_size for v in t):
+                raise ValueError(f"target token outside the vocabulary (size {self.vocab_size})")
+            if append_eos and self.eos_token_id is not None:
+                t = t + [self.eos_token_id]
+            t = t[:N]
+            ids[b, :len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[b, :len(t)] = 1
+        device = self.banned.device
+        return ids.to(device), mask.to(device)
+
+    def teacher_forced_nll(self, cond: Condition, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-sample Σ_positions −log π(target | prompt, target prefix) over ``mask``, (B,)."""
+        logp = self.policy_log_probs(self._forward(cond, self.from_tokens(ids[:, :-1]))[:, -ids.shape[1]:])
+        nll = -logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return (nll.masked_fill(mask == 0, 0.0)).sum(-1)
+
     # ------------------------------------------------------------------ relaxations for reward backprop
     def teacher_forced(self, cond: Condition, targets: torch.Tensor, generator: torch.Generator | None = None,
                        tau: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,3 +287,56 @@ class AutoregressiveGenerator(Generator):
         diff = (logp - logp_ref).masked_fill(self.banned, 0.0)  # -inf - -inf on forbidden tokens
         kl = (logp.exp() * diff).sum(-1)
         return (kl * mask).sum(-1) if mask is not None else kl.sum(-1)
+
+
+class CausalLMPretraining(L.LightningModule):
+    """Teacher-forced maximum likelihood for an ``AutoregressiveGenerator``: batches are lists of
+    ``(condition, target token ids)``; the loss is the mean per-token negative log-likelihood of
+    the targets followed by EOS. At the end ``generator.save_pretrained(output_dir)`` (if any).
+
+    Args: generator; lr, weight_decay (AdamW); warmup_steps, decay (``rewardopt.schedules``);
+    output_dir (default: trainer.default_root_dir).
+    """
+
+    def __init__(self, generator: AutoregressiveGenerator, lr: float = 1e-3, weight_decay: float = 0.0,
+                 warmup_steps: int = 0, decay: bool = False, output_dir: str | None = None) -> None:
+        super().__init__()
+        self.generator, self.lr, self.weight_decay, self._output_dir = generator, lr, weight_decay, output_dir
+        self.warmup_steps, self.decay = warmup_steps, decay
+        generator.lm.requires_grad_(True).train()
+
+    def configure_optimizers(self):
+        from rewardopt.schedules import warmup_decay
+
+        opt = torch.optim.AdamW(self.generator.lm.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = warmup_decay(opt, self.warmup_steps, int(self.trainer.max_steps) if self.decay else 0)
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+
+    def loss(self, batch: list) -> torch.Tensor:
+        g = self.generator
+        if not batch or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batch):
+            raise ValueError("CausalLMPretraining trains on (condition, target token ids) pairs")
+        ids, mask = g.pad_targets([t for _, t in batch], append_eos=True)
+        nll = g.teacher_forced_nll(g.encode_condition([c for c, _ in batch]), ids, mask)
+        return nll.sum() / mask.sum()
+
+    def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/nll", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: list, batch_idx: int) -> None:
+        self.log("val/nll", self.loss(batch), prog_bar=True, batch_size=len(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        v = self.trainer.callback_metrics.get("val/nll")
+        if v is not None and not self.trainer.sanity_checking:
+            self.print(f"[rewardopt] step {self.global_step}: val NLL {float(v):.4f} nats/token")
+
+    def on_train_end(self) -> None:
+        save = getattr(self.generator, "save_pretrained", None)
+        if save is not None and self.trainer.is_global_zero:
+            out = self._output_dir or self.trainer.default_root_dir
+            self.generator.lm.eval()
+            save(out)
+            self.print(f"[rewardopt] saved the pretrained model to {out}")

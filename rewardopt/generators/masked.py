@@ -228,17 +228,11 @@ class MaskedDiffusionPretraining(L.LightningModule):
         generator.denoiser.requires_grad_(True).train()
 
     def configure_optimizers(self):
+        from rewardopt.schedules import warmup_decay
+
         opt = torch.optim.AdamW(self.generator.denoiser.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if not self.warmup_steps and not self.decay:
-            return opt
-        total = max(1, int(self.trainer.max_steps)) if self.decay else 0
-
-        def factor(step: int) -> float:  # linear warm-up, then linear decay to 5% at max_steps
-            warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-            return warm * (max(0.05, 1 - step / total) if total else 1.0)
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        sched = warmup_decay(opt, self.warmup_steps, int(self.trainer.max_steps) if self.decay else 0)
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
 
     def loss(self, tokens: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
         g = self.generator

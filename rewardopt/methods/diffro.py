@@ -9,7 +9,8 @@ backward) and the soft one-hots go into frozen reward models through their embed
 tokens)). Loss = −R(soft tokens) + β · Σ_t KL(π_θ(·|prefix_t) || π_ref(·|prefix_t)).
 
 Paper defaults: β = 0.1, lr 1e-5, τ = 1, reward models frozen. Our reading: the KL is summed over
-the target's real positions (padding after EOS excluded) and averaged over the batch; the
+the target's real positions (its tokens and the closing EOS; padding excluded) and averaged over
+the batch; the
 reward is the batch mean of the reward's ``total``.
 """
 
@@ -54,23 +55,12 @@ class DiffRO(RewardFineTuning):
             generator.setup_trainable()
 
     def targets(self, batch: list[tuple[Any, Any]]) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
-        """Raw conditions, (B, N) target ids (padded with the generator's pad id) and (B, N) mask of
-        real positions (the first EOS included)."""
-        g = self.generator
+        """Raw conditions, (B, N) target ids and (B, N) mask of real positions (``pad_targets``)."""
         if not batch or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batch):
             raise ValueError("DiffRO trains on (condition, target token ids) pairs; the datamodule gave "
                              f"{type(batch[0]).__name__ if batch else 'an empty batch'}")
-        raw = [c for c, _ in batch]
-        N = g.max_new_tokens
-        ids = torch.full((len(batch), N), g.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(batch), N)
-        for b, (_, t) in enumerate(batch):
-            t = [int(v) for v in t][:N]
-            if any(not 0 <= v < g.vocab_size for v in t):
-                raise ValueError(f"target token outside the vocabulary (size {g.vocab_size})")
-            ids[b, :len(t)] = torch.tensor(t, dtype=torch.long)
-            mask[b, :len(t)] = 1
-        return raw, ids.to(self.device), mask.to(self.device)
+        ids, mask = self.generator.pad_targets([t for _, t in batch], append_eos=True)
+        return [c for c, _ in batch], ids, mask
 
     def loss_terms(self, batch: list[tuple[Any, Any]], rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         g = self.generator

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from domains.tts.corpus import ATTRIBUTES
+from rewardopt.data import PromptDataModule
 
 ASSETS = Path(__file__).parent / "assets"
 CORPUS = ASSETS / "corpus.json"
@@ -118,3 +119,33 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     print(build(a.n, a.codebook_size, a.seed))
+
+
+def condition_of(item: dict, attributes: bool = True) -> dict:
+    """The LM condition of a corpus item: its text, and its attribute tags when ``attributes``."""
+    return {"text": item["text"], **({k: item[k] for k in ATTRIBUTES} if attributes else {})}
+
+
+class TTSDataModule(PromptDataModule):
+    """Training items: (condition, codec LM ids) pairs of the shipped corpus; held-out items: the
+    conditions of its first ``val_fraction``.
+
+    Args:
+        corpus: corpus.json path. attributes: put the attribute tags in the prompts.
+        batch_size, val_batch_size, epoch_size, seed: ``PromptDataModule``. val_fraction: held-out share.
+        max_val: at most this many held-out conditions (evaluation cost).
+        val_targets: held-out items are (condition, ids) pairs too (for pretraining's validation NLL).
+    """
+
+    def __init__(self, corpus: str = str(CORPUS), attributes: bool = True, batch_size: int = 16, val_batch_size: int = 32,
+                 val_fraction: float = 0.1, max_val: int | None = 64, val_targets: bool = False, epoch_size: int = 1024,
+                 seed: int = 0) -> None:
+        data = load_corpus(corpus)
+        vocab = TTSVocab(data["codebook_size"])
+        train, val = split(data["items"], val_fraction)
+        pairs = [(condition_of(i, attributes), vocab.codec_ids(i["codes"])) for i in train]
+        conds = [(condition_of(i, attributes), vocab.codec_ids(i["codes"])) if val_targets else condition_of(i, attributes)
+                 for i in val][:max_val]
+        super().__init__(pairs, conds, batch_size=batch_size, val_batch_size=val_batch_size, val_repeats=1,
+                         epoch_size=epoch_size, seed=seed)
+        self.val_items = val[:max_val]

@@ -1,0 +1,91 @@
+"""``CodecLMGenerator``: a causal LM from a text prompt (with optional attribute tags) to codec tokens.
+
+Conditions are strings (the text) or dicts ``{"text": ..., "gender": "male", "pitch": "high",
+"rate": "slow"}``; the prompt is ``[tags] characters [SEP]`` (``domains.tts.data.TTSVocab``). Only
+codec tokens and EOS are ever generated. ``pretrained``: "embedded:tiny-tts" (trained by
+``recipes/tts/pretrain_tiny.yaml``), a folder from ``save_pretrained`` (``lm/`` + ``tts.json``), or
+None for a random GPT-2 of the given size (for pretraining).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from domains.tts.data import CODEC, TTSVocab
+from rewardopt.generators.autoregressive import AutoregressiveGenerator
+from rewardopt.generators.base import resolve_local_pretrained
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED = {"embedded:tiny-tts": ASSETS / "tiny_tts"}
+
+
+def tiny_lm(vocab_size: int, max_len: int, hidden: int = 128, layers: int = 2, heads: int = 4, seed: int = 0):
+    """A small seeded GPT-2 without dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=max_len, n_embd=hidden, n_layer=layers,
+                                      n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+class CodecLMGenerator(AutoregressiveGenerator):
+    """Args:
+        pretrained: "embedded:tiny-tts", a folder, or None (random model; needs ``codebook_size``).
+        max_new_tokens: codec tokens per utterance at most (~21.5 per second).
+        temperature, top_k, top_p, tau, full_finetune: ``AutoregressiveGenerator``.
+        codebook_size, hidden, layers, max_prompt, seed: the random model's shape.
+    """
+
+    def __init__(self, pretrained: str | None = "embedded:tiny-tts", max_new_tokens: int = 80, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, tau: float = 1.0, full_finetune: bool = False,
+                 codebook_size: int = 128, hidden: int = 128, layers: int = 2, max_prompt: int = 64, seed: int = 0) -> None:
+        if pretrained is not None:
+            from transformers import AutoModelForCausalLM
+
+            path = resolve_local_pretrained(pretrained, EMBEDDED, "tts.json", "recipes/tts/pretrain_tiny.yaml")
+            cfg = json.loads(Path(path, "tts.json").read_text())
+            codebook_size = cfg["codebook_size"]
+            lm = AutoModelForCausalLM.from_pretrained(os.path.join(path, "lm")).eval()
+        else:
+            lm = None
+        vocab = TTSVocab(codebook_size)
+        if lm is None:
+            lm = tiny_lm(len(vocab), max_prompt + max_new_tokens + 2, hidden, layers, seed=seed)
+        super().__init__(lm, max_new_tokens, bos_token_id=vocab.bos, eos_token_id=vocab.eos, pad_token_id=vocab.pad,
+                         temperature=temperature, top_k=top_k, top_p=top_p, tau=tau,
+                         forbidden_token_ids=vocab.non_codec_ids(), full_finetune=full_finetune)
+        self.vocab = vocab
+
+    def prompt_tokens(self, raw: Any) -> list[int]:
+        if isinstance(raw, str):
+            return self.vocab.prompt(raw)
+        if isinstance(raw, dict) and "text" in raw:
+            return self.vocab.prompt(raw["text"], {k: v for k, v in raw.items() if k != "text"})
+        raise TypeError(f"a TTS condition is a text or a dict with 'text' (and attributes); got {raw!r}")
+
+    def codes(self, x: torch.Tensor) -> list[list[int]]:
+        """Codec codes of each sample, up to its EOS."""
+        return self.vocab.to_codes(self.tokens(x))
+
+    def to_text(self, x: torch.Tensor) -> list[str]:
+        """One line per sample for saved outputs: the codec codes."""
+        return [" ".join(map(str, c)) for c in self.codes(x)]
+
+    def to_audio(self, x: torch.Tensor, codec=None) -> list[torch.Tensor]:
+        """Waveforms (22,050 Hz) of each sample through the shipped codec (Griffin-Lim)."""
+        from domains.tts.codec import MelCodec
+
+        codec = codec or MelCodec.load(CODEC)
+        return [codec.to_audio(torch.tensor(c)) if c else torch.zeros(0) for c in self.codes(x)]
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(path / "lm")
+        (path / "tts.json").write_text(json.dumps({"codebook_size": self.vocab.codebook_size,
+                                                   "max_new_tokens": self.max_new_tokens}))

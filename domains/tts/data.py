@@ -149,3 +149,32 @@ class TTSDataModule(PromptDataModule):
         super().__init__(pairs, conds, batch_size=batch_size, val_batch_size=val_batch_size, val_repeats=1,
                          epoch_size=epoch_size, seed=seed)
         self.val_items = val[:max_val]
+
+
+class CorpusItemsDataModule(PromptDataModule):
+    """Corpus items themselves (dicts with text, attributes and codes), for training the reward
+    models: the same held-out split as ``TTSDataModule``."""
+
+    def __init__(self, corpus: str = str(CORPUS), batch_size: int = 32, val_batch_size: int = 100,
+                 val_fraction: float = 0.1, epoch_size: int = 2048, seed: int = 0) -> None:
+        train, val = split(load_corpus(corpus)["items"], val_fraction)
+        super().__init__(train, val, batch_size=batch_size, val_batch_size=val_batch_size, val_repeats=1,
+                         epoch_size=epoch_size, seed=seed)
+
+
+class MelTextDataModule(PromptDataModule):
+    """(log-mel, text) pairs of the corpus recordings (``runs/tts/mels.pt`` from ``build``), for the
+    evaluation recogniser; the same held-out split as the token data."""
+
+    def __init__(self, mels: str = str(MELS), corpus: str = str(CORPUS), batch_size: int = 32, val_batch_size: int = 100,
+                 val_fraction: float = 0.1, epoch_size: int = 2048, seed: int = 0) -> None:
+        if not Path(mels).is_file():
+            raise FileNotFoundError(f"{mels} is missing: run `python -m domains.tts.data` (needs espeak-ng)")
+        feats = torch.load(mels, weights_only=True)
+        items = load_corpus(corpus)["items"]
+        if len(feats) != len(items):
+            raise ValueError(f"{mels} has {len(feats)} utterances but {corpus} has {len(items)}: rebuild both")
+        pairs = [(m, i["text"]) for m, i in zip(feats, items)]
+        train, val = split(pairs, val_fraction)
+        super().__init__(train, val, batch_size=batch_size, val_batch_size=val_batch_size, val_repeats=1,
+                         epoch_size=epoch_size, seed=seed)

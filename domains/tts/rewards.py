@@ -1,0 +1,340 @@
+"""Rewards on codec tokens, trained by the project and frozen (DiffRO's reward models), and the
+independent evaluation path on audio.
+
+* ``CodecTokenModel``: an encoder over codec tokens (an embedding table that soft one-hots multiply,
+  two convolutions, a bidirectional GRU) with a CTC head over characters (Token2Text) and one
+  classification head per attribute (gender, pitch level, rate: the multi-task reward's stand-ins
+  for emotion and style). ``TokenModelFit`` trains it on the shipped corpus.
+* ``Token2TextReward``: log P(text | tokens) under the CTC head, per character (differentiable).
+* ``AttributeReward``: log P(requested attribute | tokens) (differentiable); the requested value comes
+  from the condition dict (``{"text": ..., "gender": "female"}``).
+* ``AudioRecogniser``: a separate CTC recogniser on log-mel features of *audio*, trained on the
+  espeak-ng recordings; the evaluation decodes tokens to audio (codec + Griffin-Lim) and transcribes
+  it — never used as a reward. ``cer`` uses torchaudio's edit distance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from domains.tts.corpus import ATTRIBUTES
+from domains.tts.data import CHARS, TTSVocab
+from rewardopt.rewards.base import Reward
+
+ASSETS = Path(__file__).parent / "assets"
+TOKEN_MODEL = ASSETS / "token_model" / "model.pt"
+RECOGNISER = ASSETS / "recogniser" / "model.pt"
+BLANK = 0  # CTC blank; characters are 1..len(CHARS)
+
+
+def char_targets(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated CTC targets (1-based character ids) and their lengths."""
+    ids = [[CHARS.index(c) + 1 for c in t.lower() if c in CHARS] for t in texts]
+    return torch.tensor([i for row in ids for i in row], dtype=torch.long), torch.tensor([len(r) for r in ids])
+
+
+def greedy_ctc(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    """Best-path decoding of (B, T, C) CTC log-probabilities."""
+    out = []
+    for row, n in zip(log_probs.argmax(-1).tolist(), lengths.tolist()):
+        chars, prev = [], BLANK
+        for k in row[:n]:
+            if k != prev and k != BLANK:
+                chars.append(CHARS[k - 1])
+            prev = k
+        out.append("".join(chars))
+    return out
+
+
+def cer(hypotheses: list[str], references: list[str]) -> float:
+    """Character error rate: Σ edit distance / Σ reference length (torchaudio)."""
+    from torchaudio.functional import edit_distance
+
+    errors = sum(edit_distance(list(r), list(h)) for h, r in zip(hypotheses, references))
+    return errors / max(1, sum(len(r) for r in references))
+
+
+class SequenceEncoder(nn.Module):
+    """(B, T, D_in) features -> (B, T', H) with two convolutions and a bidirectional GRU; T' = T·up."""
+
+    def __init__(self, d_in: int, hidden: int = 128, up: int = 1) -> None:
+        super().__init__()
+        self.up = up
+        self.proj = nn.Linear(d_in, hidden)
+        self.convs = nn.ModuleList([nn.Conv1d(hidden, hidden, 5, padding=2) for _ in range(2)])
+        self.rnn = nn.GRU(hidden, hidden // 2, batch_first=True, bidirectional=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x).transpose(1, 2)
+        for conv in self.convs:
+            h = h + F.gelu(conv(h))
+        h = h.transpose(1, 2)
+        if self.up > 1:
+            h = h.repeat_interleave(self.up, dim=1)
+        return self.rnn(h)[0]
+
+
+class CodecTokenModel(nn.Module):
+    """Token2Text (CTC over characters, 2 frames per token) + attribute heads on codec tokens.
+    Input: (B, N, K) one-hot or soft codec tokens; all-zero rows are no token (after EOS)."""
+
+    def __init__(self, codebook_size: int = 128, hidden: int = 128) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.embed = nn.Linear(codebook_size, hidden, bias=False)  # an embedding table soft tokens multiply
+        self.encoder = SequenceEncoder(hidden, hidden, up=2)
+        self.ctc = nn.Linear(hidden, len(CHARS) + 1)
+        self.heads = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in ATTRIBUTES.items()})
+
+    def forward(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(CTC log-probs (B, 2N, C+1), frame lengths (B,), attribute logits {name: (B, classes)})."""
+        present = (codes.detach().sum(-1) > 0).float()  # (B, N)
+        h = self.encoder(self.embed(codes.float()))
+        m = present.repeat_interleave(2, dim=1).unsqueeze(-1)
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        lengths = (present.sum(1) * 2).long()
+        return torch.log_softmax(self.ctc(h), -1), lengths, {k: head(pooled) for k, head in self.heads.items()}
+
+    @classmethod
+    def load(cls, path: str | Path = TOKEN_MODEL) -> "CodecTokenModel":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: train it with `rewardopt fit --config recipes/tts/train_token_model_tiny.yaml`")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        m = cls(state["codebook_size"], state["hidden"])
+        m.load_state_dict(state["weights"])
+        return m.eval().requires_grad_(False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"codebook_size": self.codebook_size, "hidden": self.ctc.in_features, "weights": self.state_dict()}, path)
+
+
+def _codec_slice(samples: torch.Tensor, vocab: TTSVocab) -> torch.Tensor:
+    """(B, N, V_lm) LM one-hots -> (B, N, K) codec one-hots (EOS / padding rows become zeros)."""
+    if samples.ndim != 3 or samples.shape[-1] != len(vocab):
+        raise ValueError(f"expected codec-LM one-hots (B, N, {len(vocab)}); got {tuple(samples.shape)}")
+    return samples[..., vocab.codec_offset:vocab.codec_offset + vocab.codebook_size]
+
+
+def _text(cond: Any) -> str:
+    if isinstance(cond, str):
+        return cond
+    if isinstance(cond, dict) and "text" in cond:
+        return cond["text"]
+    raise ValueError(f"a TTS reward needs the condition's text; got {cond!r}")
+
+
+class Token2TextReward(Reward):
+    """log P(text | codec tokens) / characters under the frozen CTC head (differentiable)."""
+
+    differentiable = True
+
+    def __init__(self, checkpoint: str = str(TOKEN_MODEL), name: str | None = None) -> None:
+        super().__init__(name or "token2text")
+        self.model = CodecTokenModel.load(checkpoint)
+        self.vocab = TTSVocab(self.model.codebook_size)
+
+    def score(self, samples, cond):
+        texts = [_text(c) for c in cond]
+        log_probs, lengths, _ = self.model(_codec_slice(samples, self.vocab))
+        targets, target_lengths = char_targets(texts)
+        nll = F.ctc_loss(log_probs.transpose(0, 1), targets, lengths.clamp(min=1), target_lengths, blank=BLANK,
+                         reduction="none", zero_infinity=False)
+        nll = torch.where(torch.isinf(nll), torch.full_like(nll, 1e4), nll)  # too short to spell the text
+        return -nll / target_lengths.clamp(min=1).to(nll)
+
+
+class AttributeReward(Reward):
+    """log P(attribute = requested value | tokens) under the frozen head for ``attribute``."""
+
+    differentiable = True
+
+    def __init__(self, attribute: str = "gender", checkpoint: str = str(TOKEN_MODEL), name: str | None = None) -> None:
+        if attribute not in ATTRIBUTES:
+            raise ValueError(f"attribute must be one of {sorted(ATTRIBUTES)}, got {attribute!r}")
+        super().__init__(name or f"attr_{attribute}")
+        self.attribute = attribute
+        self.model = CodecTokenModel.load(checkpoint)
+        self.vocab = TTSVocab(self.model.codebook_size)
+
+    def score(self, samples, cond):
+        wanted = []
+        for c in cond:
+            if not isinstance(c, dict) or c.get(self.attribute) not in ATTRIBUTES[self.attribute]:
+                raise ValueError(f"{self.name}: the condition must request {self.attribute} "
+                                 f"(one of {ATTRIBUTES[self.attribute]}); got {c!r}")
+            wanted.append(ATTRIBUTES[self.attribute].index(c[self.attribute]))
+        _, _, logits = self.model(_codec_slice(samples, self.vocab))
+        logp = torch.log_softmax(logits[self.attribute], -1)
+        return logp.gather(1, torch.tensor(wanted, device=logp.device)[:, None]).squeeze(1)
+
+
+class TokenModelFit(L.LightningModule):
+    """Train ``CodecTokenModel`` on corpus items (CTC + attribute cross-entropy); writes
+    ``model.pt`` and ``fit.json`` (held-out greedy CER and attribute accuracy) to ``output_dir``."""
+
+    def __init__(self, codebook_size: int = 128, hidden: int = 128, lr: float = 2e-3, output_dir: str | None = None) -> None:
+        super().__init__()
+        self.model, self.lr, self._output_dir = CodecTokenModel(codebook_size, hidden), lr, output_dir
+        self.val: list[dict] = []
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+
+    def _batch(self, items: list[dict]) -> torch.Tensor:
+        N = max(len(i["codes"]) for i in items)
+        x = torch.zeros(len(items), N, self.model.codebook_size)
+        for b, i in enumerate(items):
+            x[b, torch.arange(len(i["codes"])), torch.tensor(i["codes"])] = 1
+        return x
+
+    def losses(self, items: list[dict]) -> tuple[torch.Tensor, dict]:
+        log_probs, lengths, logits = self.model(self._batch(items))
+        targets, target_lengths = char_targets([i["text"] for i in items])
+        ctc = F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=BLANK, zero_infinity=True)
+        ce = sum(F.cross_entropy(logits[k], torch.tensor([ATTRIBUTES[k].index(i[k]) for i in items])) for k in ATTRIBUTES)
+        return ctc + ce, {"log_probs": log_probs, "lengths": lengths, "logits": logits}
+
+    def training_step(self, items, batch_idx):
+        loss, _ = self.losses(items)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(items))
+        return loss
+
+    def validation_step(self, items, batch_idx):
+        _, out = self.losses(items)
+        hyp = greedy_ctc(out["log_probs"], out["lengths"])
+        acc = {k: (out["logits"][k].argmax(-1) == torch.tensor([ATTRIBUTES[k].index(i[k]) for i in items])).float().tolist()
+               for k in ATTRIBUTES}
+        self.val.append({"hyp": hyp, "ref": [i["text"] for i in items], "acc": acc})
+
+    def on_validation_epoch_end(self):
+        if not self.val:
+            return
+        hyp = [h for v in self.val for h in v["hyp"]]
+        ref = [r for v in self.val for r in v["ref"]]
+        self.last_val = {"cer": cer(hyp, ref), **{f"acc_{k}": sum(a for v in self.val for a in v["acc"][k]) / len(hyp)
+                                                  for k in ATTRIBUTES}}
+        self.val = []
+        self.log("val/cer", self.last_val["cer"], prog_bar=True)
+        self.print(f"[rewardopt] step {self.global_step}: {self.last_val}")
+
+    def on_train_end(self):
+        if not self.trainer.is_global_zero:
+            return
+        out = Path(self._output_dir or self.trainer.default_root_dir)
+        self.model.save(out / "model.pt")
+        (out / "fit.json").write_text(json.dumps({"steps": int(self.global_step), **getattr(self, "last_val", {})}, indent=2))
+        self.print(f"[rewardopt] token model: {getattr(self, 'last_val', {})}; weights: {out / 'model.pt'}")
+
+
+class AudioRecogniser(nn.Module):
+    """CTC recogniser on log-mel features of audio (the evaluation path; never a reward):
+    (B, T, N_MELS) -> (B, T/2, C+1) log-probabilities (frames pooled in pairs)."""
+
+    def __init__(self, n_mels: int = 64, hidden: int = 128) -> None:
+        super().__init__()
+        self.n_mels = n_mels
+        self.encoder = SequenceEncoder(2 * n_mels, hidden)
+        self.ctc = nn.Linear(hidden, len(CHARS) + 1)
+
+    def forward(self, mels: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = mels.shape[1] - mels.shape[1] % 2
+        x = mels[:, :T].reshape(mels.shape[0], T // 2, 2 * self.n_mels)
+        x = (x + 6.0) / 4.0  # log-mel magnitudes are about -11..2: centre and scale
+        return torch.log_softmax(self.ctc(self.encoder(x)), -1), (lengths // 2).clamp(max=T // 2)
+
+    @torch.no_grad()
+    def transcribe(self, wavs: list[torch.Tensor]) -> list[str]:
+        from domains.tts.codec import log_mel
+
+        mels = [log_mel(w) if len(w) >= 1024 else torch.full((2, self.n_mels), -11.5) for w in wavs]
+        lengths = torch.tensor([len(m) for m in mels])
+        x = nn.utils.rnn.pad_sequence(mels, batch_first=True, padding_value=-11.5)
+        log_probs, out_lengths = self(x, lengths)
+        return greedy_ctc(log_probs, out_lengths)
+
+    @classmethod
+    def load(cls, path: str | Path = RECOGNISER) -> "AudioRecogniser":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: train it with `rewardopt fit --config recipes/tts/train_recogniser_tiny.yaml`")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        m = cls(state["n_mels"], state["hidden"])
+        m.load_state_dict(state["weights"])
+        return m.eval().requires_grad_(False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"n_mels": self.n_mels, "hidden": self.ctc.in_features, "weights": self.state_dict()}, path)
+
+
+class RecogniserFit(L.LightningModule):
+    """Train the ``AudioRecogniser`` on (log-mel, text) pairs; half of each batch goes through the
+    codec (encode -> codebook mels) so it also reads codec-quantised speech. Writes ``model.pt`` and
+    ``fit.json`` (held-out CER on real and on codec-resynthesised mels)."""
+
+    def __init__(self, hidden: int = 128, lr: float = 2e-3, codec_augment: float = 0.5, output_dir: str | None = None) -> None:
+        super().__init__()
+        self.model, self.lr, self.codec_augment, self._output_dir = AudioRecogniser(hidden=hidden), lr, codec_augment, output_dir
+        self.val: list[tuple[list[str], list[str]]] = []
+        self._codec = None
+
+    @property
+    def codec(self):
+        if self._codec is None:
+            from domains.tts.codec import MelCodec
+            from domains.tts.data import CODEC
+
+            self._codec = MelCodec.load(CODEC)
+        return self._codec
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+
+    def _loss(self, items: list[tuple[torch.Tensor, str]], quantise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mels = [self.codec.decode_mel(self.codec.encode(m.float())) if quantise else m.float() for m, _ in items]
+        lengths = torch.tensor([len(m) for m in mels])
+        log_probs, out_lengths = self.model(nn.utils.rnn.pad_sequence(mels, batch_first=True, padding_value=-11.5), lengths)
+        targets, target_lengths = char_targets([t for _, t in items])
+        loss = F.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, target_lengths, blank=BLANK, zero_infinity=True)
+        return loss, log_probs, out_lengths
+
+    def training_step(self, items, batch_idx):
+        k = int(len(items) * self.codec_augment)
+        loss = self._loss(items[k:], False)[0] + (self._loss(items[:k], True)[0] if k else 0.0)
+        self.log("train/ctc", loss, prog_bar=True, batch_size=len(items))
+        return loss
+
+    def validation_step(self, items, batch_idx):
+        refs = [t for _, t in items]
+        for quantise in (False, True):
+            _, lp, n = self._loss(items, quantise)
+            self.val.append((greedy_ctc(lp, n), refs, quantise))
+
+    def on_validation_epoch_end(self):
+        if not self.val:
+            return
+        res = {}
+        for q, key in ((False, "cer_real"), (True, "cer_codec")):
+            hyp = [h for hs, _, qq in self.val if qq == q for h in hs]
+            ref = [r for _, rs, qq in self.val if qq == q for r in rs]
+            res[key] = cer(hyp, ref)
+        self.val, self.last_val = [], res
+        self.log("val/cer", res["cer_real"], prog_bar=True)
+        self.print(f"[rewardopt] step {self.global_step}: {res}")
+
+    def on_train_end(self):
+        if not self.trainer.is_global_zero:
+            return
+        out = Path(self._output_dir or self.trainer.default_root_dir)
+        self.model.save(out / "model.pt")
+        (out / "fit.json").write_text(json.dumps({"steps": int(self.global_step), **getattr(self, "last_val", {})}, indent=2))
+        self.print(f"[rewardopt] recogniser: {getattr(self, 'last_val', {})}; weights: {out / 'model.pt'}")

@@ -80,6 +80,13 @@ def test_positions_after_eos_are_padding():
     assert g.tokens(x)[0].tolist() == [EOS] + [2] * (N - 1)
 
 
+def test_sampled_targets_mask_the_forced_padding_after_eos():
+    g = make(eos_token_id=EOS, pad_token_id=2)
+    x = g.from_tokens(torch.tensor([[5, EOS, 2, 2, 2], [5, 6, 7, 8, 9]]))
+    ids, mask = g.sampled_targets(x)
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]] and ids[0, :2].tolist() == [5, EOS]
+
+
 def test_top_k_and_top_p_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
@@ -231,3 +238,28 @@ def test_causal_lm_pretraining_learns_a_prompt_to_tokens_map(tmp_path):
         out = g.tokens(g.sample(g.encode_condition([p[0] for p in pairs])))
     for (_, target), row in zip(pairs, out.tolist()):
         assert row[:len(target) + 1] == target + [EOS] and set(row[len(target) + 1:]) <= {2}
+
+
+def test_reinforce_raises_a_black_box_reward(tmp_path):
+    import lightning as L
+
+    from rewardopt.data import PromptDataModule
+    from rewardopt.methods.reinforce import Reinforce
+    from rewardopt.rewards.blackbox import BlackBoxReward
+
+    class Count3(BlackBoxReward):  # a number per sequence, no gradient
+        def score_object(self, obj, cond):
+            return float((torch.as_tensor(obj).argmax(-1) == 3).float().mean())
+
+    g = make(full_finetune=True, forbidden_token_ids=[BOS])
+    m = Reinforce(g, Count3(max_workers=1, name="count3"), samples_per_prompt=4, kl_weight=0.01, lr=1e-2, seed=0,
+                  output_dir=str(tmp_path))
+    cond = g.encode_condition([[4], [5]] * 30)
+    with torch.no_grad():
+        r0 = m.reward(g.sample(cond, generator=torch.Generator().manual_seed(9))).total.mean()
+    dm = PromptDataModule([[4], [5]], [[4]], batch_size=2, val_batch_size=1, val_repeats=1, epoch_size=64)
+    L.Trainer(max_steps=40, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(m, datamodule=dm)
+    with torch.no_grad():
+        r1 = m.reward(g.sample(cond, generator=torch.Generator().manual_seed(9))).total.mean()
+    assert r1 > r0 + 0.1, (r0, r1)

@@ -254,6 +254,16 @@ class AutoregressiveGenerator(Generator):
         device = self.banned.device
         return ids.to(device), mask.to(device)
 
+    def sampled_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sample's (B, N) ids and the mask of positions the policy drew: up to and including the
+        first EOS (the padding after it was forced, not drawn)."""
+        ids = self.tokens(x)
+        drawn = ids >= 0
+        if self.eos_token_id is not None:
+            eos = (ids == self.eos_token_id).long()
+            drawn &= (eos.cumsum(1) - eos) == 0
+        return ids.clamp(min=0), drawn.float()
+
     def teacher_forced_nll(self, cond: Condition, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-sample Σ_positions −log π(target | prompt, target prefix) over ``mask``, (B,)."""
         logp = self.policy_log_probs(self._forward(cond, self.from_tokens(ids[:, :-1]))[:, -ids.shape[1]:])

@@ -1,0 +1,69 @@
+"""REINFORCE for autoregressive token LMs: the RL baseline that uses the same reward as DiffRO but
+no relaxation — the reward is a number per sampled sequence, not a gradient.
+
+Per step: sample ``samples_per_prompt`` sequences per condition free-running (no grad), score
+them, and minimise  −Σ_b (r_b − mean_prompt(r)) · log π_θ(y_b | c_b) / B + β · KL(π_θ || π_ref),
+with the KL at the sampled prefixes (``kl_to_reference`` over the tokens each sample drew) and
+the per-prompt mean as the baseline (needs ``samples_per_prompt`` ≥ 2; with 1 the batch mean).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rewardopt.generators.autoregressive import AutoregressiveGenerator
+from rewardopt.methods.base import RewardFineTuning
+from rewardopt.rewards.base import Reward
+
+
+class Reinforce(RewardFineTuning):
+    """Args:
+        generator: an ``AutoregressiveGenerator`` (``full_finetune`` when kl_weight > 0).
+        reward: any reward (black-box is fine).
+        samples_per_prompt: sequences per condition (the baseline is their mean).
+        kl_weight: β. seed, lr, weight_decay: as ``DiffRO``.
+
+    Training batches may be conditions or ``(condition, targets)`` pairs (targets are ignored:
+    REINFORCE learns from its own samples).
+    """
+
+    def __init__(self, generator: AutoregressiveGenerator, reward: Reward, samples_per_prompt: int = 2,
+                 kl_weight: float = 0.1, seed: int = 0, lr: float = 1e-5, weight_decay: float = 0.0,
+                 eval_seed: int = 1234, output_dir: str | None = None) -> None:
+        super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed, output_dir=output_dir)
+        if not isinstance(generator, AutoregressiveGenerator):
+            raise TypeError(f"Reinforce here trains autoregressive token LMs; got {type(generator).__name__} (diffusion: DDPO)")
+        if kl_weight > 0 and not generator.full_finetune:
+            raise ValueError("kl_weight > 0 needs the frozen reference policy: set full_finetune: true on the generator")
+        if samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+        self.samples_per_prompt, self.kl_weight, self.seed = samples_per_prompt, kl_weight, seed
+        if generator.full_finetune and not generator._frozen:
+            generator.setup_trainable()
+
+    def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
+        g, k = self.generator, self.samples_per_prompt
+        raw = [b[0] if isinstance(b, (tuple, list)) and len(b) == 2 else b for b in batch]
+        raw = [c for c in raw for _ in range(k)]
+        cond = g.encode_condition(raw)
+        with torch.no_grad():
+            x = g.sample(cond, generator=self.training_rng())
+            r = self.reward(g.decode(x), raw).total.float()
+        ids, mask = g.sampled_targets(x)
+        logp = -g.teacher_forced_nll(cond, ids, mask)  # log π_θ(y | c), with grad
+        grouped = r.view(-1, k)
+        baseline = grouped.mean(1, keepdim=True) if k > 1 else r.mean().expand(len(batch), 1)
+        adv = (grouped - baseline).reshape(-1)
+        loss = -(adv * logp).mean()
+        kl = torch.zeros_like(r)
+        if self.kl_weight > 0:
+            _, logp_all = g.teacher_forced(cond, ids)
+            kl = g.kl_to_reference(cond, ids, logp_all, mask)
+            loss = loss + self.kl_weight * kl.mean()
+        g.counter.samples += len(raw)
+        self._last_train_reward = float(r.mean())
+        self.log("train/reward", r.mean(), prog_bar=True, batch_size=len(raw), sync_dist=True)
+        self.log("train/kl", kl.mean(), prog_bar=True, batch_size=len(raw))
+        self.log("train/loss", loss, batch_size=len(raw))
+        self.log_compute()
+        return loss

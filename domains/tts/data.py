@@ -163,7 +163,7 @@ class CorpusItemsDataModule(PromptDataModule):
 
 
 class MelTextDataModule(PromptDataModule):
-    """(log-mel, text) pairs of the corpus recordings (``runs/tts/mels.pt`` from ``build``), for the
+    """(log-mel, corpus item) pairs of the corpus recordings (``runs/tts/mels.pt`` from ``build``), for the
     evaluation recogniser; the same held-out split as the token data."""
 
     def __init__(self, mels: str = str(MELS), corpus: str = str(CORPUS), batch_size: int = 32, val_batch_size: int = 100,
@@ -174,7 +174,7 @@ class MelTextDataModule(PromptDataModule):
         items = load_corpus(corpus)["items"]
         if len(feats) != len(items):
             raise ValueError(f"{mels} has {len(feats)} utterances but {corpus} has {len(items)}: rebuild both")
-        pairs = [(m, i["text"]) for m, i in zip(feats, items)]
+        pairs = [(m, i) for m, i in zip(feats, items)]
         train, val = split(pairs, val_fraction)
         super().__init__(train, val, batch_size=batch_size, val_batch_size=val_batch_size, val_repeats=1,
                          epoch_size=epoch_size, seed=seed)

@@ -236,30 +236,38 @@ class TokenModelFit(L.LightningModule):
 
 
 class AudioRecogniser(nn.Module):
-    """CTC recogniser on log-mel features of audio (the evaluation path; never a reward):
-    (B, T, N_MELS) -> (B, T/2, C+1) log-probabilities (frames pooled in pairs)."""
+    """CTC recogniser and attribute classifier on log-mel features of audio (the evaluation path;
+    never a reward): (B, T, N_MELS) -> (B, T/2, C+1) log-probabilities (frames pooled in pairs) and
+    attribute logits from the mean-pooled encoding."""
 
     def __init__(self, n_mels: int = 64, hidden: int = 128) -> None:
         super().__init__()
         self.n_mels = n_mels
         self.encoder = SequenceEncoder(2 * n_mels, hidden)
         self.ctc = nn.Linear(hidden, len(CHARS) + 1)
+        self.heads = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in ATTRIBUTES.items()})
 
-    def forward(self, mels: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, mels: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         T = mels.shape[1] - mels.shape[1] % 2
         x = mels[:, :T].reshape(mels.shape[0], T // 2, 2 * self.n_mels)
         x = (x + 6.0) / 4.0  # log-mel magnitudes are about -11..2: centre and scale
-        return torch.log_softmax(self.ctc(self.encoder(x)), -1), (lengths // 2).clamp(max=T // 2)
+        h = self.encoder(x)
+        out_lengths = (lengths // 2).clamp(max=T // 2)
+        m = (torch.arange(h.shape[1])[None] < out_lengths[:, None]).float().unsqueeze(-1)
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return torch.log_softmax(self.ctc(h), -1), out_lengths, {k: head(pooled) for k, head in self.heads.items()}
 
     @torch.no_grad()
-    def transcribe(self, wavs: list[torch.Tensor]) -> list[str]:
+    def transcribe(self, wavs: list[torch.Tensor]) -> tuple[list[str], dict[str, list[str]]]:
+        """Waveforms (22,050 Hz) -> (texts, {attribute: predicted values})."""
         from domains.tts.codec import log_mel
 
         mels = [log_mel(w) if len(w) >= 1024 else torch.full((2, self.n_mels), -11.5) for w in wavs]
         lengths = torch.tensor([len(m) for m in mels])
         x = nn.utils.rnn.pad_sequence(mels, batch_first=True, padding_value=-11.5)
-        log_probs, out_lengths = self(x, lengths)
-        return greedy_ctc(log_probs, out_lengths)
+        log_probs, out_lengths, logits = self(x, lengths)
+        attrs = {k: [ATTRIBUTES[k][i] for i in v.argmax(-1).tolist()] for k, v in logits.items()}
+        return greedy_ctc(log_probs, out_lengths), attrs
 
     @classmethod
     def load(cls, path: str | Path = RECOGNISER) -> "AudioRecogniser":
@@ -277,9 +285,10 @@ class AudioRecogniser(nn.Module):
 
 
 class RecogniserFit(L.LightningModule):
-    """Train the ``AudioRecogniser`` on (log-mel, text) pairs; half of each batch goes through the
-    codec (encode -> codebook mels) so it also reads codec-quantised speech. Writes ``model.pt`` and
-    ``fit.json`` (held-out CER on real and on codec-resynthesised mels)."""
+    """Train the ``AudioRecogniser`` on (log-mel, corpus item) pairs (CTC on the text + attribute
+    cross-entropy); a share of each batch goes through the codec (encode -> codebook mels) so it
+    also reads codec-quantised speech. Writes ``model.pt`` and ``fit.json`` (held-out CER and
+    attribute accuracy on real and on codec-quantised mels)."""
 
     def __init__(self, hidden: int = 128, lr: float = 2e-3, codec_augment: float = 0.5, output_dir: str | None = None) -> None:
         super().__init__()
@@ -299,34 +308,39 @@ class RecogniserFit(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr)
 
-    def _loss(self, items: list[tuple[torch.Tensor, str]], quantise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _loss(self, items: list[tuple[torch.Tensor, dict]], quantise: bool):
         mels = [self.codec.decode_mel(self.codec.encode(m.float())) if quantise else m.float() for m, _ in items]
         lengths = torch.tensor([len(m) for m in mels])
-        log_probs, out_lengths = self.model(nn.utils.rnn.pad_sequence(mels, batch_first=True, padding_value=-11.5), lengths)
-        targets, target_lengths = char_targets([t for _, t in items])
+        log_probs, out_lengths, logits = self.model(nn.utils.rnn.pad_sequence(mels, batch_first=True, padding_value=-11.5), lengths)
+        targets, target_lengths = char_targets([i["text"] for _, i in items])
         loss = F.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, target_lengths, blank=BLANK, zero_infinity=True)
-        return loss, log_probs, out_lengths
+        labels = {k: torch.tensor([ATTRIBUTES[k].index(i[k]) for _, i in items]) for k in ATTRIBUTES}
+        loss = loss + sum(F.cross_entropy(logits[k], labels[k]) for k in ATTRIBUTES)
+        acc = {k: (logits[k].argmax(-1) == labels[k]).float().tolist() for k in ATTRIBUTES}
+        return loss, log_probs, out_lengths, acc
 
     def training_step(self, items, batch_idx):
         k = int(len(items) * self.codec_augment)
         loss = self._loss(items[k:], False)[0] + (self._loss(items[:k], True)[0] if k else 0.0)
-        self.log("train/ctc", loss, prog_bar=True, batch_size=len(items))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(items))
         return loss
 
     def validation_step(self, items, batch_idx):
-        refs = [t for _, t in items]
+        refs = [i["text"] for _, i in items]
         for quantise in (False, True):
-            _, lp, n = self._loss(items, quantise)
-            self.val.append((greedy_ctc(lp, n), refs, quantise))
+            _, lp, n, acc = self._loss(items, quantise)
+            self.val.append((greedy_ctc(lp, n), refs, quantise, acc))
 
     def on_validation_epoch_end(self):
         if not self.val:
             return
         res = {}
-        for q, key in ((False, "cer_real"), (True, "cer_codec")):
-            hyp = [h for hs, _, qq in self.val if qq == q for h in hs]
-            ref = [r for _, rs, qq in self.val if qq == q for r in rs]
-            res[key] = cer(hyp, ref)
+        for q, key in ((False, "real"), (True, "codec")):
+            rows = [v for v in self.val if v[2] == q]
+            res[f"cer_{key}"] = cer([h for v in rows for h in v[0]], [r for v in rows for r in v[1]])
+            for k in ATTRIBUTES:
+                accs = [a for v in rows for a in v[3][k]]
+                res[f"acc_{k}_{key}"] = sum(accs) / max(1, len(accs))
         self.val, self.last_val = [], res
         self.log("val/cer", res["cer_real"], prog_bar=True)
         self.print(f"[rewardopt] step {self.global_step}: {res}")

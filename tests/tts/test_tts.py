@@ -85,8 +85,9 @@ def test_recogniser_reads_held_out_codec_speech(corpus):
     _, val = split(corpus["items"])
     codec, rec = MelCodec.load(CODEC), AudioRecogniser.load()
     items = val[:6]
-    hyp = rec.transcribe([codec.to_audio(torch.tensor(i["codes"])) for i in items])
+    hyp, attrs = rec.transcribe([codec.to_audio(torch.tensor(i["codes"])) for i in items])
     assert cer(hyp, [i["text"] for i in items]) < 0.5
+    assert sum(a == i["gender"] for a, i in zip(attrs["gender"], items)) >= 5
     assert cer(["abc"], ["abd"]) == pytest.approx(1 / 3)
 
 

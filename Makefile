@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all bench install clean pretrain-tiny
+.PHONY: demo test test-all bench install clean pretrain-tiny tts-assets
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ pretrain-tiny: $(STAMP)
 	$(VENV)/bin/rewardopt fit --config recipes/molecules/train_surrogate_qed_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/molecules/train_surrogate_sa_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/dna/pretrain_tiny.yaml
+
+# The TTS corpus is spoken by espeak-ng (installed here if missing, on Debian/Ubuntu as root).
+tts-assets: $(STAMP)
+	command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
+	$(PY) -m domains.tts.data
+	$(VENV)/bin/rewardopt fit --config recipes/tts/pretrain_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/tts/train_token_model_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/tts/train_recogniser_tiny.yaml
 
 clean:
 	rm -rf $(VENV) runs lightning_logs

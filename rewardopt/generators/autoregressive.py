@@ -26,12 +26,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rewardopt.generators.base import Condition, Generator
+from rewardopt.pretraining import GeneratorPretraining
 
 
 def gumbel(shape, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -299,7 +299,7 @@ class AutoregressiveGenerator(Generator):
         return (kl * mask).sum(-1) if mask is not None else kl.sum(-1)
 
 
-class CausalLMPretraining(L.LightningModule):
+class CausalLMPretraining(GeneratorPretraining):
     """Teacher-forced maximum likelihood for an ``AutoregressiveGenerator``: batches are lists of
     ``(condition, target token ids)``; the loss is the mean per-token negative log-likelihood of
     the targets followed by EOS. At the end ``generator.save_pretrained(output_dir)`` (if any).
@@ -308,19 +308,7 @@ class CausalLMPretraining(L.LightningModule):
     output_dir (default: trainer.default_root_dir).
     """
 
-    def __init__(self, generator: AutoregressiveGenerator, lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 0, decay: bool = False, output_dir: str | None = None) -> None:
-        super().__init__()
-        self.generator, self.lr, self.weight_decay, self._output_dir = generator, lr, weight_decay, output_dir
-        self.warmup_steps, self.decay = warmup_steps, decay
-        generator.lm.requires_grad_(True).train()
-
-    def configure_optimizers(self):
-        from rewardopt.schedules import warmup_decay
-
-        opt = torch.optim.AdamW(self.generator.lm.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = warmup_decay(opt, self.warmup_steps, int(self.trainer.max_steps) if self.decay else 0)
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+    metric, unit = "val/nll", " nats/token"
 
     def loss(self, batch: list) -> torch.Tensor:
         g = self.generator
@@ -337,16 +325,3 @@ class CausalLMPretraining(L.LightningModule):
 
     def validation_step(self, batch: list, batch_idx: int) -> None:
         self.log("val/nll", self.loss(batch), prog_bar=True, batch_size=len(batch))
-
-    def on_validation_epoch_end(self) -> None:
-        v = self.trainer.callback_metrics.get("val/nll")
-        if v is not None and not self.trainer.sanity_checking:
-            self.print(f"[rewardopt] step {self.global_step}: val NLL {float(v):.4f} nats/token")
-
-    def on_train_end(self) -> None:
-        save = getattr(self.generator, "save_pretrained", None)
-        if save is not None and self.trainer.is_global_zero:
-            out = self._output_dir or self.trainer.default_root_dir
-            self.generator.lm.eval()
-            save(out)
-            self.print(f"[rewardopt] saved the pretrained model to {out}")

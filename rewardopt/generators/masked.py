@@ -25,12 +25,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rewardopt.generators.base import Condition, Generator
+from rewardopt.pretraining import GeneratorPretraining
 
 
 def gumbel_noise(shape: Sequence[int], generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -206,7 +206,7 @@ class MaskedDiffusionGenerator(Generator):
         return p_unmask * (kl * self.is_masked(x_t).squeeze(-1)).sum(-1)
 
 
-class MaskedDiffusionPretraining(L.LightningModule):
+class MaskedDiffusionPretraining(GeneratorPretraining):
     """Train a masked diffusion model with MDLM's continuous-time objective: draw t ~ U(0, 1], mask
     each token with probability 1 - α(t), and minimise (1/t)·Σ_masked -log x̂0(token) per sequence,
     averaged over tokens — for the log-linear schedule α'(t)/(1 - α(t)) = -1/t, so this is the
@@ -220,19 +220,7 @@ class MaskedDiffusionPretraining(L.LightningModule):
         output_dir: where the model is saved (default: trainer.default_root_dir).
     """
 
-    def __init__(self, generator: MaskedDiffusionGenerator, lr: float = 1e-3, weight_decay: float = 0.0,
-                 warmup_steps: int = 0, decay: bool = False, output_dir: str | None = None) -> None:
-        super().__init__()
-        self.generator, self.lr, self.weight_decay, self._output_dir = generator, lr, weight_decay, output_dir
-        self.warmup_steps, self.decay = warmup_steps, decay
-        generator.denoiser.requires_grad_(True).train()
-
-    def configure_optimizers(self):
-        from rewardopt.schedules import warmup_decay
-
-        opt = torch.optim.AdamW(self.generator.denoiser.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = warmup_decay(opt, self.warmup_steps, int(self.trainer.max_steps) if self.decay else 0)
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+    metric, unit = "val/nelbo", " nats/token"
 
     def loss(self, tokens: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
         g = self.generator
@@ -252,16 +240,3 @@ class MaskedDiffusionPretraining(L.LightningModule):
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         rng = torch.Generator().manual_seed(batch_idx)
         self.log("val/nelbo", self.loss(batch, rng), prog_bar=True, batch_size=batch.shape[0])
-
-    def on_validation_epoch_end(self) -> None:
-        v = self.trainer.callback_metrics.get("val/nelbo")
-        if v is not None and not self.trainer.sanity_checking:
-            self.print(f"[rewardopt] step {self.global_step}: val NELBO {float(v):.4f} nats/token")
-
-    def on_train_end(self) -> None:
-        save = getattr(self.generator, "save_pretrained", None)
-        if save is not None and self.trainer.is_global_zero:
-            out = self._output_dir or self.trainer.default_root_dir
-            self.generator.denoiser.eval()
-            save(out)
-            self.print(f"[rewardopt] saved the pretrained model to {out}")

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1
-	$(PY) -m pip install -q -c constraints.txt -e ".[images,molecules,dna,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[images,molecules,dna,tts,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

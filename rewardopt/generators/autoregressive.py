@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewardopt.generators.base import Condition, Generator
+from rewardopt.generators.base import Condition, FullyTrainedGenerator
 from rewardopt.pretraining import GeneratorPretraining
 
 
@@ -55,7 +55,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-class AutoregressiveGenerator(Generator):
+class AutoregressiveGenerator(FullyTrainedGenerator):
     """Args:
         lm: a causal LM (``transformers`` ``*ForCausalLM``) reading ``inputs_embeds``.
         max_new_tokens: N, the number of steps.
@@ -105,15 +105,6 @@ class AutoregressiveGenerator(Generator):
     @property
     def stochastic(self) -> bool:
         return self.temperature > 0
-
-    # ------------------------------------------------------------------ trainable parts
-    def setup_trainable(self) -> None:
-        self.requires_grad_(False)
-        if self.full_finetune:
-            self.freeze_copy_of_denoiser()
-
-    def base_model(self):
-        return self.frozen_denoiser()
 
     # ------------------------------------------------------------------ conditions and states
     def prompt_tokens(self, raw: Any) -> list[int]:

@@ -205,6 +205,21 @@ class Generator(nn.Module, ABC):
         return (x, traj) if return_trajectory else x
 
 
+class FullyTrainedGenerator(Generator):
+    """A generator whose whole ``denoiser`` is trained (no adapters): with ``full_finetune`` a frozen
+    copy is kept as the pretrained model for KL terms. Masked diffusion and token LMs use it."""
+
+    full_finetune: bool = False
+
+    def setup_trainable(self) -> None:
+        self.requires_grad_(False)
+        if self.full_finetune:
+            self.freeze_copy_of_denoiser()
+
+    def base_model(self):
+        return self.frozen_denoiser()
+
+
 def resolve_local_pretrained(pretrained: str, embedded: dict, marker: str, recipe: str) -> str:
     """``embedded:<name>`` -> its shipped folder (which must hold ``marker``; else: run ``recipe``),
     or an existing local folder; anything else is a FileNotFoundError naming both options."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewardopt.generators.base import Condition, Generator
+from rewardopt.generators.base import Condition, FullyTrainedGenerator
 from rewardopt.pretraining import GeneratorPretraining
 
 
@@ -59,7 +59,7 @@ def tiny_denoiser(vocab_size: int, seq_len: int, hidden: int = 64, layers: int =
     raise ValueError(f"arch must be 'bert' or 'roformer', got {arch!r}")
 
 
-class MaskedDiffusionGenerator(Generator):
+class MaskedDiffusionGenerator(FullyTrainedGenerator):
     """Absorbing-state discrete diffusion over sequences of length ``seq_len``.
 
     Args:
@@ -110,15 +110,6 @@ class MaskedDiffusionGenerator(Generator):
         """(p_unmask, p_stay_masked) for a masked position at step i."""
         a_t, a_s = float(self.alpha(self._t[i])), float(self.alpha(self._t[i + 1]))
         return (a_s - a_t) / (1 - a_t), (1 - a_s) / (1 - a_t)
-
-    # ------------------------------------------------------------------ trainable parts
-    def setup_trainable(self) -> None:
-        self.requires_grad_(False)
-        if self.full_finetune:
-            self.freeze_copy_of_denoiser()
-
-    def base_model(self):
-        return self.frozen_denoiser()
 
     # ------------------------------------------------------------------ states
     def encode_condition(self, raw: Sequence[Any]) -> Condition:

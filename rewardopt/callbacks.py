@@ -105,7 +105,12 @@ class SampleGrid(L.Callback):
             before = pl_module.sample_images(prompts, self.seed)
         after = pl_module.sample_images(prompts, self.seed)
         pictures = [g.render(before), g.render(after)]
-        if pictures[0] is None:
+        if pictures[0] is None:  # no picture (speech, DNA): the samples themselves, to listen to or read
+            folder = pl_module.output_dir / "before_after"
+            g.write_samples(before, folder, "before")
+            g.write_samples(after, folder, "after")
+            (folder / "conditions.txt").write_text("".join(f"{p}\n" for p in _labels(prompts)))
+            pl_module.print(f"[rewardopt] before/after samples: {folder}")
             return
         reward = pl_module.reward
         calls = reward.calls  # display only: not charged to the method's compute

@@ -166,6 +166,59 @@ def test_best_of_n_raises_a_token_count_reward():
     assert reward(best).total.mean() > reward(plain).total.mean() + 0.5  # plain: about N/11 = 0.45 per sequence
 
 
+@pytest.mark.parametrize("rollout", [0, 2, None])
+@pytest.mark.parametrize("method", ["svdd", "smc", "dsearch", "free2guide"])
+def test_search_methods_count_the_nfe_of_rollout_x0_in_their_expected_cost(method, rollout):
+    """x̂0 of a token LM is the prefix plus greedy tokens: with ``x0_rollout`` > 0 (None: to the
+    end) each value spends more NFE, which the methods' analytic cost must include."""
+    from rewardopt.methods.dsearch import DSearch
+    from rewardopt.methods.free2guide import Free2Guide
+    from rewardopt.methods.smc import SMC
+    from rewardopt.methods.svdd import SVDD
+    from rewardopt.rewards.base import Reward
+
+    class CountToken(Reward):
+        def score(self, samples, cond):
+            return samples[..., 3].sum(-1)
+
+    g = make(forbidden_token_ids=[BOS], x0_rollout=rollout)
+    r = CountToken("count3")
+    m = {"svdd": lambda: SVDD(g, r, num_children=3, save_samples=False),
+         "smc": lambda: SMC(g, r, num_particles=3, save_samples=False),
+         "dsearch": lambda: DSearch(g, r, width=4, lookahead=1, save_samples=False),
+         "free2guide": lambda: Free2Guide(g, r, num_candidates=3, guide_steps=[0, 2, 4], save_samples=False)}[method]()
+    cond = g.encode_condition([[3, 4], None])
+    with torch.no_grad():
+        rng, srng = m.rngs(0)
+        m.search(cond, rng, srng)
+    expected = m.expected_cost()
+    assert g.counter.nfe == 2 * expected["nfe"]
+    assert r.calls == 2 * expected["reward_calls"]
+    if rollout != 0:
+        assert expected["nfe"] > {"svdd": 1 + 3 * (N - 1), "smc": 3 * N}.get(method, 0)
+
+
+def test_svdd_on_a_token_lm_raises_the_reward_over_plain_sampling():
+    from rewardopt.methods.svdd import SVDD
+    from rewardopt.rewards.base import Reward
+
+    class CountToken(Reward):
+        def score(self, samples, cond):
+            return samples[..., 3].sum(-1)
+
+    cond = None
+    scores = {}
+    for rollout in (0, None):
+        g = make(forbidden_token_ids=[BOS], x0_rollout=rollout)
+        cond = g.encode_condition([None] * 60)
+        m = SVDD(g, CountToken("c"), num_children=4, save_samples=False)
+        with torch.no_grad():
+            scores[rollout] = CountToken("c")(m.search(cond, *m.rngs(0))).total.mean().item()
+    with torch.no_grad():
+        plain = CountToken("c")(g.sample(cond, generator=torch.Generator().manual_seed(0))).total.mean().item()
+    assert scores[0] > plain + 0.5 and scores[None] > plain + 0.5, (scores, plain)
+
+
 class TokenPreference(__import__("rewardopt.rewards.base", fromlist=["Reward"]).Reward):
     """Differentiable: mean over positions of a per-token score (token 3 scores 1, others 0)."""
 

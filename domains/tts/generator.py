@@ -37,13 +37,13 @@ class CodecLMGenerator(AutoregressiveGenerator):
     """Args:
         pretrained: "embedded:tiny-tts", a folder, or None (random model; needs ``codebook_size``).
         max_new_tokens: codec tokens per utterance at most (~21.5 per second).
-        temperature, top_k, top_p, tau, full_finetune: ``AutoregressiveGenerator``.
+        temperature, top_k, top_p, tau, full_finetune, x0_rollout: ``AutoregressiveGenerator``.
         codebook_size, hidden, layers, max_prompt, seed: the random model's shape.
     """
 
     def __init__(self, pretrained: str | None = "embedded:tiny-tts", max_new_tokens: int = 80, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, tau: float = 1.0, full_finetune: bool = False,
-                 codebook_size: int = 128, hidden: int = 128, layers: int = 2, max_prompt: int = 64, seed: int = 0) -> None:
+                 x0_rollout: int | None = 0, codebook_size: int = 128, hidden: int = 128, layers: int = 2, max_prompt: int = 64, seed: int = 0) -> None:
         if pretrained is not None:
             from transformers import AutoModelForCausalLM
 
@@ -58,7 +58,8 @@ class CodecLMGenerator(AutoregressiveGenerator):
             lm = tiny_lm(len(vocab), max_prompt + max_new_tokens + 2, hidden, layers, seed=seed)
         super().__init__(lm, max_new_tokens, bos_token_id=vocab.bos, eos_token_id=vocab.eos, pad_token_id=vocab.pad,
                          temperature=temperature, top_k=top_k, top_p=top_p, tau=tau,
-                         forbidden_token_ids=vocab.non_codec_ids(), full_finetune=full_finetune)
+                         forbidden_token_ids=vocab.non_codec_ids(), full_finetune=full_finetune,
+                         x0_rollout=x0_rollout)
         self.vocab = vocab
 
     def prompt_tokens(self, raw: Any) -> list[int]:
@@ -82,6 +83,16 @@ class CodecLMGenerator(AutoregressiveGenerator):
 
         codec = codec or MelCodec.load(CODEC)
         return [codec.to_audio(torch.tensor(c)) if c else torch.zeros(0) for c in self.codes(x)]
+
+    def write_samples(self, samples: torch.Tensor, folder: str | os.PathLike, stem: str) -> list[Path]:
+        """The codes (one text line per sample) and one 22,050 Hz WAV per sample to listen to
+        (``{stem}_{j:03d}.wav``; an empty sample — EOS first — is a WAV of no frames)."""
+        from domains.tts.codec import write_wav
+
+        paths = super().write_samples(samples, folder, stem)
+        for j, wav in enumerate(self.to_audio(samples)):
+            paths.append(write_wav(Path(folder) / f"{stem}_{j:03d}.wav", wav))
+        return paths
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         path = Path(path)

@@ -81,17 +81,48 @@ class SequenceEncoder(nn.Module):
         return self.rnn(h)[0]
 
 
-class CodecTokenModel(nn.Module):
+class CTCAttributeModel(nn.Module):
+    """A ``SequenceEncoder`` with a CTC head over characters and one classifier head per attribute;
+    saved as one file holding its constructor arguments and weights (``save`` / ``load``).
+    Subclasses set ``default_path`` and the ``recipe`` that trains them."""
+
+    default_path: Path
+    recipe: str
+
+    def __init__(self, d_in: int, hidden: int, up: int, **config: int) -> None:
+        super().__init__()
+        self.config = {"hidden": hidden, **config}
+        self.encoder = SequenceEncoder(d_in, hidden, up=up)
+        self.ctc = nn.Linear(hidden, len(CHARS) + 1)
+        self.heads = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in ATTRIBUTES.items()})
+
+    @classmethod
+    def load(cls, path: str | Path | None = None):
+        """The frozen model (eval mode, no gradients to its weights)."""
+        path = Path(path or cls.default_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: train it with `rewardopt fit --config {cls.recipe}`")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        m = cls(**{k: v for k, v in state.items() if k != "weights"})
+        m.load_state_dict(state["weights"])
+        return m.eval().requires_grad_(False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({**self.config, "weights": self.state_dict()}, path)
+
+
+class CodecTokenModel(CTCAttributeModel):
     """Token2Text (CTC over characters, 2 frames per token) + attribute heads on codec tokens.
     Input: (B, N, K) one-hot or soft codec tokens; all-zero rows are no token (after EOS)."""
 
+    default_path = TOKEN_MODEL
+    recipe = "recipes/tts/train_token_model_tiny.yaml"
+
     def __init__(self, codebook_size: int = 128, hidden: int = 128) -> None:
-        super().__init__()
+        super().__init__(hidden, hidden, up=2, codebook_size=codebook_size)
         self.codebook_size = codebook_size
         self.embed = nn.Linear(codebook_size, hidden, bias=False)  # an embedding table soft tokens multiply
-        self.encoder = SequenceEncoder(hidden, hidden, up=2)
-        self.ctc = nn.Linear(hidden, len(CHARS) + 1)
-        self.heads = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in ATTRIBUTES.items()})
 
     def forward(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(CTC log-probs (B, 2N, C+1), frame lengths (B,), attribute logits {name: (B, classes)})."""
@@ -101,20 +132,6 @@ class CodecTokenModel(nn.Module):
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
         lengths = (present.sum(1) * 2).long()
         return torch.log_softmax(self.ctc(h), -1), lengths, {k: head(pooled) for k, head in self.heads.items()}
-
-    @classmethod
-    def load(cls, path: str | Path = TOKEN_MODEL) -> "CodecTokenModel":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: train it with `rewardopt fit --config recipes/tts/train_token_model_tiny.yaml`")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        m = cls(state["codebook_size"], state["hidden"])
-        m.load_state_dict(state["weights"])
-        return m.eval().requires_grad_(False)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"codebook_size": self.codebook_size, "hidden": self.ctc.in_features, "weights": self.state_dict()}, path)
 
 
 def _codec_slice(samples: torch.Tensor, vocab: TTSVocab) -> torch.Tensor:
@@ -235,17 +252,17 @@ class TokenModelFit(L.LightningModule):
         self.print(f"[rewardopt] token model: {getattr(self, 'last_val', {})}; weights: {out / 'model.pt'}")
 
 
-class AudioRecogniser(nn.Module):
+class AudioRecogniser(CTCAttributeModel):
     """CTC recogniser and attribute classifier on log-mel features of audio (the evaluation path;
     never a reward): (B, T, N_MELS) -> (B, T/2, C+1) log-probabilities (frames pooled in pairs) and
     attribute logits from the mean-pooled encoding."""
 
+    default_path = RECOGNISER
+    recipe = "recipes/tts/train_recogniser_tiny.yaml"
+
     def __init__(self, n_mels: int = 64, hidden: int = 128) -> None:
-        super().__init__()
+        super().__init__(2 * n_mels, hidden, up=1, n_mels=n_mels)
         self.n_mels = n_mels
-        self.encoder = SequenceEncoder(2 * n_mels, hidden)
-        self.ctc = nn.Linear(hidden, len(CHARS) + 1)
-        self.heads = nn.ModuleDict({k: nn.Linear(hidden, len(v)) for k, v in ATTRIBUTES.items()})
 
     def forward(self, mels: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         T = mels.shape[1] - mels.shape[1] % 2
@@ -268,20 +285,6 @@ class AudioRecogniser(nn.Module):
         log_probs, out_lengths, logits = self(x, lengths)
         attrs = {k: [ATTRIBUTES[k][i] for i in v.argmax(-1).tolist()] for k, v in logits.items()}
         return greedy_ctc(log_probs, out_lengths), attrs
-
-    @classmethod
-    def load(cls, path: str | Path = RECOGNISER) -> "AudioRecogniser":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: train it with `rewardopt fit --config recipes/tts/train_recogniser_tiny.yaml`")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        m = cls(state["n_mels"], state["hidden"])
-        m.load_state_dict(state["weights"])
-        return m.eval().requires_grad_(False)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"n_mels": self.n_mels, "hidden": self.ctc.in_features, "weights": self.state_dict()}, path)
 
 
 class RecogniserFit(L.LightningModule):

@@ -215,6 +215,10 @@ class AutoregressiveGenerator(FullyTrainedGenerator):
             x = torch.cat([x[:, :j], y[:, None], x[:, j + 1:]], dim=1)
         return x
 
+    def x0_nfe(self, level: int) -> int:
+        last = self.max_new_tokens if self.x0_rollout is None else min(self.max_new_tokens, level + 1 + self.x0_rollout)
+        return max(0, last - level - 1)
+
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """The (B, N, V) one-hot tokens themselves (straight-through-differentiable): rewards read
         them through their own embedding tables; ``tokens`` gives ids."""

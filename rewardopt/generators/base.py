@@ -7,10 +7,13 @@ value (a diffusion timestep, an unmasking step, a token position).
 
 from __future__ import annotations
 
+import os
+
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,6 +121,12 @@ class Generator(nn.Module, ABC):
     def predict_x0(self, x_t: torch.Tensor, i: int, cond: Condition, out: torch.Tensor | None = None) -> torch.Tensor:
         """One-shot clean estimate of x_0 from x_t (Tweedie for diffusion); ``out`` as in ``step``."""
 
+    def x0_nfe(self, level: int) -> int:
+        """NFE per row that ``predict_x0`` at ``level`` spends beyond the shared ``out`` (0 for
+        diffusion's one-shot estimate; a token LM that completes x̂0 greedily spends more). The
+        search methods add it to their ``expected_cost``."""
+        return 0
+
     @abstractmethod
     def decode(self, x0: torch.Tensor) -> Any:
         """Domain samples from final states."""
@@ -129,6 +138,33 @@ class Generator(nn.Module, ABC):
         if isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[1] in (1, 3):
             return samples.expand(-1, 3, -1, -1)
         return None
+
+    def write_samples(self, samples: Any, folder: str | os.PathLike, stem: str) -> list[Path]:
+        """Save decoded samples under ``folder`` (files named from ``stem``) and return the paths:
+        images as one PNG each, domains with ``to_text`` (SMILES, DNA, codec codes) as one text
+        file with a line per sample, anything else as JSON lines. Domains with a medium of their
+        own (speech: WAVs) extend this."""
+        import json
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[1] in (1, 3):
+            from PIL import Image
+
+            arr = (samples.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            paths = [folder / f"{stem}_{j:03d}.png" for j in range(len(arr))]
+            for a, path in zip(arr, paths):
+                Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a).save(path)
+            return paths
+        if hasattr(self, "to_text"):
+            path = folder / f"{stem}.txt"
+            path.write_text("".join(f"{t}\n" for t in self.to_text(samples)))
+            return [path]
+        path = folder / f"{stem}.jsonl"
+        with open(path, "w") as f:
+            for s in samples:
+                f.write(json.dumps(s.tolist() if isinstance(s, torch.Tensor) else s, default=str) + "\n")
+        return [path]
 
     def log_prob(self, x_t: torch.Tensor, i: int, x_prev: torch.Tensor, cond: Condition) -> torch.Tensor:
         """log p(x_prev | x_t, c), shape (B,). Only stochastic samplers implement it."""

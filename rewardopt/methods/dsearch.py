@@ -105,7 +105,7 @@ class DSearch(InferenceTimeSteering):
                 continue
             calls += b * c
             if i + 1 < T:
-                nfe += b * c * (1 + self._k(i + 1))
+                nfe += b * c * (1 + self._k(i + 1)) + self.x0_cost(i + 1 + self._k(i + 1), b * c)
         return {"nfe": nfe, "reward_calls": calls, "value_calls": 0}
 
     def lookahead_value(self, kids: torch.Tensor, level: int, cond: Condition,

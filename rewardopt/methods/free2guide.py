@@ -52,7 +52,8 @@ class Free2Guide(InferenceTimeSteering):
     def expected_cost(self) -> dict[str, int]:
         n, T = self.num_candidates, self.T
         before_last = sum(1 for s in self.guided if s < T - 1)
-        return {"nfe": T + (n - 1) * before_last, "reward_calls": n * len(self.guided), "value_calls": 0}
+        x0 = sum(self.x0_cost(s + 1, n) for s in self.guided)
+        return {"nfe": T + (n - 1) * before_last + x0, "reward_calls": n * len(self.guided), "value_calls": 0}
 
     def search(self, cond: Condition, rng: torch.Generator, select_rng: torch.Generator) -> torch.Tensor:
         g, n = self.generator, self.num_candidates

@@ -58,7 +58,7 @@ class SMC(InferenceTimeSteering):
 
     def expected_cost(self) -> dict[str, int]:
         k, T = self.num_particles, self.T
-        return {"nfe": k * T, "reward_calls": k * T, "value_calls": 0}
+        return {"nfe": k * T + sum(self.x0_cost(i + 1, k) for i in range(T)), "reward_calls": k * T, "value_calls": 0}
 
     def _increment(self, v: torch.Tensor, prev: torch.Tensor | None, vmax: torch.Tensor | None) -> torch.Tensor:
         if self.potential == "difference":

@@ -179,6 +179,11 @@ class InferenceTimeSteering(L.LightningModule):
                               for s in range(0, len(samples), group)])
         return self.reward(samples, cond.raw).total.detach().float()
 
+    def x0_cost(self, level: int, rows: int) -> int:
+        """NFE that valuing ``rows`` states at ``level`` spends inside x̂0 (``Generator.x0_nfe``;
+        none at the final level, where the value is the reward of the state itself)."""
+        return rows * self.generator.x0_nfe(level) if level < self.T else 0
+
     def value(self, x: torch.Tensor, level: int, cond: Condition, out: torch.Tensor | None = None,
               group: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Posterior-mean value of states ``x`` that have taken ``level`` steps: r(decode(x̂0(x))).
@@ -279,21 +284,7 @@ class InferenceTimeSteering(L.LightningModule):
             self._grid_samples.append((label, pictures.cpu(), totals[sl]))
 
     def _save(self, samples: Any, batch_idx: int, rank: int) -> None:
-        folder = self.output_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        if isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[1] in (1, 3):
-            from PIL import Image
-
-            arr = (samples.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-            for j, a in enumerate(arr):
-                Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a).save(folder / f"r{rank}_b{batch_idx:05d}_{j:03d}.png")
-        elif hasattr(self.generator, "to_text"):  # e.g. SMILES for molecules, bases for DNA
-            lines = self.generator.to_text(samples)
-            (folder / f"r{rank}_b{batch_idx:05d}.txt").write_text("".join(f"{t}\n" for t in lines))
-        else:
-            with open(folder / f"r{rank}_b{batch_idx:05d}.jsonl", "w") as f:
-                for s in samples:
-                    f.write(json.dumps(s.tolist() if isinstance(s, torch.Tensor) else s, default=str) + "\n")
+        self.generator.write_samples(samples, self.output_dir / "samples", f"r{rank}_b{batch_idx:05d}")
 
     @property
     def output_dir(self) -> Path:

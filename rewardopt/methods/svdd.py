@@ -62,7 +62,7 @@ class SVDD(InferenceTimeSteering):
         M, T = self.num_children, self.T
         if self.learned:
             return {"nfe": T, "reward_calls": 0, "value_calls": M * T}
-        return {"nfe": 1 + M * (T - 1), "reward_calls": M * T, "value_calls": 0}
+        return {"nfe": 1 + M * (T - 1) + sum(self.x0_cost(i + 1, M) for i in range(T)), "reward_calls": M * T, "value_calls": 0}
 
     def select(self, v: torch.Tensor, m: int, select_rng: torch.Generator) -> torch.Tensor:
         return group_argmax(v, m) if self.alpha == 0 else group_sample(v, m, self.alpha, select_rng)

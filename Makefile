@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/inference_time.py --reward jpeg
 	$(PY) benchmarks/inference_time.py --reward colour --skip-judge
 	$(PY) benchmarks/discrete.py
+	$(PY) benchmarks/tts.py
 
 # Regenerate the shipped tiny weights (domains/*/assets/) from their recipes.
 pretrain-tiny: $(STAMP)

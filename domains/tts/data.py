@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -135,15 +136,25 @@ class TTSDataModule(PromptDataModule):
         batch_size, val_batch_size, epoch_size, seed: ``PromptDataModule``. val_fraction: held-out share.
         max_val: at most this many held-out conditions (evaluation cost).
         val_targets: held-out items are (condition, ids) pairs too (for pretraining's validation NLL).
+        random_attributes: attributes whose requested value in *training* prompts is drawn at random
+            (seeded) instead of the recording's own, so that a reward on that attribute (DiffRO-MTR)
+            rewards following the tag rather than copying the target's.
     """
 
     def __init__(self, corpus: str = str(CORPUS), attributes: bool = True, batch_size: int = 16, val_batch_size: int = 32,
                  val_fraction: float = 0.1, max_val: int | None = 64, val_targets: bool = False, epoch_size: int = 1024,
-                 seed: int = 0) -> None:
+                 random_attributes: list[str] | None = None, seed: int = 0) -> None:
         data = load_corpus(corpus)
         vocab = TTSVocab(data["codebook_size"])
         train, val = split(data["items"], val_fraction)
         pairs = [(condition_of(i, attributes), vocab.codec_ids(i["codes"])) for i in train]
+        if random_attributes:
+            unknown = set(random_attributes) - set(ATTRIBUTES)
+            if unknown or not attributes:
+                raise ValueError(f"random_attributes must name tagged attributes among {sorted(ATTRIBUTES)}; "
+                                 f"got {random_attributes} (attributes={attributes})")
+            rnd = random.Random(seed)
+            pairs = [({**c, **{k: rnd.choice(ATTRIBUTES[k]) for k in random_attributes}}, t) for c, t in pairs]
         conds = [(condition_of(i, attributes), vocab.codec_ids(i["codes"])) if val_targets else condition_of(i, attributes)
                  for i in val][:max_val]
         super().__init__(pairs, conds, batch_size=batch_size, val_batch_size=val_batch_size, val_repeats=1,

@@ -165,3 +165,16 @@ def test_diffro_recipe_writes_before_and_after_audio(tmp_path):
         assert len(lines) == 2
         for j in range(2):
             assert _wav_frames(folder / f"{stem}_{j:03d}.wav") > 0 or not lines[j]
+
+
+def test_random_attributes_change_only_the_training_requests():
+    from domains.tts.data import TTSDataModule
+
+    plain, rand = TTSDataModule(max_val=4), TTSDataModule(max_val=4, random_attributes=["pitch"])
+    assert [t for _, t in plain.train_prompts] == [t for _, t in rand.train_prompts]
+    assert rand.val_prompts == plain.val_prompts  # evaluation asks for the recording's own attributes
+    changed = [a["pitch"] != b["pitch"] for (a, _), (b, _) in zip(plain.train_prompts, rand.train_prompts)]
+    assert 0.35 < sum(changed) / len(changed) < 0.65
+    assert all(a["gender"] == b["gender"] for (a, _), (b, _) in zip(plain.train_prompts, rand.train_prompts))
+    with pytest.raises(ValueError, match="random_attributes"):
+        TTSDataModule(random_attributes=["emotion"])

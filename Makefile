@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1
-	$(PY) -m pip install -q -c constraints.txt -e ".[images,molecules,dna,tts,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[images,molecules,dna,tts,qa,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/inference_time.py --reward colour --skip-judge
 	$(PY) benchmarks/discrete.py
 	$(PY) benchmarks/tts.py
+	$(PY) benchmarks/qa.py
 
 # Regenerate the shipped tiny weights (domains/*/assets/) from their recipes.
 pretrain-tiny: $(STAMP)
@@ -44,6 +45,7 @@ pretrain-tiny: $(STAMP)
 	$(VENV)/bin/rewardopt fit --config recipes/molecules/train_surrogate_qed_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/molecules/train_surrogate_sa_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/dna/pretrain_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/qa_text/pretrain_tiny.yaml
 
 # The TTS corpus is spoken by espeak-ng (installed here if missing, on Debian/Ubuntu as root).
 tts-assets: $(STAMP)

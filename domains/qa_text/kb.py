@@ -1,0 +1,150 @@
+"""A knowledge base of fictional towns and the articles, answers and questions made from it.
+
+Every fact is a template sentence, so a generated answer can be checked exactly: ``check_facts``
+parses each sentence back to (town, attribute, value) and compares it with the knowledge base.
+
+An article states a town's eight facts and three fact-free filler sentences. It has a *focus*
+(history, economy, people or geography) whose two facts form its lead; the other facts and the
+fillers follow in a seeded random order. Its question asks about the focus ("What keeps the
+economy of Varnolo going?"), and its answers put the focus facts first and then the others in a
+fixed order of importance (which the model must find in the shuffled body): <|l0|> one sentence,
+<|l1|> two, <|l2|> four, <|l3|> six. The question is self-contained (it names the town) and the
+answer at every length answers it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+COUNTRIES = ["Ostland", "Merovia", "Callum", "Davren", "Esker", "Felmark", "Gorsa", "Hallin"]
+RIVERS = ["Amber", "Blackwater", "Cold", "Dunmere", "Elm", "Fenwick", "Grey", "Hollow"]
+INDUSTRIES = ["fishing", "textiles", "mining", "shipbuilding", "software", "wine", "tourism", "timber"]
+LANDMARKS = ["an old stone bridge", "a glass museum", "a red lighthouse", "a clock tower", "a covered market",
+             "a hillside castle", "a botanical garden", "a wooden opera house"]
+MONTHS = ["January", "March", "May", "June", "August", "September", "October", "December"]
+FIRST = ["Anna", "Boris", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas", "Karin", "Luka"]
+LAST = ["Adler", "Brandt", "Costa", "Dahl", "Eberly", "Foss", "Grimm", "Holm", "Ivers", "Jansen", "Kovac", "Lind"]
+SYLLABLES = ["var", "no", "lo", "ket", "mira", "dun", "sel", "ta", "bro", "vik", "an", "ze", "ril", "po", "ga", "tem"]
+
+#: attribute -> sentence template ({town} and {value})
+TEMPLATES = {
+    "founded": "{town} was founded in {value}.",
+    "country": "{town} lies in {value}.",
+    "river": "{town} stands on the {value} river.",
+    "population": "{town} has {value} thousand inhabitants.",
+    "industry": "The main industry of {town} is {value}.",
+    "mayor": "The mayor of {town} is {value}.",
+    "landmark": "{town} is known for {value}.",
+    "festival": "{town} holds its festival in {value}.",
+}
+FOCUS = {  # focus -> (its two facts, question template)
+    "history": (["founded", "landmark"], "How did {town} come to be what it is today?"),
+    "economy": (["industry", "population"], "What keeps the economy of {town} going?"),
+    "people": (["mayor", "festival"], "Who leads {town} and when do its people celebrate?"),
+    "geography": (["country", "river"], "Where is {town} found?"),
+}
+ORDER = ["founded", "industry", "mayor", "country", "population", "river", "landmark", "festival"]
+BUCKET_SENTENCES = [1, 2, 4, 6]
+BUCKETS = [f"<|l{i}|>" for i in range(len(BUCKET_SENTENCES))]
+FILLERS = ["Visitors often arrive by train in the morning.", "The weather is mild for most of the year.",
+           "Local newspapers cover the town every week.", "Many families have lived there for generations.",
+           "The streets are quiet after dark.", "Cyclists like the flat roads around it.",
+           "Its schools follow the national programme.", "Prices there are close to the national average."]
+
+
+@dataclass(frozen=True)
+class Town:
+    name: str
+    facts: dict
+
+    def sentence(self, attribute: str) -> str:
+        return TEMPLATES[attribute].format(town=self.name, value=self.facts[attribute])
+
+
+def make_towns(n: int, seed: int = 0) -> list[Town]:
+    """``n`` towns with distinct names and seeded facts."""
+    rnd = random.Random(seed)
+    names: set[str] = set()
+    towns = []
+    while len(towns) < n:
+        name = "".join(rnd.choice(SYLLABLES) for _ in range(rnd.choice([2, 3]))).capitalize()
+        if name in names:
+            continue
+        names.add(name)
+        towns.append(Town(name, {
+            "founded": rnd.randint(1100, 1950), "country": rnd.choice(COUNTRIES), "river": rnd.choice(RIVERS),
+            "population": rnd.randint(5, 900), "industry": rnd.choice(INDUSTRIES),
+            "mayor": f"{rnd.choice(FIRST)} {rnd.choice(LAST)}", "landmark": rnd.choice(LANDMARKS),
+            "festival": rnd.choice(MONTHS)}))
+    return towns
+
+
+def answer_attributes(focus: str, bucket: int) -> list[str]:
+    """The facts an answer of this focus and length bucket states, in order."""
+    first = FOCUS[focus][0]
+    return (first + [a for a in ORDER if a not in first])[:BUCKET_SENTENCES[bucket]]
+
+
+def article(town: Town, focus: str, rnd: random.Random) -> str:
+    """The lead states the focus facts (as a news lead would); the other facts and three fillers
+    follow in a random order."""
+    lead = FOCUS[focus][0]
+    rest = [town.sentence(a) for a in ORDER if a not in lead] + rnd.sample(FILLERS, 3)
+    rnd.shuffle(rest)
+    return " ".join([town.sentence(a) for a in lead] + rest)
+
+
+def build_examples(towns: list[Town], seed: int = 0) -> list[dict]:
+    """One article per town (a random focus) and its four (bucket, answer) examples, all with the
+    same question: dicts with id, town, focus, bucket, article, answer, question."""
+    rnd = random.Random(seed)
+    out = []
+    for t in towns:
+        focus = rnd.choice(sorted(FOCUS))
+        text = article(t, focus, rnd)
+        question = FOCUS[focus][1].format(town=t.name)
+        for b in range(len(BUCKETS)):
+            out.append({"id": f"{t.name}-{b}", "town": t.name, "focus": focus, "bucket": b, "article": text,
+                        "answer": " ".join(t.sentence(a) for a in answer_attributes(focus, b)), "question": question})
+    return out
+
+
+def _patterns() -> dict[str, re.Pattern]:
+    pats = {}
+    for attr, tpl in TEMPLATES.items():
+        rx = re.escape(tpl).replace(r"\{town\}", r"(?P<town>[A-Z][a-z]+)").replace(r"\{value\}", r"(?P<value>.+?)")
+        pats[attr] = re.compile("^" + rx + "$")
+    return pats
+
+
+PATTERNS = _patterns()
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.findall(r"[^.?!]*[.?!]", text) if s.strip()]
+
+
+def check_facts(answer: str, kb: dict[str, Town], town: str | None = None) -> dict:
+    """Exact fact check of a generated answer: each sentence that parses as a fact template about a
+    known town is correct when the value equals the knowledge base's (and, with ``town``, when it is
+    about that town). Returns {"sentences", "facts" (parsed), "correct", "accuracy" (correct /
+    sentences; 0 for an empty answer)}."""
+    sentences = split_sentences(answer)
+    facts = correct = 0
+    for s in sentences:
+        for attr, rx in PATTERNS.items():
+            m = rx.match(s)
+            if m and m["town"] in kb:
+                facts += 1
+                correct += int(str(kb[m["town"]].facts[attr]) == m["value"] and (town is None or m["town"] == town))
+                break
+    return {"sentences": len(sentences), "facts": facts, "correct": correct,
+            "accuracy": correct / len(sentences) if sentences else 0.0}
+
+
+def bucket_of(answer: str) -> int:
+    """The length bucket an answer's sentence count falls in (the nearest requested count)."""
+    n = len(split_sentences(answer))
+    return min(range(len(BUCKET_SENTENCES)), key=lambda b: (abs(BUCKET_SENTENCES[b] - n), b))

@@ -1,0 +1,222 @@
+"""``TwoDecoderBart``: a BART encoder, decoder 1 writing the length-constrained answer, decoder 2
+writing the question while attending to decoder 1's hidden states (the DRIL paper's wiring).
+
+Decoder 2 is a second ``BartDecoder`` (initialised as a copy of decoder 1, sharing the token
+embeddings and the LM head); its cross-attention reads the concatenation [encoder states; decoder
+1's last hidden states] under the concatenated padding masks — our reading of "attends to decoder
+1's hidden states" that keeps the article visible to it too. Because the question's loss reaches
+decoder 1 through those hidden states, a question-reconstruction loss on a teacher-forced *sample*
+trains decoder 1 and the encoder (DRIL, ``rewardopt/methods/dril.py``).
+
+Loading: ``TwoDecoderBart(pretrained=path)`` takes a folder written by ``save_pretrained``
+(``bart/``, ``question_decoder.safetensors``, ``tokenizer/``) or any ``BartForConditionalGeneration``
+checkpoint folder with its tokenizer (e.g. distilBART): decoder 2 then starts as a copy of its
+decoder. "embedded:tiny-qa" is the shipped tiny model (``recipes/qa_text/pretrain_tiny.yaml``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED = {"embedded:tiny-qa": ASSETS / "tiny_qa"}
+
+
+def tiny_bart(vocab_size: int, d_model: int = 128, layers: int = 2, heads: int = 4, max_positions: int = 256,
+              pad: int = 1, bos: int = 0, eos: int = 2, seed: int = 0):
+    """A small seeded ``BartForConditionalGeneration`` without dropout."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = BartConfig(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                     encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * d_model,
+                     decoder_ffn_dim=4 * d_model, max_position_embeddings=max_positions, dropout=0.0,
+                     attention_dropout=0.0, activation_dropout=0.0, pad_token_id=pad, bos_token_id=bos,
+                     eos_token_id=eos, decoder_start_token_id=eos, forced_bos_token_id=None, forced_eos_token_id=None)
+    return BartForConditionalGeneration(cfg)
+
+
+class TwoDecoderBart(nn.Module):
+    """Args:
+        pretrained: "embedded:tiny-qa", a folder (``save_pretrained`` output or a BART checkpoint
+            with its tokenizer), or None: a random tiny BART and a BPE tokenizer trained on the
+            corpus (for pretraining; ``d_model``, ``layers``, ``vocab_size``, ``n_towns``, ``seed``).
+        max_answer_tokens, max_question_tokens: generation limits.
+    """
+
+    def __init__(self, pretrained: str | None = "embedded:tiny-qa", max_answer_tokens: int = 96,
+                 max_question_tokens: int = 24, d_model: int = 128, layers: int = 2, vocab_size: int = 1000,
+                 n_towns: int = 3000, seed: int = 0) -> None:
+        super().__init__()
+        qd_state = None
+        if pretrained is None:
+            from domains.qa_text.data import build_tokenizer, corpus, tokenizer_texts
+
+            tokenizer = build_tokenizer(tokenizer_texts(corpus(n_towns, seed)[0]), vocab_size)
+            bart = tiny_bart(len(tokenizer), d_model, layers, pad=tokenizer.pad_token_id, bos=tokenizer.bos_token_id,
+                             eos=tokenizer.eos_token_id, seed=seed)
+        else:
+            from transformers import AutoTokenizer, BartForConditionalGeneration
+
+            path = Path(EMBEDDED.get(str(pretrained), pretrained))
+            if not path.is_dir():
+                raise FileNotFoundError(f"{pretrained}: not a model folder (embedded: {sorted(EMBEDDED)}; the tiny one "
+                                        "is trained by recipes/qa_text/pretrain_tiny.yaml)")
+            bart = BartForConditionalGeneration.from_pretrained(path / "bart" if (path / "bart").is_dir() else path)
+            tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
+            if (path / "question_decoder.safetensors").is_file():
+                from safetensors.torch import load_file
+
+                qd_state = load_file(path / "question_decoder.safetensors")
+        self.bart, self.tokenizer = bart.train(), tokenizer
+        self.question_decoder = copy.deepcopy(bart.model.decoder)
+        self.question_decoder.embed_tokens = bart.model.shared
+        if qd_state is not None:
+            missing, unexpected = self.question_decoder.load_state_dict(qd_state, strict=False)
+            if unexpected or any(not k.startswith("embed_tokens") for k in missing):
+                raise ValueError(f"{pretrained}: question decoder weights do not match: missing {missing}, unexpected {unexpected}")
+        self.max_answer_tokens, self.max_question_tokens = max_answer_tokens, max_question_tokens
+        cfg = bart.config
+        self.pad, self.eos, self.start = cfg.pad_token_id, cfg.eos_token_id, cfg.decoder_start_token_id
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.bart.save_pretrained(path / "bart")
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        state = {k: v.contiguous() for k, v in self.question_decoder.state_dict().items() if not k.startswith("embed_tokens")}
+        save_file(state, path / "question_decoder.safetensors")
+
+    # ------------------------------------------------------------------ tokenisation
+    def source(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Encoder inputs: "<|lB|> article" per example."""
+        from domains.qa_text.kb import BUCKETS
+
+        texts = [f"{BUCKETS[e['bucket']]} {e['article']}" for e in examples]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                             max_length=self.bart.config.max_position_embeddings)
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    def target(self, texts: list[str], max_tokens: int) -> torch.Tensor:
+        """Token ids of target texts ending with EOS, right-padded with ``pad`` (B, L)."""
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [self.eos] for t in texts]
+        return self.pad_ids(ids)
+
+    def pad_ids(self, ids: list[list[int]]) -> torch.Tensor:
+        L = max(len(i) for i in ids)
+        return torch.tensor([i + [self.pad] * (L - len(i)) for i in ids], device=self.device)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Texts of (B, L) ids, cut at the first EOS."""
+        out = []
+        for row in ids.tolist():
+            row = row[: row.index(self.eos)] if self.eos in row else row
+            out.append(self.tokenizer.decode([t for t in row if t != self.pad], skip_special_tokens=True).strip())
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        return self.bart.device
+
+    # ------------------------------------------------------------------ passes
+    def encode(self, src: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.bart.model.encoder(input_ids=src["input_ids"], attention_mask=src["attention_mask"]).last_hidden_state
+
+    def _shift(self, labels: torch.Tensor) -> torch.Tensor:
+        start = torch.full_like(labels[:, :1], self.start)
+        return torch.cat([start, labels[:, :-1]], 1)
+
+    def answer_pass(self, enc: torch.Tensor, src_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced decoder 1 on ``labels`` (B, L): (per-example summed NLL, last hidden states)."""
+        out = self.bart.model.decoder(input_ids=self._shift(labels), attention_mask=None, encoder_hidden_states=enc,
+                                      encoder_attention_mask=src_mask)
+        h = out.last_hidden_state
+        logits = self.bart.lm_head(h) + self.bart.final_logits_bias
+        return self._nll(logits, labels), h
+
+    def question_pass(self, enc: torch.Tensor, src_mask: torch.Tensor, answer_h: torch.Tensor, answer_mask: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoder 2 on question ``labels``, attending to [encoder; decoder-1 states]:
+        per-example summed NLL (differentiable into both)."""
+        memory = torch.cat([enc, answer_h], 1)
+        mask = torch.cat([src_mask, answer_mask.to(src_mask)], 1)
+        h = self.question_decoder(input_ids=self._shift(labels), encoder_hidden_states=memory,
+                                  encoder_attention_mask=mask).last_hidden_state
+        return self._nll(self.bart.lm_head(h) + self.bart.final_logits_bias, labels)
+
+    def _nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="none")
+        return (nll * (labels != self.pad)).sum(1)
+
+    # ------------------------------------------------------------------ the DRIL protocol
+    def mle_terms(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Per-example NLL of the gold answer (decoder 1) and of the gold question given the gold
+        answer (decoder 2), and the number of target tokens of each."""
+        src = self.source(examples)
+        enc = self.encode(src)
+        a = self.target([e["answer"] for e in examples], self.max_answer_tokens)
+        q = self.target([e["question"] for e in examples], self.max_question_tokens)
+        a_nll, h = self.answer_pass(enc, src["attention_mask"], a)
+        q_nll = self.question_pass(enc, src["attention_mask"], h, a != self.pad, q)
+        return {"answer_nll": a_nll, "question_nll": q_nll, "answer_tokens": (a != self.pad).sum(1),
+                "question_tokens": (q != self.pad).sum(1)}
+
+    @torch.no_grad()
+    def sample_answers(self, examples: list[dict], generator: torch.Generator | None = None, greedy: bool = False,
+                       temperature: float = 1.0) -> torch.Tensor:
+        """Free-running answers of decoder 1: (B, L) ids ending with EOS, right-padded (ancestral
+        sampling from ``generator`` unless ``greedy``)."""
+        src = self.source(examples)
+        seed = int(torch.randint(0, 2**62, (), generator=generator)) if generator is not None else None
+        with torch.random.fork_rng(devices=[]):  # generate() draws from the global generator: seed it from ours
+            if seed is not None:
+                torch.manual_seed(seed)
+            ys = self.bart.generate(**src, do_sample=not greedy, temperature=temperature if not greedy else None,
+                                    top_k=0 if not greedy else None, top_p=None, num_beams=1, max_new_tokens=self.max_answer_tokens,
+                                    min_length=0, no_repeat_ngram_size=0, decoder_start_token_id=self.start,
+                                    eos_token_id=self.eos, pad_token_id=self.pad, forced_bos_token_id=None,
+                                    forced_eos_token_id=None)
+        out = ys[:, 1:]
+        out = out.masked_fill(torch.cumsum((out == self.eos).int(), 1) - (out == self.eos).int() > 0, self.pad)
+        no_eos = ~(out == self.eos).any(1)
+        if no_eos.any():  # cut at the limit: close with EOS
+            out = torch.cat([out, torch.where(no_eos, self.eos, self.pad)[:, None]], 1)
+        return out
+
+    def reconstruction_nll(self, examples: list[dict], answer_ids: torch.Tensor) -> torch.Tensor:
+        """Per-example NLL of the gold question under decoder 2 when decoder 1 is teacher-forced on
+        ``answer_ids`` (e.g. its own sample): differentiable into decoder 1 and the encoder."""
+        src = self.source(examples)
+        enc = self.encode(src)
+        _, h = self.answer_pass(enc, src["attention_mask"], answer_ids)
+        q = self.target([e["question"] for e in examples], self.max_question_tokens)
+        return self.question_pass(enc, src["attention_mask"], h, answer_ids != self.pad, q)
+
+    @torch.no_grad()
+    def generate(self, examples: list[dict], generator: torch.Generator | None = None, greedy: bool = True) -> list[dict]:
+        """Answer, then question (greedy, attending to the generated answer): [{"answer", "question"}]."""
+        a = self.sample_answers(examples, generator, greedy=greedy)
+        src = self.source(examples)
+        enc = self.encode(src)
+        _, h = self.answer_pass(enc, src["attention_mask"], a)
+        memory, mask = torch.cat([enc, h], 1), torch.cat([src["attention_mask"], (a != self.pad).to(src["attention_mask"])], 1)
+        B = a.shape[0]
+        ys = torch.full((B, 1), self.start, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        for _ in range(self.max_question_tokens):
+            hq = self.question_decoder(input_ids=ys, encoder_hidden_states=memory, encoder_attention_mask=mask).last_hidden_state[:, -1]
+            nxt = (self.bart.lm_head(hq) + self.bart.final_logits_bias).argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
+            ys = torch.cat([ys, nxt[:, None]], 1)
+            done |= nxt == self.eos
+            if done.all():
+                break
+        return [{"answer": ans, "question": q} for ans, q in zip(self.decode(a), self.decode(ys[:, 1:]))]

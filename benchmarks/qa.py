@@ -42,12 +42,34 @@ def run(method: str, steps: int, batch: int, lr: float, seed: int):
     return model, time.perf_counter() - t0
 
 
+def print_table(results: dict[str, list[dict]], times: dict[str, list[float]], args) -> None:
+    from domains.qa_text.generation import METRICS
+    from domains.qa_text.kb import BUCKET_SENTENCES, BUCKETS
+
+    def cell(method: str, bucket: str, metric: str) -> str:
+        vals = [r[bucket][metric] for r in results[method]]
+        return f"{statistics.mean(vals):.3f}" + (f" ± {statistics.pstdev(vals):.3f}" if len(vals) > 1 else "")
+
+    print(f"\nTiny two-decoder BART, {args.n} held-out examples ({args.n // 4} per bucket) x {len(args.seeds)} seeds; "
+          f"{args.steps} steps of {args.batch}, lr {args.lr}; greedy decoding; mean ± sd over seeds.\n")
+    names = {"fact_accuracy": "fact accuracy", "bucket_compliance": "bucket compliance",
+             "question_rouge_l": "question ROUGE-L", "centricity": "centricity"}
+    print("| bucket (sentences) | method | " + " | ".join(names[m] for m in METRICS) + " |")
+    print("|---|---|" + "---|" * len(METRICS))
+    for b, nb in zip([*BUCKETS, "all"], [*BUCKET_SENTENCES, None]):
+        for method in results:
+            label = f"{b} ({nb})" if nb else "all"
+            print(f"| {label} | {method} | " + " | ".join(cell(method, b, m) for m in METRICS) + " |")
+    for method in ("MLE", "DRIL"):
+        if times.get(method):
+            print(f"{method}: {statistics.mean(times[method]):.0f} s training per seed")
+
+
 def main() -> None:
     import torch
 
     from domains.qa_text.data import corpus
     from domains.qa_text.generation import METRICS, score, summarise
-    from domains.qa_text.kb import BUCKETS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=150)
@@ -56,7 +78,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--out", default="runs/qa_bench")
+    p.add_argument("--table", metavar="QA_JSON", help="only print the table of an earlier run's qa.json")
     args = p.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        print_table(saved["results"], saved["train_s"], argparse.Namespace(**saved["args"]))
+        return
     torch.set_num_threads(2)
     _, val, kb = corpus()
     examples = val[: args.n]
@@ -78,24 +105,7 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "qa.json").write_text(json.dumps({"args": vars(args), "results": results, "train_s": times}, indent=2))
 
-    def cell(method: str, bucket: str, metric: str) -> str:
-        vals = [r[bucket][metric] for r in results[method]]
-        return f"{statistics.mean(vals):.3f}" + (f" ± {statistics.pstdev(vals):.3f}" if len(vals) > 1 else "")
-
-    print(f"\nTiny two-decoder BART, {args.n} held-out examples ({args.n // 4} per bucket) x {len(args.seeds)} seeds; "
-          f"{args.steps} steps of {args.batch}, lr {args.lr}; greedy decoding; mean ± sd over seeds.\n")
-    print("| bucket (sentences) | method | fact accuracy | question ROUGE-L | bucket compliance | centricity |")
-    print("|---|---|---|---|---|---|")
-    from domains.qa_text.kb import BUCKET_SENTENCES
-
-    for b, nb in zip([*BUCKETS, "all"], [*BUCKET_SENTENCES, None]):
-        for method in results:
-            label = f"{b} ({nb})" if nb else "all"
-            print(f"| {label} | {method} | " + " | ".join(cell(method, b, m) for m in METRICS) + " |")
-    for method in ("MLE", "DRIL"):
-        if method in times:
-            print(f"{method}: {statistics.mean(times[method]):.0f} s training per seed")
-    print(f"wrote {args.out}/qa.json")
+    print_table(results, times, args)
 
 
 if __name__ == "__main__":

@@ -211,3 +211,12 @@ def test_killed_dril_run_resumes_exactly(tmp_path):
     assert resumed.global_step == 4 and resumed.sampled_steps == straight.sampled_steps > 0
     for (n, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), n
+
+
+@pytest.mark.skipif(not SHIPPED, reason="tiny QA model not trained")
+def test_shipped_tokenizer_is_rebuilt_exactly_from_the_corpus():
+    from transformers import AutoTokenizer
+
+    shipped = AutoTokenizer.from_pretrained(EMBEDDED["embedded:tiny-qa"] / "tokenizer")
+    rebuilt = build_tokenizer(tokenizer_texts(corpus()[0]), 1000)
+    assert shipped.get_vocab() == rebuilt.get_vocab()

@@ -74,6 +74,12 @@ class QAGeneration(L.LightningModule):
         return rows
 
     def on_predict_end(self) -> None:
+        if self._trainer is not None and self.trainer.world_size > 1:  # held-out examples were sharded over ranks
+            parts = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, self._rows)
+            if not self.trainer.is_global_zero:
+                return
+            self._rows = [r for part in parts for r in part]
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "generations.jsonl", "w") as f:

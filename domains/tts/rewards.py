@@ -194,9 +194,26 @@ class AttributeReward(Reward):
         return logp.gather(1, torch.tensor(wanted, device=logp.device)[:, None]).squeeze(1)
 
 
-class TokenModelFit(L.LightningModule):
+class _SpeechModelFit(L.LightningModule):
+    """Shared by the two speech-model fits: on the train end, ``model.pt`` and ``fit.json`` (steps and
+    the last held-out scores) go to ``output_dir``."""
+
+    label = "model"
+
+    def on_train_end(self):
+        if not self.trainer.is_global_zero:
+            return
+        out = Path(self._output_dir or self.trainer.default_root_dir)
+        self.model.save(out / "model.pt")
+        (out / "fit.json").write_text(json.dumps({"steps": int(self.global_step), **getattr(self, "last_val", {})}, indent=2))
+        self.print(f"[rewardopt] {self.label}: {getattr(self, 'last_val', {})}; weights: {out / 'model.pt'}")
+
+
+class TokenModelFit(_SpeechModelFit):
     """Train ``CodecTokenModel`` on corpus items (CTC + attribute cross-entropy); writes
     ``model.pt`` and ``fit.json`` (held-out greedy CER and attribute accuracy) to ``output_dir``."""
+
+    label = "token model"
 
     def __init__(self, codebook_size: int = 128, hidden: int = 128, lr: float = 2e-3, output_dir: str | None = None) -> None:
         super().__init__()
@@ -243,13 +260,6 @@ class TokenModelFit(L.LightningModule):
         self.log("val/cer", self.last_val["cer"], prog_bar=True)
         self.print(f"[rewardopt] step {self.global_step}: {self.last_val}")
 
-    def on_train_end(self):
-        if not self.trainer.is_global_zero:
-            return
-        out = Path(self._output_dir or self.trainer.default_root_dir)
-        self.model.save(out / "model.pt")
-        (out / "fit.json").write_text(json.dumps({"steps": int(self.global_step), **getattr(self, "last_val", {})}, indent=2))
-        self.print(f"[rewardopt] token model: {getattr(self, 'last_val', {})}; weights: {out / 'model.pt'}")
 
 
 class AudioRecogniser(CTCAttributeModel):
@@ -287,11 +297,13 @@ class AudioRecogniser(CTCAttributeModel):
         return greedy_ctc(log_probs, out_lengths), attrs
 
 
-class RecogniserFit(L.LightningModule):
+class RecogniserFit(_SpeechModelFit):
     """Train the ``AudioRecogniser`` on (log-mel, corpus item) pairs (CTC on the text + attribute
     cross-entropy); a share of each batch goes through the codec (encode -> codebook mels) so it
     also reads codec-quantised speech. Writes ``model.pt`` and ``fit.json`` (held-out CER and
     attribute accuracy on real and on codec-quantised mels)."""
+
+    label = "recogniser"
 
     def __init__(self, hidden: int = 128, lr: float = 2e-3, codec_augment: float = 0.5, output_dir: str | None = None) -> None:
         super().__init__()
@@ -348,10 +360,3 @@ class RecogniserFit(L.LightningModule):
         self.log("val/cer", res["cer_real"], prog_bar=True)
         self.print(f"[rewardopt] step {self.global_step}: {res}")
 
-    def on_train_end(self):
-        if not self.trainer.is_global_zero:
-            return
-        out = Path(self._output_dir or self.trainer.default_root_dir)
-        self.model.save(out / "model.pt")
-        (out / "fit.json").write_text(json.dumps({"steps": int(self.global_step), **getattr(self, "last_val", {})}, indent=2))
-        self.print(f"[rewardopt] recogniser: {getattr(self, 'last_val', {})}; weights: {out / 'model.pt'}")

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run(method: str, steps: int, batch: int, lr: float, seed: int):
+def run(method: str, steps: int, batch: int, lr: float, seed: int, weight: float = 0.3):
     import lightning as L
 
     from domains.qa_text.data import QADataModule
@@ -34,7 +34,8 @@ def run(method: str, steps: int, batch: int, lr: float, seed: int):
     model = TwoDecoderBart("embedded:tiny-qa")
     if steps == 0:
         return model, 0.0
-    m = DRIL(model, sample_prob=0.5 if method == "DRIL" else 0.0, lr=lr, seed=seed, output_dir=f"runs/qa_bench/{method}_{seed}")
+    m = DRIL(model, sample_prob=0.5 if method == "DRIL" else 0.0, reconstruction_weight=weight, lr=lr, seed=seed,
+             output_dir=f"runs/qa_bench/{method}_{seed}")
     t0 = time.perf_counter()
     L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0).fit(
@@ -51,7 +52,8 @@ def print_table(results: dict[str, list[dict]], times: dict[str, list[float]], a
         return f"{statistics.mean(vals):.3f}" + (f" ± {statistics.pstdev(vals):.3f}" if len(vals) > 1 else "")
 
     print(f"\nTiny two-decoder BART, {args.n} held-out examples ({args.n // 4} per bucket) x {len(args.seeds)} seeds; "
-          f"{args.steps} steps of {args.batch}, lr {args.lr}; greedy decoding; mean ± sd over seeds.\n")
+          f"{args.steps} steps of {args.batch}, lr {args.lr}, DRIL weight {getattr(args, 'weight', 0.3)}; greedy decoding; "
+          "mean ± sd over seeds.\n")
     names = {"fact_accuracy": "fact accuracy", "bucket_compliance": "bucket compliance",
              "question_rouge_l": "question ROUGE-L", "centricity": "centricity"}
     print("| bucket (sentences) | method | " + " | ".join(names[m] for m in METRICS) + " |")
@@ -77,6 +79,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n", type=int, default=128)
+    p.add_argument("--weight", type=float, default=0.3, help="DRIL's reconstruction weight (paper 0.3)")
     p.add_argument("--out", default="runs/qa_bench")
     p.add_argument("--table", metavar="QA_JSON", help="only print the table of an earlier run's qa.json")
     args = p.parse_args()
@@ -91,7 +94,7 @@ def main() -> None:
     times: dict[str, list[float]] = {}
     for method, steps in (("pretrained", 0), ("MLE", args.steps), ("DRIL", args.steps)):
         for s in (args.seeds if steps else args.seeds[:1]):
-            model, secs = run(method, steps, args.batch, args.lr, s)
+            model, secs = run(method, steps, args.batch, args.lr, s, args.weight)
             model.eval()
             gen = []
             with torch.no_grad():

@@ -2,9 +2,10 @@
 writing the question while attending to decoder 1's hidden states (the DRIL paper's wiring).
 
 Decoder 2 is a second ``BartDecoder`` (initialised as a copy of decoder 1, sharing the token
-embeddings and the LM head); its cross-attention reads the concatenation [encoder states; decoder
-1's last hidden states] under the concatenated padding masks — our reading of "attends to decoder
-1's hidden states" that keeps the article visible to it too. Because the question's loss reaches
+embeddings and the LM head); by default its cross-attention reads the concatenation [encoder
+states; decoder 1's last hidden states] under the concatenated padding masks — our reading of
+"attends to decoder 1's hidden states" that keeps the article visible to it too;
+``question_memory="answer"`` restricts it to decoder 1's states. Because the question's loss reaches
 decoder 1 through those hidden states, a question-reconstruction loss on a teacher-forced *sample*
 trains decoder 1 and the encoder (DRIL, ``rewardopt/methods/dril.py``).
 
@@ -17,6 +18,7 @@ decoder. "embedded:tiny-qa" is the shipped tiny model (``recipes/qa_text/pretrai
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -48,13 +50,19 @@ class TwoDecoderBart(nn.Module):
             with its tokenizer), or None: a random tiny BART and a BPE tokenizer trained on the
             corpus (for pretraining; ``d_model``, ``layers``, ``vocab_size``, ``n_towns``, ``seed``).
         max_answer_tokens, max_question_tokens: generation limits.
+        question_memory: what decoder 2 cross-attends to — "answer+source" (decoder 1's states and
+            the encoder's; the shipped model) or "answer" (decoder 1's states only: the literal
+            reading of the paper's wiring, where the question must be recoverable from the answer).
+            None: the saved model's choice (``qa.json``), else "answer+source".
     """
 
+    MEMORIES = ("answer+source", "answer")
+
     def __init__(self, pretrained: str | None = "embedded:tiny-qa", max_answer_tokens: int = 96,
-                 max_question_tokens: int = 24, d_model: int = 128, layers: int = 2, vocab_size: int = 1000,
-                 n_towns: int = 3000, seed: int = 0) -> None:
+                 max_question_tokens: int = 24, question_memory: str | None = None, d_model: int = 128, layers: int = 2,
+                 vocab_size: int = 1000, n_towns: int = 3000, seed: int = 0) -> None:
         super().__init__()
-        qd_state = None
+        qd_state, saved = None, {}
         if pretrained is None:
             from domains.qa_text.data import build_tokenizer, corpus, tokenizer_texts
 
@@ -70,6 +78,8 @@ class TwoDecoderBart(nn.Module):
                                         "is trained by recipes/qa_text/pretrain_tiny.yaml)")
             bart = BartForConditionalGeneration.from_pretrained(path / "bart" if (path / "bart").is_dir() else path)
             tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
+            if (path / "qa.json").is_file():
+                saved = json.loads((path / "qa.json").read_text())
             if (path / "question_decoder.safetensors").is_file():
                 from safetensors.torch import load_file
 
@@ -82,6 +92,9 @@ class TwoDecoderBart(nn.Module):
             if unexpected or any(not k.startswith("embed_tokens") for k in missing):
                 raise ValueError(f"{pretrained}: question decoder weights do not match: missing {missing}, unexpected {unexpected}")
         self.max_answer_tokens, self.max_question_tokens = max_answer_tokens, max_question_tokens
+        self.question_memory = question_memory or saved.get("question_memory", "answer+source")
+        if self.question_memory not in self.MEMORIES:
+            raise ValueError(f"question_memory must be one of {self.MEMORIES}, got {self.question_memory!r}")
         cfg = bart.config
         self.pad, self.eos, self.start = cfg.pad_token_id, cfg.eos_token_id, cfg.decoder_start_token_id
 
@@ -94,6 +107,7 @@ class TwoDecoderBart(nn.Module):
         self.tokenizer.save_pretrained(path / "tokenizer")
         state = {k: v.contiguous() for k, v in self.question_decoder.state_dict().items() if not k.startswith("embed_tokens")}
         save_file(state, path / "question_decoder.safetensors")
+        (path / "qa.json").write_text(json.dumps({"question_memory": self.question_memory}))
 
     # ------------------------------------------------------------------ tokenisation
     def source(self, examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -144,13 +158,18 @@ class TwoDecoderBart(nn.Module):
 
     def question_pass(self, enc: torch.Tensor, src_mask: torch.Tensor, answer_h: torch.Tensor, answer_mask: torch.Tensor,
                       labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced decoder 2 on question ``labels``, attending to [encoder; decoder-1 states]:
-        per-example summed NLL (differentiable into both)."""
-        memory = torch.cat([enc, answer_h], 1)
-        mask = torch.cat([src_mask, answer_mask.to(src_mask)], 1)
+        """Teacher-forced decoder 2 on question ``labels``, attending to ``_memory``: per-example
+        summed NLL (differentiable into decoder 1, and the encoder)."""
+        memory, mask = self._memory(enc, src_mask, answer_h, answer_mask)
         h = self.question_decoder(input_ids=self._shift(labels), encoder_hidden_states=memory,
                                   encoder_attention_mask=mask).last_hidden_state
         return self._nll(self.bart.lm_head(h) + self.bart.final_logits_bias, labels)
+
+    def _memory(self, enc, src_mask, answer_h, answer_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """What decoder 2 cross-attends to, and its padding mask."""
+        if self.question_memory == "answer":
+            return answer_h, answer_mask.to(src_mask)
+        return torch.cat([enc, answer_h], 1), torch.cat([src_mask, answer_mask.to(src_mask)], 1)
 
     def _nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="none")
@@ -207,7 +226,7 @@ class TwoDecoderBart(nn.Module):
         src = self.source(examples)
         enc = self.encode(src)
         _, h = self.answer_pass(enc, src["attention_mask"], a)
-        memory, mask = torch.cat([enc, h], 1), torch.cat([src["attention_mask"], (a != self.pad).to(src["attention_mask"])], 1)
+        memory, mask = self._memory(enc, src["attention_mask"], h, a != self.pad)
         B = a.shape[0]
         ys = torch.full((B, 1), self.start, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)

@@ -220,3 +220,21 @@ def test_shipped_tokenizer_is_rebuilt_exactly_from_the_corpus():
     shipped = AutoTokenizer.from_pretrained(EMBEDDED["embedded:tiny-qa"] / "tokenizer")
     rebuilt = build_tokenizer(tokenizer_texts(corpus()[0]), 1000)
     assert shipped.get_vocab() == rebuilt.get_vocab()
+
+
+def test_answer_only_question_memory_still_trains_encoder_and_is_saved(tmp_path, small):
+    ex, _ = small
+    m = TwoDecoderBart(None, d_model=32, layers=1, vocab_size=400, n_towns=60, max_answer_tokens=30, question_memory="answer")
+    ids = m.sample_answers(ex[:3], generator=torch.Generator().manual_seed(0))
+    src = m.source(ex[:3])
+    enc = m.encode(src)
+    _, h = m.answer_pass(enc, src["attention_mask"], ids)
+    memory, mask = m._memory(enc, src["attention_mask"], h, ids != m.pad)
+    assert memory.shape == h.shape and torch.equal(mask.bool(), ids != m.pad)  # decoder 1's states only
+    m.reconstruction_nll(ex[:3], ids).sum().backward()
+    assert sum(float(p.grad.abs().sum()) for p in m.bart.model.encoder.layers.parameters() if p.grad is not None) > 0
+    m.save_pretrained(tmp_path)
+    assert TwoDecoderBart(str(tmp_path)).question_memory == "answer"
+    assert TwoDecoderBart(str(tmp_path), question_memory="answer+source").question_memory == "answer+source"
+    with pytest.raises(ValueError, match="question_memory"):
+        TwoDecoderBart(str(tmp_path), question_memory="source")

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run(method: str, steps: int, batch: int, lr: float, seed: int, weight: float = 0.3):
+def run(method: str, steps: int, batch: int, lr: float, seed: int, weight: float = 0.3,
+        pretrained: str = "embedded:tiny-qa"):
     import lightning as L
 
     from domains.qa_text.data import QADataModule
@@ -31,7 +32,7 @@ def run(method: str, steps: int, batch: int, lr: float, seed: int, weight: float
     from rewardopt.methods.dril import DRIL
 
     L.seed_everything(seed, verbose=False)
-    model = TwoDecoderBart("embedded:tiny-qa")
+    model = TwoDecoderBart(pretrained)
     if steps == 0:
         return model, 0.0
     m = DRIL(model, sample_prob=0.5 if method == "DRIL" else 0.0, reconstruction_weight=weight, lr=lr, seed=seed,
@@ -79,6 +80,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n", type=int, default=128)
+    p.add_argument("--pretrained", default="embedded:tiny-qa", help="the model every run starts from")
     p.add_argument("--weight", type=float, default=0.3, help="DRIL's reconstruction weight (paper 0.3)")
     p.add_argument("--out", default="runs/qa_bench")
     p.add_argument("--table", metavar="QA_JSON", help="only print the table of an earlier run's qa.json")
@@ -94,7 +96,7 @@ def main() -> None:
     times: dict[str, list[float]] = {}
     for method, steps in (("pretrained", 0), ("MLE", args.steps), ("DRIL", args.steps)):
         for s in (args.seeds if steps else args.seeds[:1]):
-            model, secs = run(method, steps, args.batch, args.lr, s, args.weight)
+            model, secs = run(method, steps, args.batch, args.lr, s, args.weight, args.pretrained)
             model.eval()
             gen = []
             with torch.no_grad():

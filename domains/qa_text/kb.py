@@ -142,9 +142,3 @@ def check_facts(answer: str, kb: dict[str, Town], town: str | None = None) -> di
                 break
     return {"sentences": len(sentences), "facts": facts, "correct": correct,
             "accuracy": correct / len(sentences) if sentences else 0.0}
-
-
-def bucket_of(answer: str) -> int:
-    """The length bucket an answer's sentence count falls in (the nearest requested count)."""
-    n = len(split_sentences(answer))
-    return min(range(len(BUCKET_SENTENCES)), key=lambda b: (abs(BUCKET_SENTENCES[b] - n), b))

@@ -238,3 +238,13 @@ def test_answer_only_question_memory_still_trains_encoder_and_is_saved(tmp_path,
     assert TwoDecoderBart(str(tmp_path), question_memory="answer+source").question_memory == "answer+source"
     with pytest.raises(ValueError, match="question_memory"):
         TwoDecoderBart(str(tmp_path), question_memory="source")
+
+
+def test_length_and_fact_rewards_score_answers_against_their_example(small):
+    from domains.qa_text.rewards import FactAccuracyReward, LengthBucketReward
+
+    ex, kb = small
+    e = next(x for x in ex if x["bucket"] == 2)  # 4 sentences
+    short = " ".join(e["answer"].split(". ")[:1]).rstrip(".") + "."
+    assert LengthBucketReward()([e["answer"], short], [e, e]).total.tolist() == [0.0, -3.0]
+    assert FactAccuracyReward(kb)([e["answer"], "The weather is mild."], [e, e]).total.tolist() == [1.0, 0.0]

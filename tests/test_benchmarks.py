@@ -1,0 +1,62 @@
+"""The benchmark plumbing: result pages and the GPU script's CPU smoke mode."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu  # noqa: E402
+import results_md  # noqa: E402
+
+
+def test_result_page_records_provenance(tmp_path):
+    out = results_md.write_result("demo_table", ["| a | b |\n|---|---|\n| 1 | 2 |"], seeds=[0, 1, 2],
+                                  notes="a note", command="python benchmarks/x.py --seeds 0 1 2", folder=tmp_path)
+    text = out.read_text()
+    assert out == tmp_path / "demo_table.md"
+    for field in ("**date**", "**commit**", "**machine**", "**seeds**: 0, 1, 2",
+                  "`python benchmarks/x.py --seeds 0 1 2`", "a note", "| 1 | 2 |"):
+        assert field in text, field
+    commit = next(line for line in text.splitlines() if "**commit**" in line)
+    assert "unknown" not in commit  # the test runs inside the git checkout
+
+
+def test_result_page_rejects_paths(tmp_path):
+    with pytest.raises(ValueError, match="plain file stem"):
+        results_md.write_result("../escape", ["x"], folder=tmp_path)
+
+
+def test_gpu_configs_are_sd15_sized():
+    """The offline configs build SD 1.5's exact architecture (published parameter counts)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**gpu.SD15_UNET)
+        vae = AutoencoderKL(**gpu.SD15_VAE)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **gpu.SD15_TEXT))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(unet), count(vae), count(text)) == (859_520_964, 83_653_863, 123_060_480)
+
+
+def test_gpu_script_tiny_mode_writes_a_table(tmp_path):
+    rows = gpu.main(["--tiny", "--methods", "DRaFT-1", "DDPO", "--batches", "1", "--repeats", "1",
+                     "--out", str(tmp_path)])
+    assert [(r["method"], r["batch"]) for r in rows] == [("DRaFT-1", 1), ("DDPO", 1)]
+    for r in rows:
+        assert r["step_s"] > 0 and r["plain_s"] > 0 and r["ratio"] == pytest.approx(r["step_s"] / r["plain_s"])
+    page = (tmp_path / "gpu_tiny.md").read_text()
+    assert "| DRaFT-1 | 1 |" in page and "| DDPO | 1 |" in page and "step / plain" in page
+
+
+def test_gpu_script_refuses_full_size_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit, match="--tiny"):
+        gpu.main([])

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_md import record_stdout  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -144,19 +146,20 @@ def main() -> None:
                 r = rows[-1]
                 print(f"  T={T:>2} K={K:>2} ckpt={'on ' if ckpt else 'off'} peak+{r['peak_above_idle_mb']:.0f} MB "
                       f"step {r['step_s']:.2f}s ratio {r['ratio_to_ideal']:.2f}", file=sys.stderr, flush=True)
-    print("\n| T | K | checkpointing | peak above idle (MB) | step (s) | plain pass (s) | step / ideal |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['T']} | {r['K']} | {'on' if r['ckpt'] else 'off'} | {r['peak_above_idle_mb']:.1f} | "
-              f"{r['step_s']:.3f} | {r['plain_s']:.3f} | {r['ratio_to_ideal']:.2f} |")
-    by = {(r["T"], r["K"], r["ckpt"]): r for r in rows}
-    Tmax = max(r["T"] for r in rows)
-    full, one = by[(Tmax, Tmax, True)], by[(Tmax, 1, True)]
-    ratio = full["peak_above_idle_mb"] / max(one["peak_above_idle_mb"], 1e-9)
-    print(f"\nCheckpointing on: peak memory at K=T={Tmax} is {ratio:.2f}x that at K=1 (target <= 1.5).")
-    worst = max((r for r in rows if r["ckpt"]), key=lambda r: r["ratio_to_ideal"])
-    print(f"Worst DRaFT-K step / ideal with checkpointing: {worst['ratio_to_ideal']:.2f} at T={worst['T']} K={worst['K']} "
-          f"(target <= 1.15).")
+    with record_stdout("backprop_memory", title="DRaFT-K memory and time vs T, K, checkpointing"):
+        print("\n| T | K | checkpointing | peak above idle (MB) | step (s) | plain pass (s) | step / ideal |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['T']} | {r['K']} | {'on' if r['ckpt'] else 'off'} | {r['peak_above_idle_mb']:.1f} | "
+                  f"{r['step_s']:.3f} | {r['plain_s']:.3f} | {r['ratio_to_ideal']:.2f} |")
+        by = {(r["T"], r["K"], r["ckpt"]): r for r in rows}
+        Tmax = max(r["T"] for r in rows)
+        full, one = by[(Tmax, Tmax, True)], by[(Tmax, 1, True)]
+        ratio = full["peak_above_idle_mb"] / max(one["peak_above_idle_mb"], 1e-9)
+        print(f"\nCheckpointing on: peak memory at K=T={Tmax} is {ratio:.2f}x that at K=1 (target <= 1.5).")
+        worst = max((r for r in rows if r["ckpt"]), key=lambda r: r["ratio_to_ideal"])
+        print(f"Worst DRaFT-K step / ideal with checkpointing: {worst['ratio_to_ideal']:.2f} at T={worst['T']} K={worst['K']} "
+              f"(target <= 1.15).")
     (ROOT / "runs").mkdir(exist_ok=True)
     (ROOT / "runs" / "backprop_memory.json").write_text(json.dumps(rows, indent=2))
 

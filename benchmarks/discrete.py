@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_md import record_stdout  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 
@@ -195,21 +197,22 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    print(f"\nTiny masked-diffusion models, T={args.steps}; budget {args.multiple * args.steps} NFE/sample "
-          f"({args.multiple}x); {args.n} samples x {len(args.seeds)} seeds; mean over seeds (± sd).\n")
-    print("| oracle | method | NFE/sample | oracle calls/sample | median | top-10% | validity | uniqueness | diversity | second score |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        sec = f"{r['second']:.3f}" if "second" in r else "-"
-        print(f"| {r['oracle']} | {r['method']} | {r['nfe']:.0f} | {r['reward_calls']:.0f} | {r['median']:.3f} ± {r['median_sd']:.3f} | "
-              f"{r['top10']:.3f} ± {r['top10_sd']:.3f} | {r['validity']:.2f} | {r['uniqueness']:.2f} | {r['diversity']:.3f} | {sec} |")
-    print("\nsecond score: molecules — the differentiable surrogate of that oracle (what DRAKES trains on); DNA — the "
-          "separate evaluation oracle (motif hit counts with other weights). Molecule diversity: 1 - mean pairwise "
-          "Tanimoto (Morgan r=2); DNA diversity: mean pairwise Hamming distance / L.")
-    for d in (r for r in results if r["method"].startswith("DRAKES")):
-        print(f"{d['method']} on {d['oracle']}: {d.get('train_nfe', 0):.0f} training NFE ({d.get('train_nfe_grad', 0):.0f} with grad), "
-              f"{d.get('train_s', 0):.0f} s per seed, {args.drakes_steps} steps of {args.drakes_batch} sequences, lr {args.drakes_lr}.")
-    print(f"wrote {out}.json")
+    with record_stdout("discrete", seeds=args.seeds, title="Discrete steering and DRAKES: molecules and DNA"):
+        print(f"\nTiny masked-diffusion models, T={args.steps}; budget {args.multiple * args.steps} NFE/sample "
+              f"({args.multiple}x); {args.n} samples x {len(args.seeds)} seeds; mean over seeds (± sd).\n")
+        print("| oracle | method | NFE/sample | oracle calls/sample | median | top-10% | validity | uniqueness | diversity | second score |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in results:
+            sec = f"{r['second']:.3f}" if "second" in r else "-"
+            print(f"| {r['oracle']} | {r['method']} | {r['nfe']:.0f} | {r['reward_calls']:.0f} | {r['median']:.3f} ± {r['median_sd']:.3f} | "
+                  f"{r['top10']:.3f} ± {r['top10_sd']:.3f} | {r['validity']:.2f} | {r['uniqueness']:.2f} | {r['diversity']:.3f} | {sec} |")
+        print("\nsecond score: molecules — the differentiable surrogate of that oracle (what DRAKES trains on); DNA — the "
+              "separate evaluation oracle (motif hit counts with other weights). Molecule diversity: 1 - mean pairwise "
+              "Tanimoto (Morgan r=2); DNA diversity: mean pairwise Hamming distance / L.")
+        for d in (r for r in results if r["method"].startswith("DRAKES")):
+            print(f"{d['method']} on {d['oracle']}: {d.get('train_nfe', 0):.0f} training NFE ({d.get('train_nfe_grad', 0):.0f} with grad), "
+                  f"{d.get('train_s', 0):.0f} s per seed, {args.drakes_steps} steps of {args.drakes_batch} sequences, lr {args.drakes_lr}.")
+        print(f"wrote {out}.json")
 
 
 def summarise(oracle: str, method: str, per: list[dict]) -> dict:

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_md import record_stdout  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 
@@ -110,7 +112,8 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "qa.json").write_text(json.dumps({"args": vars(args), "results": results, "train_s": times}, indent=2))
 
-    print_table(results, times, args)
+    with record_stdout("qa", seeds=args.seeds, title="QA text: DRIL vs MLE"):
+        print_table(results, times, args)
 
 
 if __name__ == "__main__":

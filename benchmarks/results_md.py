@@ -75,3 +75,37 @@ def write_result(name: str, tables: Sequence[str], seeds: Sequence[int] | None =
     out.write_text("\n".join(lines))
     print(f"[benchmark] results written to {out}")
     return out
+
+
+class record_stdout:
+    """Everything printed to stdout inside the block is echoed and also written as the result page::
+
+        with record_stdout("qa", seeds=args.seeds, title="..."):
+            print_tables(...)
+    """
+
+    def __init__(self, name: str, seeds: Sequence[int] | None = None, title: str | None = None, notes: str = "",
+                 folder: Path | None = None) -> None:
+        self.kw = dict(name=name, seeds=seeds, title=title, notes=notes, folder=folder)
+
+    def __enter__(self) -> "record_stdout":
+        import io
+
+        self._buf, self._stdout = io.StringIO(), sys.stdout
+        outer = self
+
+        class _Tee(io.TextIOBase):
+            def write(self, s: str) -> int:
+                outer._stdout.write(s)
+                return outer._buf.write(s)
+
+            def flush(self) -> None:
+                outer._stdout.flush()
+
+        sys.stdout = _Tee()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        sys.stdout = self._stdout
+        if exc_type is None:
+            self.path = write_result(tables=[self._buf.getvalue()], **self.kw)

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_md import record_stdout  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 
@@ -127,17 +129,18 @@ def main() -> None:
         record(label, per)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "tts.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    print(f"\nTiny codec LM (GPT-2, 2 layers), {args.n} held-out texts x {len(args.seeds)} seeds; {args.steps} steps of "
-          f"{args.batch} sequences, lr {args.lr}, beta {args.kl}; mean over seeds (± sd).\n")
-    print("| method | CER (audio, recogniser) | pitch acc (audio) | pitch acc (reward head) | Token2Text reward (median) | KL to pretrained | tokens |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['cer']:.3f} ± {r['cer_sd']:.3f} | {r['attr_acc_audio']:.3f} ± {r['attr_acc_audio_sd']:.3f} | "
-              f"{r['attr_acc_tokens']:.3f} | {r['token2text']:.3f} | {r['kl']:.2f} | {r['tokens']:.1f} |")
-    for r in rows:
-        if "train_s" in r:
-            print(f"{r['method']}: {r['train_s']:.0f} s training per seed, {r['train_nfe']:.0f} LM passes")
-    print(f"wrote {args.out}/tts.json")
+    with record_stdout("tts", seeds=args.seeds, title="TTS codec LM: DiffRO vs REINFORCE"):
+        print(f"\nTiny codec LM (GPT-2, 2 layers), {args.n} held-out texts x {len(args.seeds)} seeds; {args.steps} steps of "
+              f"{args.batch} sequences, lr {args.lr}, beta {args.kl}; mean over seeds (± sd).\n")
+        print("| method | CER (audio, recogniser) | pitch acc (audio) | pitch acc (reward head) | Token2Text reward (median) | KL to pretrained | tokens |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['method']} | {r['cer']:.3f} ± {r['cer_sd']:.3f} | {r['attr_acc_audio']:.3f} ± {r['attr_acc_audio_sd']:.3f} | "
+                  f"{r['attr_acc_tokens']:.3f} | {r['token2text']:.3f} | {r['kl']:.2f} | {r['tokens']:.1f} |")
+        for r in rows:
+            if "train_s" in r:
+                print(f"{r['method']}: {r['train_s']:.0f} s training per seed, {r['train_nfe']:.0f} LM passes")
+        print(f"wrote {args.out}/tts.json")
 
 
 if __name__ == "__main__":

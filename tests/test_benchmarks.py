@@ -60,3 +60,14 @@ def test_gpu_script_refuses_full_size_without_cuda():
         pytest.skip("a CUDA device is present")
     with pytest.raises(SystemExit, match="--tiny"):
         gpu.main([])
+
+
+def test_record_stdout_tees_printed_tables(tmp_path, capsys):
+    with results_md.record_stdout("teed", seeds=[3], folder=tmp_path) as rec:
+        print("| x |\n|---|\n| 7 |")
+    assert "| 7 |" in capsys.readouterr().out  # still printed
+    assert rec.path.read_text().endswith("| 7 |\n") and "**seeds**: 3" in rec.path.read_text()
+    with pytest.raises(RuntimeError), results_md.record_stdout("failed", folder=tmp_path):
+        print("partial")
+        raise RuntimeError("boom")
+    assert not (tmp_path / "failed.md").exists()  # a failed run leaves no page

@@ -46,10 +46,20 @@ def group_argmax(values: torch.Tensor, group: int) -> torch.Tensor:
 
 def group_sample(values: torch.Tensor, group: int, alpha: float, rng: torch.Generator, k: int = 1,
                  replacement: bool = True) -> torch.Tensor:
-    """k indices per group drawn from softmax(values / alpha) (flat indices, (B*k,))."""
-    v = values.detach().float().cpu().view(-1, group)
-    probs = torch.softmax(v / alpha, dim=1)
-    idx = torch.multinomial(probs, k, replacement=replacement, generator=rng)
+    """k indices per group drawn from softmax(values / alpha) (flat indices, (B*k,)).
+
+    Everything stays in log space (Gumbel-max), so a softmax that underflows to exact zeros at small
+    α cannot make the draw arbitrary: with ``replacement`` each of the k picks is argmax(v/α + G)
+    with fresh Gumbel noise G; without, the picks are the top k of one v/α + G (Gumbel-top-k, an
+    exact draw without replacement in the Plackett-Luce order, best first). -inf entries are never
+    picked while a finite one is left."""
+    v = values.detach().double().cpu().view(-1, group) / alpha
+    if not replacement and k > group:
+        raise ValueError(f"cannot draw {k} of {group} without replacement")
+    shape = (v.shape[0], k if replacement else 1, group)
+    u = torch.rand(shape, generator=rng, dtype=torch.float64).clamp(1e-300, 1 - 1e-16)
+    scores = v.unsqueeze(1) - torch.log(-torch.log(u))
+    idx = scores.argmax(2) if replacement else scores[:, 0].topk(k, dim=1).indices
     return (idx + torch.arange(v.shape[0]).unsqueeze(1) * group).flatten().to(values.device)
 
 

@@ -2,6 +2,7 @@
 the circuit breaker, the API key's handling, and the in-process VLM judge."""
 
 import logging
+import math
 import time
 
 import pytest
@@ -37,7 +38,7 @@ def test_scores_follow_the_server_and_use_logprobs():
     assert srv.requests == 8
 
 
-@pytest.mark.parametrize("fault", ["500", "malformed", "drop", "slow"])
+@pytest.mark.parametrize("fault", ["500", "malformed", "drop", "slow", "stray_digits", "malformed_logprobs"])
 def test_each_fault_is_retried_and_counted(fault):
     with JudgeServer(faults={0: fault}, slow_s=3.0) as srv:
         j = judge(srv, timeout_s=1.0, max_workers=1)
@@ -46,6 +47,29 @@ def test_each_fault_is_retried_and_counted(fault):
     assert out.info["failed"] == 0 and torch.isfinite(out.total).all()
     if fault == "slow":
         assert j.stats["timeouts"] == 1
+
+
+@pytest.mark.parametrize("fault", ["stray_digits", "malformed_logprobs"])
+@pytest.mark.parametrize("use_logprobs", [True, False])
+def test_stray_digit_answers_fail_through_the_client(fault, use_logprobs):
+    """An answer without "Score: N" is a failure, counted by the policy: never its stray digit "2"."""
+    x = images(1, blue=1)
+    with JudgeServer(fault_fn=lambda i: fault) as srv:
+        j = judge(srv, retries=1, on_failure=-1.0, use_logprobs=use_logprobs, breaker_threshold=None)
+        out = j(x, ["p"])
+    assert out.total.tolist() == [-1.0] and out.info["failed"] == 1 and srv.requests == 2
+    with JudgeServer(faults={0: fault}) as srv:
+        j = judge(srv, retries=1, use_logprobs=use_logprobs, logprob_score="top1")
+        out = j(x, ["p"])
+    assert out.total.item() == round(blueness_score(to_png(x[0]))) and j.stats["retries"] == 1
+
+
+def test_judge_options_are_checked():
+    with JudgeServer() as srv:
+        with pytest.raises(ValueError, match="logprob_score"):
+            judge(srv, logprob_score="median")
+        with pytest.raises(ValueError, match="score_marker"):
+            judge(srv, score_marker="  ")
 
 
 def test_persistent_failures_follow_the_policy():
@@ -96,17 +120,75 @@ def test_concurrency_overlaps_latency():
     assert dt < 16 * 0.2 / 3, f"16 requests at 0.2 s with 8 in flight took {dt:.2f}s"
 
 
+def lp_of(tokens, alts=None):
+    """OpenAI-format log-probs for ``tokens``; ``alts`` maps a token index -> {alternative: probability}."""
+    alts = alts or {}
+    out = []
+    for i, t in enumerate(tokens):
+        ranked = sorted(alts.get(i, {t: 1.0}).items(), key=lambda a: -a[1])
+        top = [{"token": a, "logprob": math.log(p)} for a, p in ranked]
+        own = next((a["logprob"] for a in top if a["token"] == t), -5.0)
+        out.append({"token": t, "logprob": own, "top_logprobs": top})
+    return out
+
+
 def test_parse_score():
     assert parse_score("blah 3 things.\nScore: 7", None, 1, 9) == 7
     assert parse_score("**Score:** 4", None, 1, 9) == 4
-    assert parse_score("I give it 12, no, 8", None, 1, 9) == 8
-    lp = [{"token": "Score", "logprob": 0.0}, {"token": "6", "logprob": -0.1,
-          "top_logprobs": [{"token": "6", "logprob": -0.5108}, {"token": "7", "logprob": -0.9163}, {"token": "x", "logprob": -3}]}]
+    assert parse_score("**Score**: 4.", None, 1, 9) == 4
+    assert parse_score("Score: 3 at first; on reflection, score: 8", None, 1, 9) == 8
+    alts = [{"token": "6", "logprob": -0.5108}, {"token": "7", "logprob": -0.9163}, {"token": "x", "logprob": -3}]
+    lp = [{"token": "Score", "logprob": 0.0}, {"token": ":", "logprob": 0.0}, {"token": " 6", "logprob": -0.1,
+          "top_logprobs": alts}]
     assert parse_score("Score: 6", lp, 1, 9) == pytest.approx(6.4, abs=1e-3)
-    with pytest.raises(ValueError, match="no score in"):
+    with pytest.raises(ValueError, match="no score"):
         parse_score("I cannot rate this.", None, 1, 9)
-    with pytest.raises(ValueError, match="no score in"):
+    with pytest.raises(ValueError, match=r"outside \[1, 9\]"):
         parse_score("Score: 10", None, 1, 9)
+
+
+def test_parse_score_rejects_stray_digits():
+    """Digits that are not the answer after the marker are never a score (issue 12.1)."""
+    with pytest.raises(ValueError, match="no score"):
+        parse_score("I cannot rate 2 images.", None, 1, 9)
+    with pytest.raises(ValueError, match="no score"):
+        parse_score("I give it 12, no, 8", None, 1, 9)
+    text = ["I", " cannot", " rate", " ", "2", " images", "."]
+    with pytest.raises(ValueError, match="no score"):
+        parse_score("".join(text), lp_of(text, {4: {"2": 0.7, "3": 0.3}}), 1, 9)
+    with pytest.raises(ValueError, match="not an integer"):
+        parse_score("Score: 7.5", None, 1, 9)
+
+
+def test_parse_score_logprobs_score_the_token_right_after_the_last_marker():
+    tokens = ["Score", ":", " ", "7", "/", "9"]
+    lp = lp_of(tokens, {3: {"6": 0.2, "7": 0.6, "8": 0.2}, 5: {"9": 1.0}})
+    assert parse_score("Score: 7/9", lp, 1, 9) == pytest.approx(7.0, abs=1e-6)
+    assert parse_score("Score: 7/9", None, 1, 9) == 7
+    # "...3 cats... Score: 10": the answer 10 is out of range (whether "10" is one token or two)
+    for tokens in (["There", " are", " ", "3", " cats", ".", "\n", "Score", ":", " ", "1", "0"],
+                   ["There", " are", " 3", " cats", ".", "\n", "Score", ":", " 10"]):
+        alts = {i: {"3": 0.9, "4": 0.1} for i, t in enumerate(tokens) if t.strip() == "3"}
+        with pytest.raises(ValueError, match=r"outside \[1, 9\]"):
+            parse_score("".join(tokens), lp_of(tokens, alts), 1, 9)
+    # the marker is tied to the last occurrence; earlier markers (e.g. an echoed template) are ignored
+    tokens = ["Answer", " with", " Score", ":", " N", ".", " Score", ":", " ", "5"]
+    assert parse_score("".join(tokens), lp_of(tokens, {9: {"5": 0.5, "6": 0.5}}), 1, 9) == pytest.approx(5.5)
+
+
+def test_parse_score_markers_and_top1():
+    reasoning = "Reasoning: the dog is there, 2 legs missing.\nAnswer: 6"
+    assert parse_score(reasoning, None, 1, 9) == 6  # Free²Guide's "Answer:" is accepted by default
+    assert parse_score("Rating: 4", None, 1, 9, markers=("Rating:",)) == 4
+    with pytest.raises(ValueError, match="no score"):
+        parse_score("Score: 4", None, 1, 9, markers=("Rating:",))
+    tokens = ["Answer", ":", " ", "7", "."]
+    lp = lp_of(tokens, {3: {"6": 0.6, "7": 0.4, "x": 0.0001}})
+    assert parse_score("Answer: 7.", lp, 1, 9) == pytest.approx(6.4, abs=1e-3)
+    # top-1 (Free²Guide's public code): the most likely in-range answer token, not the sampled one
+    assert parse_score("Answer: 7.", lp, 1, 9, logprob_score="top1") == 6
+    with pytest.raises(ValueError, match="logprob_score"):
+        parse_score("Answer: 7.", lp, 1, 9, logprob_score="mean")
 
 
 def test_videos_are_sent_as_a_grid_of_key_frames():
@@ -144,5 +226,7 @@ def test_in_process_vlm_judge(tiny_vlm_dir):
     assert not torch.allclose(out.total, out.total[0].expand(3)), "the score depends on the image"
     again = TransformersJudge(str(tiny_vlm_dir), cache_size=0)(x, ["a blue square"] * 3)
     assert torch.allclose(out.total, again.total, atol=1e-5)
+    top1 = TransformersJudge(str(tiny_vlm_dir), logprob_score="top1", cache_size=0)(x, ["a blue square"] * 3).total
+    assert torch.equal(top1, top1.round()) and ((top1 >= 1) & (top1 <= 9)).all()
     with pytest.raises(ValueError, match="single-digit"):
         TransformersJudge(str(tiny_vlm_dir), score_max=10)

@@ -4,13 +4,18 @@
 template to an OpenAI-compatible ``/chat/completions`` endpoint — what vLLM, SGLang and hosted APIs
 serve — and turns the answer into a score in [score_min, score_max]:
 
-* when the server returns log-probabilities (``logprobs``/``top_logprobs``), the score is the
-  expectation of the answer integer under the answer token's distribution (Free²Guide scores
-  GPT-4o this way), so near-ties still rank candidates;
-* otherwise the last integer in range in the text (the template asks for a final "Score: N").
+The answer is the integer right after the last answer marker (``score_marker``, default the
+"Score:" that the default template asks for; Free²Guide's "Answer:" is accepted too):
 
-An answer with no score in range is an error: it is retried and, if it persists, handled by the
-failure policy and counted. The API key is read from the environment variable ``api_key_env`` at
+* when the server returns log-probabilities (``logprobs``/``top_logprobs``), the answer token's
+  distribution gives the score: its expectation over the in-range integers (``logprob_score:
+  expectation``, the default of this generic judge, so near-ties still rank candidates) or its
+  most likely in-range integer (``top1``, what Free²Guide's public code does; its recipes use it);
+* otherwise the integer in the text.
+
+An answer without a marker followed by an integer in range (stray digits, "Score: 10" on a 1-9
+scale, a decimal) is an error: it is retried and, if it persists, handled by the failure policy
+and counted. The API key is read from the environment variable ``api_key_env`` at
 call time; it is never stored on the object, logged or put in an error message.
 
 ``TransformersJudge`` is the in-process backend: a ``transformers`` image-text-to-text model and its
@@ -31,6 +36,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -81,37 +87,104 @@ def to_pil(img: torch.Tensor):
     return Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a)
 
 
-def _int_in_range(tok: str, lo: int, hi: int) -> int | None:
+SCORE_MARKERS = ("Score:", "Answer:")
+"""Answer markers accepted by default: our template's "Score:" and Free²Guide's "Answer:"."""
+
+LOGPROB_SCORES = ("expectation", "top1")
+
+
+def answer_markers(score_marker: str) -> tuple[str, ...]:
+    """The markers a judge accepts: its ``score_marker`` and Free²Guide's "Answer:"."""
+    if not isinstance(score_marker, str) or not score_marker.strip():
+        raise ValueError(f"score_marker must be the text before the answer, e.g. 'Score:'; got {score_marker!r}")
+    return tuple(dict.fromkeys((score_marker.strip(), "Answer:")))
+
+
+def _marker_pattern(markers: Sequence[str]) -> re.Pattern:
+    """Any of ``markers`` (case-insensitive), tolerating markdown emphasis and spaces before their
+    punctuation ("**Score**: 7", "Score : 7"), followed by the answer: optional spaces, emphasis or
+    an opening bracket, then the number."""
+    alts = []
+    for m in markers:
+        if not m or not m.strip():
+            raise ValueError(f"score markers must be non-empty text, got {m!r}")
+        alts.append("".join(re.escape(c) if c.isalnum() or c.isspace() else r"[\s*_]*" + re.escape(c)
+                            for c in m.strip()))
+    return re.compile(r"(?:" + "|".join(alts) + r")[\s*_\[(\"']*(?P<num>\d+(?:\.\d+)?)?", re.IGNORECASE)
+
+
+def _answer_span(text: str, markers: Sequence[str], lo: int, hi: int) -> tuple[int, int, int]:
+    """(start, end, value) of the integer right after the LAST answer marker in ``text``.
+
+    Raises ValueError when there is no marker, nothing numeric right after it, a decimal, or an
+    integer outside [lo, hi] — the judge did not answer as asked, so the call is retried / counted."""
+    hits = list(_marker_pattern(markers).finditer(text))
+    if not hits:
+        raise ValueError(f"judge answer has no score: no {' / '.join(map(repr, markers))} in {text[-200:]!r}")
+    m = hits[-1]
+    num = m.group("num")
+    if num is None:
+        raise ValueError(f"judge answer has no score after its last {m.group(0).strip()!r}: {text[-200:]!r}")
+    if "." in num:
+        raise ValueError(f"judge score {num} is not an integer in [{lo}, {hi}]: {text[-200:]!r}")
+    value = int(num)
+    if not lo <= value <= hi:
+        raise ValueError(f"judge score {value} is outside [{lo}, {hi}]: {text[-200:]!r}")
+    return m.start("num"), m.end("num"), value
+
+
+def _int_token(tok: str, lo: int, hi: int) -> int | None:
     s = tok.strip()
-    if s.isdigit() and lo <= int(s) <= hi:
-        return int(s)
-    return None
+    return int(s) if s.isdigit() and lo <= int(s) <= hi else None
 
 
-def parse_score(text: str, logprobs: list[dict] | None, lo: int, hi: int) -> float:
+def parse_score(text: str, logprobs: list[dict] | None, lo: int, hi: int, markers: Sequence[str] = SCORE_MARKERS,
+                logprob_score: str = "expectation") -> float:
     """The judge's score from an answer ``text`` and, if given, the per-token ``logprobs`` content
     (OpenAI format: [{"token", "logprob", "top_logprobs": [{"token", "logprob"}, ...]}, ...]).
 
-    With log-probs: the last token that is an integer in [lo, hi] is the answer token; the score is
-    the expectation over the in-range integers among its top log-probs (renormalised)."""
-    if logprobs:
-        for entry in reversed(logprobs):
-            if _int_in_range(entry.get("token", ""), lo, hi) is None:
-                continue
-            probs: dict[int, float] = {}
-            for alt in entry.get("top_logprobs") or [entry]:
-                k = _int_in_range(alt.get("token", ""), lo, hi)
-                if k is not None:
-                    probs[k] = probs.get(k, 0.0) + math.exp(float(alt["logprob"]))
-            z = sum(probs.values())
-            if z > 0:
-                return sum(k * p for k, p in probs.items()) / z
+    The answer is the integer right after the LAST of ``markers`` (what the template asks for, e.g.
+    "Score: N"; Free²Guide asks for "Answer: N"); anything else raises ValueError: no marker (stray
+    digits such as "I cannot rate 2 images." are never a score), a decimal, or an integer outside
+    [lo, hi] ("Score: 10" on a 1-9 scale is an invalid answer, not a 9 and not an earlier "3").
+
+    With log-probs the same rule is applied to the generated tokens, and the answer token is the
+    one holding that integer; ``logprob_score`` then gives:
+
+    * ``"expectation"``: sum_k k·p(k) over the in-range integers among its top log-probs,
+      renormalised (near-ties still rank candidates; G-Eval's probability-weighted score);
+    * ``"top1"``: the most likely in-range integer among them (Free²Guide's public code reads the
+      top-1 log-prob token of the answer).
+
+    Our reading: an answer integer spread over several tokens (a tokenizer that splits "10" into
+    "1", "0") has no single answer distribution; it scores its integer value."""
+    if logprob_score not in LOGPROB_SCORES:
+        raise ValueError(f"logprob_score must be one of {LOGPROB_SCORES}, got {logprob_score!r}")
+    if not logprobs:
+        return float(_answer_span(text, markers, lo, hi)[2])
+    tokens = [str(e.get("token", "")) for e in logprobs]
+    start, end, value = _answer_span("".join(tokens), markers, lo, hi)
+    pos, first, last = 0, None, len(tokens) - 1
+    for i, t in enumerate(tokens):
+        if first is None and pos + len(t) > start:
+            first = i
+        pos += len(t)
+        if pos >= end:
+            last = i
             break
-    m = re.findall(r"score\s*[:=]?\s*\**\s*(\d+)", text, flags=re.IGNORECASE) or re.findall(r"\b(\d+)\b", text)
-    for s in reversed(m):
-        if lo <= int(s) <= hi:
-            return float(s)
-    raise ValueError(f"judge answer has no score in [{lo}, {hi}]: {text[-200:]!r}")
+    if first != last:  # a multi-token integer
+        return float(value)
+    entry = logprobs[first]
+    probs: dict[int, float] = {}
+    for alt in entry.get("top_logprobs") or [entry]:
+        k = _int_token(str(alt.get("token", "")), lo, hi)
+        if k is not None:
+            probs[k] = probs.get(k, 0.0) + math.exp(float(alt["logprob"]))
+    if sum(probs.values()) <= 0:  # the alternatives miss the generated token: it stands alone
+        return float(value)
+    if logprob_score == "top1":
+        return float(max(probs, key=probs.get))
+    return sum(k * p for k, p in probs.items()) / sum(probs.values())
 
 
 class OpenAIJudge(BlackBoxReward):
@@ -123,7 +196,12 @@ class OpenAIJudge(BlackBoxReward):
         prompt_template: text with ``{prompt}``, ``{min}`` and ``{max}`` fields.
         score_min / score_max: the score range asked for (Free²Guide: 1-9).
         api_key_env: environment variable holding the API key (None: no Authorization header).
-        use_logprobs: ask for log-probs and score by expectation when the server returns them.
+        score_marker: the text before the answer integer that the template asks for ("Score:"); the
+            integer right after its last occurrence (or after a Free²Guide-style "Answer:") is the
+            score. Change it with the template.
+        use_logprobs: ask for log-probs and score the answer token's distribution when returned.
+        logprob_score: "expectation" (default: sum_k k p(k) over in-range integers) or "top1" (the
+            most likely in-range integer: Free²Guide's public code; its recipes set it).
         top_logprobs: alternatives per token requested.
         max_tokens / temperature: generation settings (temperature 0: deterministic judges).
         frames: key frames in a video's grid.
@@ -133,8 +211,9 @@ class OpenAIJudge(BlackBoxReward):
     """
 
     def __init__(self, base_url: str, model: str, prompt_template: str = DEFAULT_TEMPLATE, score_min: int = 1,
-                 score_max: int = 9, api_key_env: str | None = "OPENAI_API_KEY", use_logprobs: bool = True,
-                 top_logprobs: int = 10, max_tokens: int = 512, temperature: float = 0.0, frames: int = 4,
+                 score_max: int = 9, api_key_env: str | None = "OPENAI_API_KEY", score_marker: str = "Score:",
+                 use_logprobs: bool = True, logprob_score: str = "expectation", top_logprobs: int = 10,
+                 max_tokens: int = 512, temperature: float = 0.0, frames: int = 4,
                  extra_body: dict | None = None, max_workers: int = 8, timeout_s: float | None = 60.0, retries: int = 2,
                  backoff_s: float = 0.5, cache_size: int = 10_000, on_failure: str | float = "raise",
                  breaker_threshold: int | None = 5, breaker_cooldown_s: float = 30.0, name: str | None = None) -> None:
@@ -146,6 +225,10 @@ class OpenAIJudge(BlackBoxReward):
         for field in ("{prompt}",):
             if field not in prompt_template:
                 raise ValueError(f"prompt_template must contain {field}")
+        self.markers = answer_markers(score_marker)
+        if logprob_score not in LOGPROB_SCORES:
+            raise ValueError(f"logprob_score must be one of {LOGPROB_SCORES}, got {logprob_score!r}")
+        self.score_marker, self.logprob_score = score_marker, logprob_score
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.prompt_template = model, prompt_template
         self.score_min, self.score_max = score_min, score_max
@@ -189,7 +272,7 @@ class OpenAIJudge(BlackBoxReward):
             lp = (choice.get("logprobs") or {}).get("content") if self.use_logprobs else None
         except (KeyError, IndexError, TypeError) as e:
             raise ValueError(f"{self.name}: malformed response {str(payload)[:200]!r}") from e
-        return parse_score(text, lp, self.score_min, self.score_max)
+        return parse_score(text, lp, self.score_min, self.score_max, self.markers, self.logprob_score)
 
 
 class TransformersJudge(BlackBoxReward):
@@ -198,20 +281,27 @@ class TransformersJudge(BlackBoxReward):
     Args:
         model: local folder or hub id of an image-text-to-text model (``AutoModelForImageTextToText``).
         processor: its processor (default: same path).
-        prompt_template: as ``OpenAIJudge``; the text is followed by "Score: " and the next-token
-            distribution over the digits score_min..score_max gives the expected score.
+        prompt_template: as ``OpenAIJudge``; the text is followed by ``score_marker`` and a space, and
+            the next-token distribution over the digits score_min..score_max gives the score.
+        score_marker: the answer marker the template asks for ("Score:").
+        logprob_score: "expectation" (sum_k k p(k) over the digits) or "top1" (the most likely digit).
         device / dtype: where the model runs.
         Other args: ``BlackBoxReward`` (``max_workers`` defaults to 1: one model, one stream).
     """
 
     def __init__(self, model: str, processor: str | None = None, prompt_template: str = DEFAULT_TEMPLATE,
-                 score_min: int = 1, score_max: int = 9, device: str = "cpu", dtype: str = "float32", frames: int = 4,
+                 score_min: int = 1, score_max: int = 9, score_marker: str = "Score:",
+                 logprob_score: str = "expectation", device: str = "cpu", dtype: str = "float32", frames: int = 4,
                  max_workers: int = 1, timeout_s: float | None = None, retries: int = 0, cache_size: int = 10_000,
                  on_failure: str | float = "raise", name: str | None = None) -> None:
         super().__init__(max_workers=max_workers, timeout_s=timeout_s, retries=retries, cache_size=cache_size,
                          on_failure=on_failure, name=name or "vlm_judge")
         if not 0 <= score_min < score_max <= 9:
             raise ValueError("TransformersJudge scores single-digit answers: need 0 <= score_min < score_max <= 9")
+        answer_markers(score_marker)  # validates it
+        if logprob_score not in LOGPROB_SCORES:
+            raise ValueError(f"logprob_score must be one of {LOGPROB_SCORES}, got {logprob_score!r}")
+        self.score_marker, self.logprob_score = score_marker.strip(), logprob_score
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(processor or model)
@@ -240,11 +330,13 @@ class TransformersJudge(BlackBoxReward):
         image = Image.open(io.BytesIO(obj)).convert("RGB")
         proc = self.processor
         if getattr(proc, "chat_template", None):
-            text = proc.apply_chat_template(self.messages(cond), add_generation_prompt=True) + "Score: "
+            text = proc.apply_chat_template(self.messages(cond), add_generation_prompt=True) + self.score_marker + " "
         else:
             image_token = getattr(proc, "image_token", "<image>")
-            text = f"{image_token}\n{self.messages(cond)[0]['content'][1]['text']}\nScore: "
+            text = f"{image_token}\n{self.messages(cond)[0]['content'][1]['text']}\n{self.score_marker} "
         inputs = proc(images=image, text=text, return_tensors="pt").to(self.vlm.device)
         logits = self.vlm(**inputs).logits[0, -1].float()
         p = torch.softmax(logits[self.digit_ids], dim=0)
+        if self.logprob_score == "top1":
+            return float(self.score_min + int(p.argmax()))
         return float((p * torch.arange(self.score_min, self.score_max + 1, dtype=p.dtype)).sum())

@@ -9,7 +9,9 @@ probability over neighbouring integers. Faults can be injected per request index
         judge = OpenAIJudge(base_url=srv.base_url, model="test")
 
 ``faults`` maps request index -> "500" | "malformed" | "drop" (close the connection without an
-answer) | "slow" (sleep ``slow_s``) | "nologprobs"; or pass ``fault_fn(index) -> kind | None``.
+answer) | "slow" (sleep ``slow_s``) | "nologprobs" | "stray_digits" (an answer with digits but no
+"Score: N", without log-probs) | "malformed_logprobs" (the same malformed answer with log-probs for
+its tokens, the stray digit's spread over neighbours); or pass ``fault_fn(index) -> kind | None``.
 
     python -m rewardopt.testing.judge_server --port 8000 --latency 0.2
 """
@@ -75,6 +77,8 @@ class JudgeServer:
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if kind == "malformed":
                     return self._send(200, server.completion("I cannot rate this image.", None))
+                if kind in ("stray_digits", "malformed_logprobs"):
+                    return self._send(200, server.stray_digit_completion(kind == "malformed_logprobs"))
                 png = server.image_of(body)
                 s = server.scorer(png, server.score_min, server.score_max)
                 want_lp = body.get("logprobs") and kind != "nologprobs"
@@ -112,6 +116,21 @@ class JudgeServer:
         if logprobs is not None:
             choice["logprobs"] = {"content": logprobs}
         return {"id": "cmpl-local", "object": "chat.completion", "model": "local-judge", "choices": [choice]}
+
+    STRAY_TOKENS = ("I", " cannot", " rate", " ", "2", " images", ";", " ", "3", " objects", " are", " unclear", ".")
+
+    def stray_digit_completion(self, with_logprobs: bool) -> dict:
+        """A malformed answer whose only digits (2, 3) are not a score: a judge that reads "any
+        integer in range" would score it 2 or 3."""
+        lp = None
+        if with_logprobs:
+            lp = []
+            for t in self.STRAY_TOKENS:
+                alts = [{"token": t, "logprob": math.log(0.7)}]
+                if t.isdigit():
+                    alts.append({"token": str(int(t) + 1), "logprob": math.log(0.3)})
+                lp.append({"token": t, "logprob": alts[0]["logprob"], "top_logprobs": alts})
+        return self.completion("".join(self.STRAY_TOKENS), lp)
 
     def completion_for_score(self, s: float, top: int) -> dict:
         """An answer ending in "Score: round(s)"; the answer token's top log-probs are a softmax

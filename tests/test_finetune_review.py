@@ -15,6 +15,7 @@ from domains.images.stable_diffusion import StableDiffusionGenerator
 from domains.images.tiny import build_tokenizer, tiny_text_encoder, tiny_unet
 from rewardopt.methods.alignprop import AlignProp
 from rewardopt.methods.draft import DRaFT
+from rewardopt.rewards.base import Reward
 from tests.conftest import tiny_generator
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -97,3 +98,68 @@ def test_alignprop_fixed_49_is_k1_at_any_step_count():
 def test_alignprop_rejects_thresholds_outside_the_reference_range(kw, match):
     with pytest.raises(ValueError, match=match):
         AlignProp(tiny_generator(num_steps=4), ColourReward(), **kw)
+
+
+# ---------------------------------------------------------------------------------------- item 17: REINFORCE
+class Count3(Reward):
+    """A number per sequence (no gradient): the fraction of positions holding token 3, plus a little
+    for token 4 first (so that the advantages are rarely all zero)."""
+
+    def score(self, samples, cond):
+        x = samples.detach()
+        return (x.argmax(-1) == 3).float().mean(-1) + 0.1 * x[:, 0, 4]
+
+
+def reinforce_setup(kl_weight, **gen_kw):
+    from rewardopt.methods.reinforce import Reinforce
+    from tests.test_autoregressive import BOS, make
+
+    g = make(full_finetune=kl_weight > 0, forbidden_token_ids=[BOS], **gen_kw)
+    m = Reinforce(g, Count3(), samples_per_prompt=2, kl_weight=kl_weight, seed=3)
+    return g, m
+
+
+def test_reinforce_runs_one_teacher_forced_pass_with_grad_per_step():
+    g, m = reinforce_setup(kl_weight=0.1)
+    batch = [[4], [5], [6]]
+    rows = len(batch) * m.samples_per_prompt
+    nfe0, grad0 = g.counter.nfe, g.counter.nfe_grad
+    loss = m.training_step(batch, 0)
+    assert g.counter.nfe_grad - grad0 == rows  # one pass over the sampled rows (was 2: NLL pass + KL pass)
+    assert g.counter.nfe - nfe0 == rows * (g.max_new_tokens + 2)  # sampling + the grad pass + the frozen reference
+    loss.backward()
+    assert all(p.grad is not None for p in g.trainable_parameters())
+
+
+def test_reinforce_log_prob_is_the_samplers_filtered_tempered_distribution():
+    """The loss's log π(y|c) is Σ_i log of the distribution ``step`` drew token i from (temperature,
+    top-k, top-p), not the unfiltered policy."""
+    g, m = reinforce_setup(kl_weight=0.0, temperature=0.7, top_k=4, top_p=0.9)
+    seen = {}
+    sample, reward = g.sample, m.reward.score
+    g.sample = lambda *a, **k: seen.setdefault("x", sample(*a, **k))
+    m.reward.score = lambda x, c=None: seen.setdefault("r", reward(x, c))
+    batch = [[4], [5], [6]]
+    loss = m.training_step(batch, 0)
+    raw = [c for c in batch for _ in range(2)]
+    cond, x, r = g.encode_condition(raw), seen["x"], seen["r"].float()
+    ids, mask = g.sampled_targets(x)
+    logp = torch.stack([g.model_output(x, i, cond).gather(-1, ids[:, i:i + 1]).squeeze(-1)
+                        for i in range(g.max_new_tokens)], 1)  # the sampler's own per-step log-probs
+    assert torch.isfinite(logp[mask > 0]).all()
+    seq = logp.masked_fill(mask == 0, 0.0).sum(-1)
+    adv = (r.view(-1, 2) - r.view(-1, 2).mean(1, keepdim=True)).reshape(-1)
+    want = -(adv * seq).mean()
+    assert adv.abs().sum() > 0
+    assert torch.allclose(loss, want, atol=1e-5), (float(loss), float(want))
+    grads = torch.autograd.grad(loss, g.trainable_parameters())
+    want_grads = torch.autograd.grad(want, g.trainable_parameters())
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, want_grads))
+
+
+def test_reinforce_refuses_a_greedy_generator():
+    from rewardopt.methods.reinforce import Reinforce
+    from tests.test_autoregressive import make
+
+    with pytest.raises(ValueError, match="temperature > 0"):
+        Reinforce(make(temperature=0.0), Count3(), kl_weight=0.0)

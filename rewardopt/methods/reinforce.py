@@ -5,6 +5,13 @@ Per step: sample ``samples_per_prompt`` sequences per condition free-running (no
 them, and minimise  −Σ_b (r_b − mean_prompt(r)) · log π_θ(y_b | c_b) / B + β · KL(π_θ || π_ref),
 with the KL at the sampled prefixes (``kl_to_reference`` over the tokens each sample drew) and
 the per-prompt mean as the baseline (needs ``samples_per_prompt`` ≥ 2; with 1 the batch mean).
+
+log π_θ(y | c) is the log-probability under the distribution the samples were drawn from — the
+generator's ``log_probs`` (forbidden tokens, top-k / top-p filtering, temperature), the one ``step``
+draws from — so the score-function gradient is that of the sampler's own expected reward. Both it
+and the KL come from one teacher-forced pass with grad over the sampled tokens (one grad NFE per
+sequence); the frozen reference adds one pass without grad. Our reading: the KL compares the
+unfiltered policies (``policy_log_probs``), as DiffRO's does.
 """
 
 from __future__ import annotations
@@ -35,11 +42,21 @@ class Reinforce(RewardFineTuning):
             raise TypeError(f"Reinforce here trains autoregressive token LMs; got {type(generator).__name__} (diffusion: DDPO)")
         if kl_weight > 0 and not generator.full_finetune:
             raise ValueError("kl_weight > 0 needs the frozen reference policy: set full_finetune: true on the generator")
+        if not generator.stochastic:
+            raise ValueError("REINFORCE learns from sampled sequences: set generator.temperature > 0 (got 0: greedy)")
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
         self.samples_per_prompt, self.kl_weight, self.seed = samples_per_prompt, kl_weight, seed
         if generator.full_finetune and not generator._frozen:
             generator.setup_trainable()
+
+    def sequence_log_probs(self, cond, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One teacher-forced pass over sampled ``ids`` (B, N) with grad. Returns (Σ over ``mask`` of
+        log p_sampler(y_i | c, y_<i), (B,); the unfiltered policy's log-probs (B, N, V), for the KL)."""
+        g = self.generator
+        logits = g._forward(cond, g.from_tokens(ids[:, :-1]))[:, -ids.shape[1]:]
+        per_token = g.log_probs(logits).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return per_token.masked_fill(mask == 0, 0.0).sum(-1), g.policy_log_probs(logits)
 
     def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
         g, k = self.generator, self.samples_per_prompt
@@ -50,15 +67,14 @@ class Reinforce(RewardFineTuning):
             x = g.sample(cond, generator=self.training_rng())
             r = self.reward(g.decode(x), raw).total.float()
         ids, mask = g.sampled_targets(x)
-        logp = -g.teacher_forced_nll(cond, ids, mask)  # log π_θ(y | c), with grad
+        logp, policy = self.sequence_log_probs(cond, ids, mask)  # one pass with grad
         grouped = r.view(-1, k)
         baseline = grouped.mean(1, keepdim=True) if k > 1 else r.mean().expand(len(batch), 1)
         adv = (grouped - baseline).reshape(-1)
         loss = -(adv * logp).mean()
         kl = torch.zeros_like(r)
         if self.kl_weight > 0:
-            _, logp_all = g.teacher_forced(cond, ids)
-            kl = g.kl_to_reference(cond, ids, logp_all, mask)
+            kl = g.kl_to_reference(cond, ids, policy, mask)
             loss = loss + self.kl_weight * kl.mean()
         g.counter.samples += len(raw)
         self._last_train_reward = float(r.mean())

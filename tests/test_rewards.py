@@ -140,3 +140,37 @@ def test_blackbox_cache_by_content():
 def test_bad_failure_policy_is_rejected():
     with pytest.raises(ValueError, match="on_failure"):
         Flaky(on_failure="ignore")
+
+
+def test_differentiable_part_counts_calls_on_the_configured_ensemble():
+    """Issue 12.6: calls of the gradient part are the ensemble's calls (the object the logs read)."""
+    x = torch.rand(5, 3, 4, 4)
+    ens = WeightedSum({"mean": MeanReward("mean"), "bb": Flaky(name="bb", cache_size=0)})
+    part = require_gradient("DRaFT", ens)
+    part(x, None)
+    part(x[:3], None)
+    assert ens.calls == 8 and part.calls == 8 and ens.members["mean"].calls == 8
+    ens(x, None)
+    assert ens.calls == 13 and part.calls == 13 and ens.members["bb"].calls == 5
+    saved = part.calls
+    part(x, None)
+    part.calls = saved  # the "reporting is not charged" idiom of the methods restores the ensemble's count
+    assert ens.calls == 13
+
+
+def test_mixed_ensemble_under_a_gradient_method_counts_on_the_top_level_reward():
+    from domains.images.rewards import ColourReward, JpegCompressibilityReward
+    from rewardopt.methods.draft import DRaFT
+    from tests.conftest import tiny_generator
+
+    ens = WeightedSum({"colour": ColourReward("blue"), "jpeg": JpegCompressibilityReward(max_workers=1)},
+                      {"colour": 1.0, "jpeg": 0.01})
+    m = DRaFT(tiny_generator(), ens, k=1)
+    logged: dict = {}
+    m.log = lambda *a, **k: None
+    m.log_dict = lambda d, **k: logged.update(d)  # what the loggers receive
+    for _ in range(2):
+        m.training_step(["one red circle", "two blue squares"], 0).backward()
+    assert m.reward is ens and ens.calls == 2 * 2  # 2 steps of batch 2, on the configured object
+    assert logged["compute/reward_calls"] == 2 * 2
+    assert ens.members["jpeg"].calls == 0, "DRaFT's gradient path never calls the black-box member"

@@ -112,12 +112,39 @@ class WeightedSum(Reward):
         return RewardOutput(total, terms)
 
     def differentiable_part(self) -> Reward | None:
-        diff = {k: r for k, r in self.members.items() if r.differentiable}
+        """Itself if every member is differentiable; else a ``DifferentiablePart`` (the
+        differentiable members, same weights) whose calls are counted on this ensemble."""
+        diff = [k for k, r in self.members.items() if r.differentiable]
         if not diff:
             return None
         if len(diff) == len(self.members):
             return self
-        return WeightedSum(diff, {k: self.weights[k] for k in diff}, name=f"{self.name}[differentiable]")
+        return DifferentiablePart(self, diff)
+
+
+class DifferentiablePart(WeightedSum):
+    """The differentiable members of a mixed ``WeightedSum`` (what gradient methods call).
+
+    Its ``calls`` *are* the parent's: reading or setting them reads or sets the ensemble the user
+    configured, which is what methods log as ``compute/reward_calls`` — a separate counter would
+    read 0 there. The parent is held outside the module tree (the part does not own the black-box
+    members)."""
+
+    _parent: tuple[WeightedSum, ...] = ()
+
+    def __init__(self, parent: WeightedSum, keys: Sequence[str]) -> None:
+        super().__init__({k: parent.members[k] for k in keys}, {k: parent.weights[k] for k in keys},
+                         name=f"{parent.name}[differentiable]")
+        self._parent = (parent,)
+
+    @property
+    def calls(self) -> int:
+        return self._parent[0].calls if self._parent else 0
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        if self._parent:  # Reward.__init__ sets 0 before the parent is attached: not the parent's count
+            self._parent[0].calls = value
 
 
 def require_gradient(method: str, reward: Reward) -> Reward:

@@ -163,3 +163,71 @@ def test_reinforce_refuses_a_greedy_generator():
 
     with pytest.raises(ValueError, match="temperature > 0"):
         Reinforce(make(temperature=0.0), Count3(), kl_weight=0.0)
+
+
+# ---------------------------------------------------------------------------------------- item 18: DDPM variance
+PROMPTS = ["one red circle", "two blue squares"]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
+def test_ddpm_step_matches_diffusers_for_each_variance_type(variance_type, spacing):
+    g = generator_with(DDPMScheduler(**SD_BETAS, variance_type=variance_type, timestep_spacing=spacing))
+    ref = DDPMScheduler.from_config(g.scheduler.config)
+    ref.set_timesteps(g.num_steps)
+    assert torch.equal(ref.timesteps, g.timesteps)
+    cond = g.encode_condition(PROMPTS)
+    x = g.init_state(cond, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i, t in enumerate(g.timesteps):
+            out = g.model_output(x, i, cond)
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + i))
+            ours = g.step(x, i, cond, noise=noise, out=out)
+            theirs = ref.step(out, t, x, generator=torch.Generator().manual_seed(100 + i)).prev_sample
+            assert torch.allclose(ours, theirs, atol=1e-5), (variance_type, spacing, i, (ours - theirs).abs().max())
+            x = theirs
+
+
+def test_ddpm_fixed_large_log_is_glides_log_variance():
+    """diffusers' ``_get_variance`` gives log β for fixed_large_log (GLIDE's max_log), so the std is
+    exp(0.5 log β) = sqrt(β) — its ``step`` takes the square root of the log itself (NaN)."""
+    g = generator_with(DDPMScheduler(**SD_BETAS, variance_type="fixed_large_log"))
+    ref = DDPMScheduler.from_config(g.scheduler.config)
+    ref.set_timesteps(g.num_steps)
+    cond = g.encode_condition(PROMPTS)
+    x = g.init_state(cond, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i, t in enumerate(g.timesteps):
+            _, std, _ = g.transition(x, i, cond)
+            want = torch.exp(0.5 * ref._get_variance(int(t), variance_type="fixed_large_log"))
+            assert torch.allclose(std, want, rtol=1e-5), (i, float(std), float(want))
+            x = g.step(x, i, cond, generator=torch.Generator().manual_seed(i))
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+def test_ddpm_learned_variance_is_refused_clearly(variance_type):
+    with pytest.raises(NotImplementedError, match=f"variance_type={variance_type!r}.*fixed_small"):
+        generator_with(DDPMScheduler(**SD_BETAS, variance_type=variance_type))
+
+
+# ---------------------------------------------------------------------------------------- item 18: DRaFT+ penalty
+def test_draft_plus_penalty_is_the_eps_mse_on_a_v_prediction_model():
+    g = generator_with(DDIMScheduler(**SD_BETAS, set_alpha_to_one=False, prediction_type="v_prediction"))
+    with torch.no_grad():  # move the LoRA off the base model (B starts at zero)
+        for p in g.trainable_parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    m = DRaFT(g, ColourReward("blue"), k=None, kl_weight=1.0)
+    cond = g.encode_condition(PROMPTS)
+    x_T = g.init_state(cond, torch.Generator().manual_seed(0))
+    _, kl = m.rollout(cond, torch.Generator().manual_seed(1), None, x_T=x_T)  # DDIM eta=0: deterministic
+    eps_mse, v_mse, x = 0.0, 0.0, x_T
+    with torch.no_grad():
+        for i, t in enumerate(g.timesteps):
+            v, eps = g.model_output(x, i, cond), g.predict_noise(x, t, cond)
+            with g.base_model():
+                v_b, eps_b = g.model_output(x, i, cond), g.predict_noise(x, t, cond)
+            eps_mse, v_mse = eps_mse + F.mse_loss(eps, eps_b), v_mse + F.mse_loss(v, v_b)
+            x = g.step(x, i, cond)
+    assert float(eps_mse) > 0 and abs(float(v_mse) / float(eps_mse) - 1) > 0.2  # the two penalties differ here
+    assert torch.allclose(kl, eps_mse, rtol=1e-4), (float(kl), float(eps_mse), float(v_mse))

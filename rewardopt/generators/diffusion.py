@@ -68,6 +68,8 @@ class DiffusionGenerator(Generator):
                 f"{type(scheduler).__name__} is not supported; use DDIMScheduler or DDPMScheduler "
                 "(build one from any config with rewardopt.generators.diffusion.make_scheduler)"
             )
+        if isinstance(scheduler, DDPMScheduler):
+            check_ddpm_variance_type(scheduler.config.variance_type)
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if lora_rank is not None and full_finetune:
@@ -224,11 +226,10 @@ class DiffusionGenerator(Generator):
             std = self.eta * variance.sqrt()
             mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps
             return mean, std, x0
-        # DDPM posterior q(x_{t-1} | x_t, x0), variance_type "fixed_small"
+        # DDPM: the posterior mean of q(x_{t-1} | x_t, x0); the std per the scheduler's variance_type
         beta = 1 - a_t / a_prev
         mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)) * x_t
-        std = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20).sqrt() if i + 1 < self.num_steps else a_t.new_zeros(())
-        return mean, std, x0
+        return mean, ddpm_std(a_t, a_prev, int(t), self.scheduler.config.variance_type), x0
 
     @property
     def stochastic(self) -> bool:
@@ -262,6 +263,42 @@ class DiffusionGenerator(Generator):
         """Gaussian log-density of x_prev, averaged over all non-batch dims (as DDPO's code does)."""
         mean, std, _ = self.transition(x_t, i, cond)
         return gaussian_log_prob(x_prev, mean, std)
+
+
+DDPM_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+
+
+def check_ddpm_variance_type(variance_type: str) -> None:
+    """Raise unless ``variance_type`` is one ``ddpm_std`` implements (the model-predicted ones are not)."""
+    if variance_type in DDPM_VARIANCE_TYPES:
+        return
+    why = (" (the model predicts its variance in extra output channels; rewardopt's transitions take one output "
+           "channel per state channel)" if variance_type in ("learned", "learned_range") else "")
+    raise NotImplementedError(
+        f"DDPMScheduler variance_type={variance_type!r} is not supported{why}. Set the scheduler's variance_type to "
+        f"one of {', '.join(DDPM_VARIANCE_TYPES)} (e.g. DDPMScheduler.from_config(config, variance_type='fixed_small')"
+        "), or sample with DDIM."
+    )
+
+
+def ddpm_std(a_t: torch.Tensor, a_prev: torch.Tensor, t: int, variance_type: str) -> torch.Tensor:
+    """Standard deviation (scalar tensor) of the DDPM step from ᾱ_t to ᾱ_prev (scalar tensors) at
+    timestep t, as diffusers' ``DDPMScheduler.step`` draws it: no noise at t = 0; otherwise with
+    β_t = 1 - ᾱ_t / ᾱ_prev,
+
+    * ``fixed_small`` / ``fixed_small_log``: the posterior variance (1 - ᾱ_prev) / (1 - ᾱ_t) · β_t
+      (exactly 0 when ᾱ_prev = 1, the last step, where diffusers clamps it to 1e-20: std 1e-10);
+    * ``fixed_large``: β_t (so the last step adds noise when its timestep is not 0, as in diffusers);
+    * ``fixed_large_log``: GLIDE's log-variance log β_t, which is diffusers' ``_get_variance`` — so
+      std = exp(½ log β_t) = sqrt(β_t). Our reading: diffusers' ``step`` takes the square root of the
+      log itself there (NaN), which we do not reproduce.
+    """
+    check_ddpm_variance_type(variance_type)
+    beta = 1 - a_t / a_prev
+    var = (1 - a_prev) / (1 - a_t) * beta if variance_type.startswith("fixed_small") else beta
+    if t == 0 or float(var) <= 0:
+        return a_t.new_zeros(())
+    return var.clamp(min=1e-20).sqrt()
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

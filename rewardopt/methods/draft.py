@@ -13,7 +13,9 @@ to the LoRA weights only, checkpointing every denoiser call so memory stays flat
   it; the loss averages the n rewards (a lower-variance estimate of the K=1 gradient). Extra cost:
   n denoiser + n reward passes per sample.
 * ``kl_weight`` > 0 adds the DRaFT+ (NeMo-Aligner) regulariser: mean ||ε_θ - ε_base||² at every
-  differentiable step, with ε_base from the frozen model (adapters disabled). Off by default.
+  differentiable step, with ε_base from the frozen model (adapters disabled). Off by default. It is
+  on ε whatever the model predicts: v- and x0-prediction outputs are converted to ε with the
+  scheduler's ᾱ_t first (``eps_penalty``; for v, ||ε_θ - ε_base||² = ᾱ_t ||v_θ - v_base||²).
 Paper defaults (SD 1.4): DDIM 50 steps, CFG 7.5, LoRA rank 8, AdamW lr 4e-4, weight decay 0.1.
 """
 
@@ -26,6 +28,15 @@ from rewardopt.generators.base import Condition
 from rewardopt.generators.diffusion import DiffusionGenerator
 from rewardopt.methods.base import RewardFineTuning
 from rewardopt.rewards.base import Reward, RewardOutput, require_gradient
+
+
+def eps_penalty(g: DiffusionGenerator, x_t: torch.Tensor, i: int, out: torch.Tensor,
+                out_base: torch.Tensor) -> torch.Tensor:
+    """DRaFT+'s mean ||ε_θ - ε_base||² at step i from the two (guided) model outputs, whatever the
+    scheduler's prediction_type (ε, v or x0: converted with ᾱ_t as diffusers does). x_t, out,
+    out_base: (B, ...) -> scalar."""
+    t = g.timesteps[i]
+    return F.mse_loss(g._split(x_t, out, t)[1], g._split(x_t, out_base, t)[1])
 
 
 class DRaFT(RewardFineTuning):
@@ -80,7 +91,7 @@ class DRaFT(RewardFineTuning):
             x_in = x
             x, out = g.step_with_output(x_in, i, cond, generator=rng)
             if self.kl_weight > 0:
-                kl = kl + F.mse_loss(out, g.base_model_output(x_in, i, cond))
+                kl = kl + eps_penalty(g, x_in, i, out, g.base_model_output(x_in, i, cond))
         return x, kl
 
     def lv_rewards(self, cond: Condition, prompts: list[str], rng: torch.Generator) -> tuple[RewardOutput, torch.Tensor]:
@@ -97,7 +108,7 @@ class DRaFT(RewardFineTuning):
             x_t = g.add_noise(x0, t_last, noise)
             x0_j, out = g.step_with_output(x_t, last, cond, generator=rng)
             if self.kl_weight > 0:
-                kl = kl + F.mse_loss(out, g.base_model_output(x_t, last, cond))
+                kl = kl + eps_penalty(g, x_t, last, out, g.base_model_output(x_t, last, cond))
             r = self.grad_reward(g.decode(x0_j), prompts)
             totals.append(r.total)
             for name, v in r.terms.items():

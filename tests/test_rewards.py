@@ -174,3 +174,217 @@ def test_mixed_ensemble_under_a_gradient_method_counts_on_the_top_level_reward()
     assert m.reward is ens and ens.calls == 2 * 2  # 2 steps of batch 2, on the configured object
     assert logged["compute/reward_calls"] == 2 * 2
     assert ens.members["jpeg"].calls == 0, "DRaFT's gradient path never calls the black-box member"
+
+
+# --- black-box execution: timeouts, concurrency, circuit breaker, exclusion (issue 12.9) ---------------------------
+
+class Hanging(BlackBoxReward):
+    """The first ``hang`` calls block until ``release`` is set (a hung backend); later calls take ``delay``."""
+
+    def __init__(self, hang=0, delay=0.0, **kw):
+        super().__init__(**kw)
+        self.hang, self.delay, self.release = hang, delay, threading.Event()
+        self.started = 0
+        self.active = self.max_active = 0
+        self.lock = threading.Lock()
+
+    def score_object(self, obj, cond):
+        with self.lock:
+            self.started += 1
+            n = self.started
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if n <= self.hang:
+                self.release.wait(30)
+            time.sleep(self.delay)
+            return float(obj.sum())
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_hung_calls_do_not_starve_retries():
+    """Two hung calls used to occupy the 2-worker pool forever: every retry then 'timed out' in the queue."""
+    r = Hanging(hang=2, max_workers=2, timeout_s=0.3, retries=2, backoff_s=0.01, cache_size=0, on_failure=-1.0)
+    try:
+        out = r(torch.arange(2.0).view(2, 1), None)
+        assert out.total.tolist() == [0.0, 1.0] and out.info["failed"] == 0
+        assert r.stats["timeouts"] == 2 and r.stats["abandoned"] == 2 and r.stats["retries"] == 2
+        assert r.started == 4, "each retry ran"
+    finally:
+        r.release.set()
+
+
+def test_timeout_counts_from_when_the_call_starts_running():
+    """Calls queued behind max_workers running ones do not spend their timeout waiting."""
+    r = Hanging(delay=0.2, max_workers=1, timeout_s=0.3, retries=0, cache_size=0, on_failure=-1.0)
+    outs = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, r(torch.full((1, 1), float(i)), None)))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [o.total.item() for o in outs] == [0.0, 1.0, 2.0], "queued calls ran and succeeded"
+    assert r.stats["timeouts"] == 0 and r.max_active == 1
+
+
+def test_concurrent_callers_share_one_limit_of_max_workers(monkeypatch):
+    """The concurrency limit is created once, under a lock: callers in several threads never run more
+    than max_workers calls at once (a slow lazy pool creation used to give each racing thread its own pool)."""
+    import concurrent.futures as cf
+
+    init = cf.ThreadPoolExecutor.__init__
+
+    def slow_init(self, *a, **k):
+        time.sleep(0.05)
+        init(self, *a, **k)
+
+    monkeypatch.setattr(cf.ThreadPoolExecutor, "__init__", slow_init)
+    r = Hanging(delay=0.05, max_workers=2, timeout_s=5.0, cache_size=0)
+    threads = [threading.Thread(target=lambda i=i: r(torch.arange(4.0).view(4, 1) + 10 * i, None)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert r.started == 12 and r.max_active <= 2
+
+
+class Switchable(BlackBoxReward):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.dead, self.requests, self.lock = True, 0, threading.Lock()
+
+    def score_object(self, obj, cond):
+        with self.lock:
+            self.requests += 1
+        time.sleep(0.05)
+        if self.dead:
+            raise ConnectionError("connection refused")
+        return float(obj.sum())
+
+
+def test_breaker_half_open_lets_exactly_one_trial_call_through():
+    r = Switchable(max_workers=4, retries=0, breaker_threshold=2, breaker_cooldown_s=0.3, cache_size=0,
+                   on_failure=-1.0)
+    r(torch.arange(2.0).view(2, 1), None)
+    assert r.stats["breaker_opened"] == 1 and r.requests == 2 and r.breaker_open
+    time.sleep(0.35)
+    out = r(torch.arange(4.0).view(4, 1) + 10, None)  # still dead: one trial, the other 3 rejected
+    assert r.requests == 3, f"{r.requests - 2} calls went through after the cool-down; expected one trial"
+    assert out.info["failed"] == 4 and r.stats["breaker_rejections"] == 3 and r.breaker_open
+    time.sleep(0.35)
+    r.dead = False
+    out = r(torch.arange(4.0).view(4, 1) + 20, None)  # recovered: the trial closes it, the others follow
+    assert out.total.tolist() == [20.0, 21.0, 22.0, 23.0] and r.requests == 7 and not r.breaker_open
+
+
+def test_reward_output_accepts_minus_inf_only_where_excluded():
+    from rewardopt.rewards.base import RewardOutput, validate_output
+
+    t = torch.tensor([0.0, float("-inf"), 1.0])
+    ok = validate_output("r", RewardOutput(t, excluded=torch.tensor([False, True, False])), 3)
+    assert ok.excluded.tolist() == [False, True, False]
+    with pytest.raises(RewardError, match=r"NaN/Inf for samples \[1\]"):
+        validate_output("r", RewardOutput(t, excluded=torch.tensor([True, False, False])), 3)
+    with pytest.raises(RewardError, match=r"NaN/Inf for samples \[1\]"):
+        validate_output("r", RewardOutput(t), 3)
+    with pytest.raises(RewardError, match="NaN/Inf"):
+        plus_inf = torch.tensor([0.0, float("inf"), 1.0])
+        validate_output("r", RewardOutput(plus_inf, excluded=torch.ones(3, dtype=torch.bool)), 3)
+    with pytest.raises(RewardError, match="excluded samples must score -inf"):
+        validate_output("r", RewardOutput(torch.zeros(3), excluded=torch.tensor([False, True, False])), 3)
+    with pytest.raises(RewardError, match=r"excluded must be a bool tensor of shape \(3,\)"):
+        validate_output("r", RewardOutput(t, excluded=torch.tensor([0, 1, 0])), 3)
+
+
+def test_exclude_policy_marks_and_counts_failed_samples():
+    r = Flaky(fail_times=1, retries=0, on_failure="exclude", cache_size=0)
+    out = r(torch.arange(3.0).view(3, 1), None)
+    assert out.excluded.tolist() == [True] * 3 and torch.isneginf(out.total).all()
+    out = r(torch.arange(4.0).view(4, 1), None)  # 0..2 have failed once: they now succeed; 3 fails
+    assert out.total[:3].tolist() == [0.0, 1.0, 2.0] and out.excluded.tolist() == [False, False, False, True]
+    assert out.info["excluded"] == 1 and r.stats["excluded"] == 4 and r.stats["failures"] == 4
+
+
+def test_ensembles_propagate_exclusion():
+    from rewardopt.rewards.ensembles import MinMaxSum, RankConsensus
+
+    x = torch.arange(4.0).view(4, 1)
+    for weight in (0.5, -0.5):
+        bb = Flaky(fail_times=1, retries=0, on_failure="exclude", cache_size=0, name="bb")
+        bb.seen[2.0] = 5  # sample 2 succeeds, the others fail once
+        ens = WeightedSum({"mean": MeanReward("mean"), "bb": bb}, {"mean": 1.0, "bb": weight})
+        out = ens(x, None)
+        assert out.excluded.tolist() == [True, True, False, True]
+        assert torch.isneginf(out.total[[0, 1, 3]]).all() and out.total[2].item() == 2.0 + weight * 2.0
+    for cls in (MinMaxSum, RankConsensus):
+        bb = Flaky(fail_times=1, retries=0, on_failure="exclude", cache_size=0, name="bb")
+        bb.seen[3.0] = 5  # sample 3 fails once
+        for k in (0.0, 1.0, 2.0):
+            bb.seen[k] = 5
+        out = cls({"mean": MeanReward("mean"), "bb": bb})(x, None)
+        assert out.excluded.tolist() == [False, False, False, False]
+        bb2 = Flaky(fail_times=1, retries=0, on_failure="exclude", cache_size=0, name="bb")
+        bb2.seen.update({0.0: 5, 1.0: 5, 2.0: 5})
+        out = cls({"mean": MeanReward("mean"), "bb": bb2})(x, None)
+        assert out.excluded.tolist() == [False, False, False, True] and torch.isneginf(out.total[3])
+        assert torch.allclose(out.total[:3], torch.tensor([0.0, 1.0, 2.0])), "normalised over the valid samples"
+
+
+def test_default_failure_policy_raises_but_selection_methods_exclude():
+    from rewardopt.methods.best_of_n import BestOfN
+    from rewardopt.testing.toy import RandomWalkGenerator
+
+    r = Flaky(fail_times=5, retries=0)
+    assert r.on_failure is None
+    with pytest.raises(RewardError, match="on_failure"):
+        r(torch.zeros(1, 1), None)
+    ens = WeightedSum({"mean": MeanReward("mean"), "bb": Flaky(fail_times=5, retries=0, name="bb")})
+    explicit = Flaky(fail_times=5, retries=0, on_failure="raise", name="explicit")
+    BestOfN(RandomWalkGenerator(), ens, n=2, save_samples=False)
+    BestOfN(RandomWalkGenerator(), explicit, n=2, save_samples=False)
+    assert ens.members["bb"].on_failure == "exclude", "a policy left at its default becomes exclude"
+    assert explicit.on_failure == "raise", "an explicit policy is kept"
+
+
+class NegativeSizeReward(BlackBoxReward):
+    """JPEG-like: a negative score (-|sum| - 1), failing on samples whose first entry is above 1."""
+
+    def score_object(self, obj, cond):
+        if obj[0] > 1.0:
+            raise RuntimeError("encoder crashed")
+        return -abs(float(obj.sum())) - 1.0
+
+
+def test_best_of_n_never_selects_an_excluded_sample(tmp_path):
+    import json
+
+    import lightning as L
+
+    from rewardopt.methods.best_of_n import BestOfN
+    from rewardopt.testing.toy import RandomWalkGenerator
+
+    def run(reward, **kw):
+        m = BestOfN(RandomWalkGenerator(num_steps=4, dim=2), reward, n=4, seed=3, save_samples=False, trace=True, **kw)
+        out, _ = m.generate(list(range(6)))
+        return m, out
+
+    m, out = run(NegativeSizeReward(retries=0, on_failure=0.0))
+    assert (out[:, 0] > 1.0).any(), "the failure value 0.0 beats every real (negative) score"
+    m, out = run(NegativeSizeReward(retries=0))
+    v = m.traces[-1]["values"].view(6, 4)
+    failed = torch.isneginf(v) | (v < -1e29)
+    assert failed.any() and not failed.all(1).any()
+    assert (out[:, 0] <= 1.0).all(), "an excluded candidate is never selected"
+    assert torch.equal(m.traces[-1]["chosen"] % 4, v.argmax(1))
+    assert m.excluded_samples == int(failed.sum())
+    # all candidates of a group failing: the first is kept, counted
+    m = BestOfN(RandomWalkGenerator(num_steps=4, dim=2), Flaky(fail_times=99, retries=0), n=3, seed=0,
+                output_dir=str(tmp_path), save_samples=False, trace=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(m, torch.utils.data.DataLoader(list(range(4)), batch_size=2, collate_fn=list))
+    assert all(torch.equal(t["chosen"] % 3, torch.zeros(2, dtype=torch.long)) for t in m.traces)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["excluded"] == 4 * 3 and s["all_excluded"] == 4

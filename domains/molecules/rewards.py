@@ -50,7 +50,7 @@ class MoleculeReward(BlackBoxReward):
 
     def __init__(self, vocab: str = "embedded:tiny-nci", invalid_value: float = 0.0, max_workers: int = 2,
                  timeout_s: float | None = 30.0, retries: int = 0, cache_size: int = 100_000,
-                 on_failure: str | float = "raise", name: str | None = None) -> None:
+                 on_failure: str | float | None = None, name: str | None = None) -> None:
         super().__init__(max_workers=max_workers, timeout_s=timeout_s, retries=retries, cache_size=cache_size,
                          on_failure=on_failure, name=name)
         self.vocab = load_vocab(os.path.join(resolve_pretrained(vocab), "vocab.json"))

@@ -129,6 +129,9 @@ class InferenceTimeSteering(L.LightningModule):
                  trace: bool = False) -> None:
         super().__init__()
         self.generator, self.reward = generator, reward
+        if isinstance(reward, Reward):  # a black-box reward's default failure policy becomes "exclude"
+            reward.for_selection()
+        self.excluded_samples = self.all_excluded_groups = 0  # candidates excluded; groups where all were
         self.eval_reward = eval_reward
         generator.requires_grad_(False)
         if num_samples < 1:
@@ -183,11 +186,30 @@ class InferenceTimeSteering(L.LightningModule):
     def score(self, samples: Any, cond: Condition, group: int | None = None) -> torch.Tensor:
         """Reward of decoded samples (counted in reward.calls). A batch-relative reward (min-max or
         rank ensembles) is scored one ``group`` of competing candidates at a time, so its
-        normalisation never mixes different chains' decisions."""
+        normalisation never mixes different chains' decisions.
+
+        Excluded candidates (``RewardOutput.excluded``: a black-box failure under
+        ``on_failure="exclude"``) get the value -1e30 rather than -inf: below any real reward, so
+        argmax, top-k and softmax never pick one while its group (``group`` adjacent candidates; all
+        if None) has a valid candidate; and finite, so that softmax and log-weights over a group whose
+        candidates ALL failed stay uniform instead of NaN. Then the rule chooses among equals
+        (argmax: the first candidate). Counted in ``excluded_samples`` and ``all_excluded_groups``
+        (summary.json: "excluded", "all_excluded")."""
         if group and getattr(self.reward, "batch_relative", False) and len(samples) > group:
-            return torch.cat([self.reward(samples[s:s + group], cond.raw[s:s + group]).total.detach().float()
-                              for s in range(0, len(samples), group)])
-        return self.reward(samples, cond.raw).total.detach().float()
+            outs = [self.reward(samples[s:s + group], cond.raw[s:s + group]) for s in range(0, len(samples), group)]
+        else:
+            outs = [self.reward(samples, cond.raw)]
+        v = torch.cat([o.total.detach().float() for o in outs])
+        if all(o.excluded is None for o in outs):
+            return v
+        exc = torch.cat([o.excluded.to(v.device) if o.excluded is not None
+                         else torch.zeros(len(o.total), dtype=torch.bool, device=v.device) for o in outs])
+        if exc.any():
+            g = group if group and len(v) % group == 0 else len(v)
+            self.excluded_samples += int(exc.sum())
+            self.all_excluded_groups += int(exc.view(-1, g).all(1).sum())
+            v = v.masked_fill(exc, -1e30)
+        return v
 
     def x0_cost(self, level: int, rows: int) -> int:
         """NFE that valuing ``rows`` states at ``level`` spends inside x̂0 (``Generator.x0_nfe``;
@@ -309,6 +331,8 @@ class InferenceTimeSteering(L.LightningModule):
         nfe0, calls0, vcalls0 = self._counts0
         local = {"records": self._records, "nfe": g.counter.nfe - nfe0, "reward_calls": self.reward.calls - calls0,
                  "value_calls": self.value_calls - vcalls0, "wall": time.perf_counter() - self._t0}
+        local["excluded"], local["all_excluded"] = self.excluded_samples, self.all_excluded_groups
+        self.excluded_samples = self.all_excluded_groups = 0  # counted per predict run
         rank, world = self._rank()
         parts = [local]
         if world > 1:
@@ -329,13 +353,16 @@ class InferenceTimeSteering(L.LightningModule):
             "width": {self.width_name: getattr(self, self.width_name)} if self.width_name else None,
             "num_steps": self.T,
             "samples": n,
-            "reward_stats": reward_stats(values) if n else None,
+            "reward_stats": reward_stats(values[values.isfinite()]) if values.isfinite().any() else None,
             "diversity": sum(divs) / len(divs) if divs else None,
             "nfe": nfe, "reward_calls": calls, "value_calls": vcalls,
             "nfe_per_sample": nfe / max(n, 1), "reward_calls_per_sample": calls / max(n, 1),
             "expected_cost_per_sample": self.expected_cost(),
             "wall_time_s": round(max(p["wall"] for p in parts), 2),
             "world_size": world,
+            # candidates never selected (black-box failures under on_failure: exclude), and the groups
+            # whose candidates all failed (the first was kept)
+            "excluded": sum(p["excluded"] for p in parts), "all_excluded": sum(p["all_excluded"] for p in parts),
         }
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,10 @@
 ``Reward.differentiable`` says whether gradients flow from ``total`` back to the samples.
 ``Reward.__call__`` validates every output (shape (B,), finite) and raises ``RewardError`` naming
 the reward, so a broken reward never silently corrupts training.
+
+Excluded samples (a black-box reward's ``on_failure="exclude"``): ``RewardOutput.excluded`` is a
+(B,) bool mask and those samples score ``total = -inf``, so no argmax, top-k or softmax over
+candidates picks them; -inf is accepted exactly there and rejected anywhere else.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ class RewardError(RuntimeError):
 @dataclass
 class RewardOutput:
     """``total``: (B,) tensor, the quantity methods maximise. ``terms``: named (B,) components for
-    logging (for an ensemble, the unweighted members). ``info``: counters and anything else."""
+    logging (for an ensemble, the unweighted members). ``info``: counters and anything else.
+    ``excluded``: None, or a (B,) bool tensor marking samples that must never be selected (their
+    ``total`` is -inf)."""
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    excluded: torch.Tensor | None = None
 
 
 def validate_output(name: str, out: Any, batch_size: int) -> RewardOutput:
@@ -39,9 +46,20 @@ def validate_output(name: str, out: Any, batch_size: int) -> RewardOutput:
     if not isinstance(t, torch.Tensor) or t.shape != (batch_size,):
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise RewardError(f"reward {name} returned shape {shape}; expected ({batch_size},) — one value per sample")
-    if not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t)).nonzero().flatten().tolist()
-        raise RewardError(f"reward {name} returned NaN/Inf for samples {bad[:10]}")
+    exc = out.excluded
+    if exc is not None:
+        if not isinstance(exc, torch.Tensor) or exc.dtype != torch.bool or exc.shape != (batch_size,):
+            raise RewardError(f"reward {name}: excluded must be a bool tensor of shape ({batch_size},), got "
+                              f"{exc.dtype if isinstance(exc, torch.Tensor) else type(exc).__name__}")
+        exc = exc.to(t.device)
+    bad = ~torch.isfinite(t)
+    if exc is not None:
+        bad &= ~(exc & torch.isneginf(t))
+    if bad.any():
+        raise RewardError(f"reward {name} returned NaN/Inf for samples {bad.nonzero().flatten().tolist()[:10]}")
+    if exc is not None and (exc & ~torch.isneginf(t)).any():
+        idx = (exc & ~torch.isneginf(t)).nonzero().flatten().tolist()
+        raise RewardError(f"reward {name}: excluded samples must score -inf; samples {idx[:10]} do not")
     return out
 
 
@@ -74,6 +92,18 @@ class Reward(nn.Module):
         """The reward gradient methods may use: itself if differentiable, else None."""
         return self if self.differentiable else None
 
+    def for_selection(self) -> "Reward":
+        """Called by selection methods (``InferenceTimeSteering``) when they are built: every
+        reward in this tree whose failure policy was left at its default switches to what selection
+        needs (black-box rewards: ``on_failure="exclude"``, never selected). Returns self."""
+        for m in self.modules():
+            if isinstance(m, Reward):
+                m._selection_defaults()
+        return self
+
+    def _selection_defaults(self) -> None:
+        """This reward's own switch for ``for_selection`` (nothing for plain rewards)."""
+
 
 class WeightedSum(Reward):
     """A weighted ensemble ``sum_k w_k r_k``; members may mix differentiable and black-box.
@@ -101,15 +131,23 @@ class WeightedSum(Reward):
         self.differentiable = all(r.differentiable for r in rewards.values())
 
     def score(self, samples, cond):
+        """Members' totals weighted and summed. A sample excluded by any member is excluded from the
+        sum (total -inf, whatever the sign of the weight); its other terms are logged as they are."""
         terms: dict[str, torch.Tensor] = {}
-        total = None
+        total = excluded = None
         device = samples.device if isinstance(samples, torch.Tensor) else None
         for k, r in self.members.items():
             out = r(samples, cond)
             v = out.total.to(device) if device is not None else out.total
             terms[k] = v
+            if out.excluded is not None:
+                e = out.excluded.to(v.device)
+                excluded = e if excluded is None else excluded | e
+                v = torch.where(e, torch.zeros_like(v), v)  # no -inf·w (+inf or NaN for w <= 0) in the sum
             total = self.weights[k] * v if total is None else total + self.weights[k] * v
-        return RewardOutput(total, terms)
+        if excluded is not None:
+            total = torch.where(excluded, torch.full_like(total, float("-inf")), total)
+        return RewardOutput(total, terms, excluded=excluded)
 
     def differentiable_part(self) -> Reward | None:
         """Itself if every member is differentiable; else a ``DifferentiablePart`` (the

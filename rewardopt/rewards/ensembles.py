@@ -4,7 +4,8 @@ judge with CLIP / ImageReward): a min-max normalised weighted sum and rank conse
 They set ``batch_relative = True``: methods that choose among candidates score each decision's
 candidates together (Free2Guide does), so normalisation never mixes different chains. The plain
 weighted sum is ``rewardopt.rewards.base.WeightedSum`` (Free²Guide: β = 0.75 on the LVLM).
-Members are logged unnormalised as terms.
+Members are logged unnormalised as terms. A sample excluded by a member (``on_failure="exclude"``)
+is excluded from the ensemble (total -inf) and left out of every member's normalisation.
 """
 
 from __future__ import annotations
@@ -31,8 +32,15 @@ class MinMaxSum(WeightedSum):
 
     def score(self, samples, cond):
         raw = super().score(samples, cond)
-        total = sum(self.weights[k] * self.normalise(v.detach().float()) for k, v in raw.terms.items())
-        return RewardOutput(total, raw.terms)
+        exc = raw.excluded
+        if exc is None or not exc.any():
+            total = sum(self.weights[k] * self.normalise(v.detach().float()) for k, v in raw.terms.items())
+            return RewardOutput(total, raw.terms, excluded=exc)
+        keep = ~exc  # normalise over the valid samples only
+        total = torch.full_like(raw.total.detach().float(), float("-inf"))
+        if keep.any():
+            total[keep] = sum(self.weights[k] * self.normalise(v.detach().float()[keep]) for k, v in raw.terms.items())
+        return RewardOutput(total, raw.terms, excluded=exc)
 
     def differentiable_part(self):
         return None

@@ -215,7 +215,7 @@ class OpenAIJudge(BlackBoxReward):
                  use_logprobs: bool = True, logprob_score: str = "expectation", top_logprobs: int = 10,
                  max_tokens: int = 512, temperature: float = 0.0, frames: int = 4,
                  extra_body: dict | None = None, max_workers: int = 8, timeout_s: float | None = 60.0, retries: int = 2,
-                 backoff_s: float = 0.5, cache_size: int = 10_000, on_failure: str | float = "raise",
+                 backoff_s: float = 0.5, cache_size: int = 10_000, on_failure: str | float | None = None,
                  breaker_threshold: int | None = 5, breaker_cooldown_s: float = 30.0, name: str | None = None) -> None:
         super().__init__(max_workers=max_workers, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
                          cache_size=cache_size, on_failure=on_failure, breaker_threshold=breaker_threshold,
@@ -293,7 +293,7 @@ class TransformersJudge(BlackBoxReward):
                  score_min: int = 1, score_max: int = 9, score_marker: str = "Score:",
                  logprob_score: str = "expectation", device: str = "cpu", dtype: str = "float32", frames: int = 4,
                  max_workers: int = 1, timeout_s: float | None = None, retries: int = 0, cache_size: int = 10_000,
-                 on_failure: str | float = "raise", name: str | None = None) -> None:
+                 on_failure: str | float | None = None, name: str | None = None) -> None:
         super().__init__(max_workers=max_workers, timeout_s=timeout_s, retries=retries, cache_size=cache_size,
                          on_failure=on_failure, name=name or "vlm_judge")
         if not 0 <= score_min < score_max <= 9:

@@ -172,7 +172,8 @@ PROMPTS = ["one red circle", "two blue squares"]
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_small_log", "fixed_large"])
 def test_ddpm_step_matches_diffusers_for_each_variance_type(variance_type, spacing):
-    g = generator_with(DDPMScheduler(**SD_BETAS, variance_type=variance_type, timestep_spacing=spacing))
+    g = generator_with(DDPMScheduler(**SD_BETAS, variance_type=variance_type, timestep_spacing=spacing), lora_rank=None,
+                       guidance_scale=1.0)
     ref = DDPMScheduler.from_config(g.scheduler.config)
     ref.set_timesteps(g.num_steps)
     assert torch.equal(ref.timesteps, g.timesteps)
@@ -191,7 +192,7 @@ def test_ddpm_step_matches_diffusers_for_each_variance_type(variance_type, spaci
 def test_ddpm_fixed_large_log_is_glides_log_variance():
     """diffusers' ``_get_variance`` gives log β for fixed_large_log (GLIDE's max_log), so the std is
     exp(0.5 log β) = sqrt(β) — its ``step`` takes the square root of the log itself (NaN)."""
-    g = generator_with(DDPMScheduler(**SD_BETAS, variance_type="fixed_large_log"))
+    g = generator_with(DDPMScheduler(**SD_BETAS, variance_type="fixed_large_log"), lora_rank=None, guidance_scale=1.0)
     ref = DDPMScheduler.from_config(g.scheduler.config)
     ref.set_timesteps(g.num_steps)
     cond = g.encode_condition(PROMPTS)
@@ -208,7 +209,7 @@ def test_ddpm_fixed_large_log_is_glides_log_variance():
 @pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
 def test_ddpm_learned_variance_is_refused_clearly(variance_type):
     with pytest.raises(NotImplementedError, match=f"variance_type={variance_type!r}.*fixed_small"):
-        generator_with(DDPMScheduler(**SD_BETAS, variance_type=variance_type))
+        generator_with(DDPMScheduler(**SD_BETAS, variance_type=variance_type), lora_rank=None)
 
 
 # ---------------------------------------------------------------------------------------- item 18: DRaFT+ penalty
@@ -224,9 +225,11 @@ def test_draft_plus_penalty_is_the_eps_mse_on_a_v_prediction_model():
     eps_mse, v_mse, x = 0.0, 0.0, x_T
     with torch.no_grad():
         for i, t in enumerate(g.timesteps):
-            v, eps = g.model_output(x, i, cond), g.predict_noise(x, t, cond)
+            a = g.alphas_cumprod[t]
+            v = g.model_output(x, i, cond)
             with g.base_model():
-                v_b, eps_b = g.model_output(x, i, cond), g.predict_noise(x, t, cond)
+                v_b = g.model_output(x, i, cond)
+            eps, eps_b = a.sqrt() * v + (1 - a).sqrt() * x, a.sqrt() * v_b + (1 - a).sqrt() * x  # ε from v
             eps_mse, v_mse = eps_mse + F.mse_loss(eps, eps_b), v_mse + F.mse_loss(v, v_b)
             x = g.step(x, i, cond)
     assert float(eps_mse) > 0 and abs(float(v_mse) / float(eps_mse) - 1) > 0.2  # the two penalties differ here

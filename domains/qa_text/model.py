@@ -2,12 +2,15 @@
 writing the question while attending to decoder 1's hidden states (the DRIL paper's wiring).
 
 Decoder 2 is a second ``BartDecoder`` (initialised as a copy of decoder 1, sharing the token
-embeddings and the LM head); by default its cross-attention reads the concatenation [encoder
-states; decoder 1's last hidden states] under the concatenated padding masks — our reading of
-"attends to decoder 1's hidden states" that keeps the article visible to it too;
-``question_memory="answer"`` restricts it to decoder 1's states. Because the question's loss reaches
-decoder 1 through those hidden states, a question-reconstruction loss on a teacher-forced *sample*
-trains decoder 1 and the encoder (DRIL, ``rewardopt/methods/dril.py``).
+embeddings and the LM head). By default (``question_memory="answer"``, the reference code's
+wiring: amazon-research/sc2qa-dril, ``BartTwoDecoderForConditionalGeneration``) its
+cross-attention reads decoder 1's last hidden states only, so the question must be recoverable
+from the answer; ``"answer+source"`` reads the concatenation [encoder states; decoder 1's states]
+under the concatenated padding masks (our earlier reading, which keeps the article visible to it).
+The choice is saved with the model (``qa.json``); the shipped tiny model was pretrained with
+"answer+source" and keeps it. Because the question's loss reaches decoder 1 through those hidden
+states, a question-reconstruction loss on a teacher-forced *sample* trains decoder 1 and the
+encoder (DRIL, ``rewardopt/methods/dril.py``).
 
 Loading: ``TwoDecoderBart(pretrained=path)`` takes a folder written by ``save_pretrained``
 (``bart/``, ``question_decoder.safetensors``, ``tokenizer/``) or any ``BartForConditionalGeneration``
@@ -50,17 +53,24 @@ class TwoDecoderBart(nn.Module):
             with its tokenizer), or None: a random tiny BART and a BPE tokenizer trained on the
             corpus (for pretraining; ``d_model``, ``layers``, ``vocab_size``, ``n_towns``, ``seed``).
         max_answer_tokens, max_question_tokens: generation limits.
-        question_memory: what decoder 2 cross-attends to — "answer+source" (decoder 1's states and
-            the encoder's; the shipped model) or "answer" (decoder 1's states only: the literal
-            reading of the paper's wiring, where the question must be recoverable from the answer).
-            None: the saved model's choice (``qa.json``), else "answer+source".
+        question_memory: what decoder 2 cross-attends to — "answer" (decoder 1's states only: the
+            reference code's wiring, where the question must be recoverable from the answer) or
+            "answer+source" (decoder 1's states and the encoder's; the shipped tiny model's). None:
+            the saved model's choice (``qa.json``); a folder saved before that file existed (it has
+            ``question_decoder.safetensors`` but no ``qa.json``) was trained with "answer+source";
+            a new model (``pretrained=None`` or a plain BART checkpoint) gets "answer".
+        no_repeat_ngram_size, min_answer_length: constraints on *sampled* answers (DRIL's rollouts;
+            the reference samples with no_repeat_ngram_size=3 and its config's min_length=10, which
+            in Hugging Face's ``generate`` counts the decoder start token: EOS comes 10th at the
+            earliest). 0 turns each off. Greedy answers (``generate``'s default) are unconstrained.
     """
 
-    MEMORIES = ("answer+source", "answer")
+    MEMORIES = ("answer", "answer+source")
 
     def __init__(self, pretrained: str | None = "embedded:tiny-qa", max_answer_tokens: int = 96,
-                 max_question_tokens: int = 24, question_memory: str | None = None, d_model: int = 128, layers: int = 2,
-                 vocab_size: int = 1000, n_towns: int = 3000, seed: int = 0) -> None:
+                 max_question_tokens: int = 24, question_memory: str | None = None, no_repeat_ngram_size: int = 3,
+                 min_answer_length: int = 10, d_model: int = 128, layers: int = 2, vocab_size: int = 1000,
+                 n_towns: int = 3000, seed: int = 0) -> None:
         super().__init__()
         qd_state, saved = None, {}
         if pretrained is None:
@@ -78,12 +88,13 @@ class TwoDecoderBart(nn.Module):
                                         "is trained by recipes/qa_text/pretrain_tiny.yaml)")
             bart = BartForConditionalGeneration.from_pretrained(path / "bart" if (path / "bart").is_dir() else path)
             tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer" if (path / "tokenizer").is_dir() else path)
-            if (path / "qa.json").is_file():
-                saved = json.loads((path / "qa.json").read_text())
             if (path / "question_decoder.safetensors").is_file():
                 from safetensors.torch import load_file
 
                 qd_state = load_file(path / "question_decoder.safetensors")
+                saved = {"question_memory": "answer+source"}  # saved before qa.json existed
+            if (path / "qa.json").is_file():
+                saved = json.loads((path / "qa.json").read_text())
         self.bart, self.tokenizer = bart.train(), tokenizer
         self.question_decoder = copy.deepcopy(bart.model.decoder)
         self.question_decoder.embed_tokens = bart.model.shared
@@ -92,9 +103,13 @@ class TwoDecoderBart(nn.Module):
             if unexpected or any(not k.startswith("embed_tokens") for k in missing):
                 raise ValueError(f"{pretrained}: question decoder weights do not match: missing {missing}, unexpected {unexpected}")
         self.max_answer_tokens, self.max_question_tokens = max_answer_tokens, max_question_tokens
-        self.question_memory = question_memory or saved.get("question_memory", "answer+source")
+        self.question_memory = question_memory or saved.get("question_memory", "answer")
         if self.question_memory not in self.MEMORIES:
             raise ValueError(f"question_memory must be one of {self.MEMORIES}, got {self.question_memory!r}")
+        if no_repeat_ngram_size < 0 or min_answer_length < 0:
+            raise ValueError(f"no_repeat_ngram_size and min_answer_length must be >= 0 (0: off); "
+                             f"got {no_repeat_ngram_size}, {min_answer_length}")
+        self.no_repeat_ngram_size, self.min_answer_length = no_repeat_ngram_size, min_answer_length
         cfg = bart.config
         self.pad, self.eos, self.start = cfg.pad_token_id, cfg.eos_token_id, cfg.decoder_start_token_id
 
@@ -192,7 +207,8 @@ class TwoDecoderBart(nn.Module):
     def sample_answers(self, examples: list[dict], generator: torch.Generator | None = None, greedy: bool = False,
                        temperature: float = 1.0) -> torch.Tensor:
         """Free-running answers of decoder 1: (B, L) ids ending with EOS, right-padded (ancestral
-        sampling from ``generator`` unless ``greedy``)."""
+        sampling from ``generator`` under ``no_repeat_ngram_size`` and ``min_answer_length``, unless
+        ``greedy``: unconstrained greedy decoding)."""
         src = self.source(examples)
         seed = int(torch.randint(0, 2**62, (), generator=generator)) if generator is not None else None
         with torch.random.fork_rng(devices=[]):  # generate() draws from the global generator: seed it from ours
@@ -200,7 +216,8 @@ class TwoDecoderBart(nn.Module):
                 torch.manual_seed(seed)
             ys = self.bart.generate(**src, do_sample=not greedy, temperature=temperature if not greedy else None,
                                     top_k=0 if not greedy else None, top_p=None, num_beams=1, max_new_tokens=self.max_answer_tokens,
-                                    min_length=0, no_repeat_ngram_size=0, decoder_start_token_id=self.start,
+                                    min_length=0 if greedy else self.min_answer_length,
+                                    no_repeat_ngram_size=0 if greedy else self.no_repeat_ngram_size, decoder_start_token_id=self.start,
                                     eos_token_id=self.eos, pad_token_id=self.pad, forced_bos_token_id=None,
                                     forced_eos_token_id=None)
         out = ys[:, 1:]

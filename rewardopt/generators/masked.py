@@ -13,7 +13,8 @@ the same code runs without grad (hard one-hots) and with grad (straight-through 
   ``torch.rand((B, L, V), generator=...)`` — ``noise`` injects G, so candidates are reproducible;
 * with grad on, each step returns hard + softmax((log q + G)/τ) - stop_grad(softmax(...)): one-hot
   in the forward pass, the Gumbel-softmax gradient in the backward pass (straight-through), so
-  ``sample(grad_last_k=K)`` truncates backprop to the last K steps exactly as DRaFT-K does.
+  ``sample(grad_last_k=K)`` truncates backprop to the last K steps exactly as DRaFT-K does;
+  ``relaxed_step(soft=True)`` instead feeds the soft Gumbel-softmax sample forward (DRAKES's relaxation).
 
 The denoiser is any bidirectional ``transformers`` encoder with an LM head (``BertForMaskedLM``,
 ``RobertaForMaskedLM``, ...); it reads ``inputs_embeds = x @ word_embeddings`` so soft states
@@ -69,9 +70,10 @@ class MaskedDiffusionGenerator(FullyTrainedGenerator):
         num_steps: T reverse steps (DRAKES: 128).
         eps: schedule floor: α(1) = eps.
         tau: Gumbel-softmax temperature for differentiable steps (DRAKES: 1).
-        soft_steps: with grad, intermediate steps return the soft Gumbel-softmax sample itself (the
-            DRAKES paper's relaxation; the denoiser then reads soft inputs) instead of the
-            straight-through one-hot; the final step is straight-through either way.
+        soft_steps: with grad, ``step`` relaxes intermediate steps to soft Gumbel-softmax samples (the
+            DRAKES paper's relaxation, see ``relaxed_step``; the denoiser then reads soft inputs) instead
+            of straight-through one-hots; x_0 is straight-through either way. DRAKES chooses its own
+            relaxation (``intermediate``, soft by default) through ``relaxed_step``.
         forbidden_token_ids: tokens never sampled (padding, BOS/EOS, ...), besides [MASK].
         full_finetune: train all denoiser weights, keeping a frozen copy as the pretrained model.
     """
@@ -143,12 +145,12 @@ class MaskedDiffusionGenerator(FullyTrainedGenerator):
         logits = logits.masked_fill(self.banned, float("-inf"))
         return torch.log_softmax(logits, dim=-1)
 
-    def _straight_through(self, scores: torch.Tensor, tau: float, soft_only: bool = False) -> torch.Tensor:
+    def _straight_through(self, scores: torch.Tensor, tau: float) -> torch.Tensor:
         hard = F.one_hot(scores.argmax(-1), self.vocab_size).to(scores.dtype)
         if not torch.is_grad_enabled():
             return hard
         soft = torch.softmax(scores / tau, dim=-1)
-        return soft if soft_only else hard + soft - soft.detach()
+        return hard + soft - soft.detach()
 
     def step_log_probs(self, logp: torch.Tensor, i: int) -> torch.Tensor:
         """log q(x_s | x_t masked) over the vocabulary, (B, L, V)."""
@@ -158,12 +160,40 @@ class MaskedDiffusionGenerator(FullyTrainedGenerator):
         return logq.index_fill(-1, torch.tensor([self.mask_token_id], device=logq.device), float(stay))
 
     def step(self, x_t, i, cond, noise=None, generator=None, out=None):
+        return self.relaxed_step(x_t, i, cond, noise, generator, out, soft=self.soft_steps)
+
+    def relaxed_step(self, x_t, i, cond, noise=None, generator=None, out=None, soft: bool = False) -> torch.Tensor:
+        """One reverse step (B, L, V) -> (B, L, V); ``step`` with the relaxation chosen by the caller.
+
+        Without grad both relaxations are the plain sampler (hard one-hots). With grad:
+        ``soft=False``: straight-through — each newly drawn token is one-hot forward, Gumbel-softmax
+        backward, and positions whose argmax is a token are carried over.
+        ``soft=True`` (DRAKES's relaxation): an intermediate step returns the soft Gumbel-softmax sample
+        y = softmax((log q + G)/τ) mixed by the state's mask probability m = x_t[..., MASK] (the
+        reference code's soft copy flag): x_s = m·y + (1 - m)·x_t, so the next denoiser call reads a
+        point of the simplex; the last step (nothing stays masked) returns the straight-through
+        one-hot of that mixture's argmax. The same Gumbel draws are consumed either way.
+        """
         logp = self.model_output(x_t, i, cond) if out is None else out
         g = gumbel_noise(x_t.shape, generator, x_t.device).to(x_t.device) if noise is None else noise
-        soft_only = self.soft_steps and i + 1 < self.num_steps
-        y = self._straight_through(self.step_log_probs(logp, i) + g, self.tau, soft_only)
+        scores = self.step_log_probs(logp, i) + g
+        if not (soft and torch.is_grad_enabled()):
+            y = self._straight_through(scores, self.tau)
+            m = self.is_masked(x_t)
+            return m * y + (1 - m) * x_t
+        m = x_t[..., self.mask_token_id:self.mask_token_id + 1]
+        x_s = m * torch.softmax(scores / self.tau, dim=-1) + (1 - m) * x_t
+        if i + 1 < self.num_steps:
+            return x_s
+        hard = F.one_hot(x_s.detach().masked_fill(self.banned, float("-inf")).argmax(-1), self.vocab_size).to(x_s.dtype)
+        return hard + x_s - x_s.detach()
+
+    def predict_x0(self, x_t, i, cond, out=None):
+        """The denoiser's most likely token at masked positions (straight-through softmax with grad);
+        unmasked tokens carried over."""
+        logp = self.model_output(x_t, i, cond) if out is None else out
         m = self.is_masked(x_t)
-        return m * y + (1 - m) * x_t
+        return m * self._straight_through(logp, 1.0) + (1 - m) * x_t
 
     def predict_x0(self, x_t, i, cond, out=None):
         """The denoiser's most likely token at masked positions (straight-through softmax with grad);
@@ -185,7 +215,9 @@ class MaskedDiffusionGenerator(FullyTrainedGenerator):
 
     def kl_to_base(self, x_t: torch.Tensor, i: int, cond: Condition, logp: torch.Tensor | None = None) -> torch.Tensor:
         """KL(q_θ(x_s | x_t) || q_pre(x_s | x_t)) per sample, (B,): masked positions only; the shared
-        stay-masked mass cancels, leaving p_unmask · KL(x̂0_θ || x̂0_pre)."""
+        stay-masked mass cancels, leaving p_unmask · KL(x̂0_θ || x̂0_pre). On a soft (relaxed) state
+        each position is weighted by its mask probability x_t[..., MASK] (no gradient), which is the
+        [MASK] indicator on one-hot states."""
         logp = self.model_output(x_t, i, cond) if logp is None else logp
         with torch.no_grad(), self.base_model():
             logp_pre = self.model_output(x_t.detach(), i, cond)
@@ -194,7 +226,7 @@ class MaskedDiffusionGenerator(FullyTrainedGenerator):
         # product so neither the value nor its gradient sees -inf - -inf
         diff = (logp - logp_pre).masked_fill(self.banned, 0.0)
         kl = (logp.exp() * diff).sum(-1)  # (B, L)
-        return p_unmask * (kl * self.is_masked(x_t).squeeze(-1)).sum(-1)
+        return p_unmask * (kl * x_t.detach()[..., self.mask_token_id]).sum(-1)
 
 
 class MaskedDiffusionPretraining(GeneratorPretraining):

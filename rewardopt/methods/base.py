@@ -27,6 +27,27 @@ def params_checksum(params: list[torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
+def training_seed(seed: int, micro_batch: int, rank: int = 0, world_size: int = 1) -> int:
+    """The seed of one training micro-batch on one rank: distinct for every (micro-batch, rank)."""
+    return seed * 1_000_003 + micro_batch * world_size + rank
+
+
+def micro_batch_index(module: L.LightningModule) -> int:
+    """The index of the training micro-batch being run, counted over epochs: Lightning's
+    ``fit_loop.epoch_loop.total_batch_idx``, restored from the checkpoint's loop progress on resume.
+    (``global_step`` counts optimiser steps, so it repeats over ``accumulate_grad_batches``
+    micro-batches.) 0 outside a fit."""
+    trainer = module._trainer
+    return max(int(trainer.fit_loop.epoch_loop.total_batch_idx), 0) if trainer is not None else 0
+
+
+def training_generator(module: L.LightningModule, seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``training_seed(seed, micro-batch index, rank, world size)``."""
+    trainer = module._trainer
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    return torch.Generator().manual_seed(training_seed(seed, micro_batch_index(module), rank, world))
+
+
 class RewardFineTuning(L.LightningModule):
     """Base LightningModule for methods that fine-tune a generator toward a reward.
 
@@ -68,10 +89,9 @@ class RewardFineTuning(L.LightningModule):
                        "compute/wall_s": self.wall_time()}, on_step=True, on_epoch=False)
 
     def training_rng(self) -> torch.Generator:
-        """The noise of this step on this rank: a function of (seed, global step, rank), so that a
-        resumed run draws exactly what an uninterrupted one would and ranks draw different noise."""
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        return torch.Generator().manual_seed(getattr(self, "seed", 0) * 1_000_003 + self.global_step * world + rank)
+        """The noise of this micro-batch on this rank (``training_generator``): a resumed run draws
+        exactly what an uninterrupted one would, ranks and accumulated micro-batches draw different noise."""
+        return training_generator(self, getattr(self, "seed", 0))
 
     # ------------------------------------------------------------------ evaluation
     def sample_images(self, prompts: list[str], seed: int, grad: bool = False) -> torch.Tensor:

@@ -4,15 +4,20 @@ Differentiable Reward Imitation Learning" (EMNLP 2021; code amazon-research/sc2q
 A two-stage seq2seq model writes an answer (decoder 1) and then a question that attends to the
 answer decoder's hidden states (decoder 2). MLE trains both on gold pairs, teacher-forced, so the
 answer decoder never sees its own mistakes (exposure bias). DRIL adds a differentiable reward on
-the model's *own* answers: with probability ``sample_prob`` (paper 0.5) a step samples answers
-free-running, re-runs decoder 1 teacher-forced on them, and the gold question's cross-entropy
-under decoder 2 (weight ``reconstruction_weight``, paper 0.3) backpropagates through decoder 1's
-hidden states into decoder 1 and the encoder: an answer from which the question can be
-reconstructed is rewarded; otherwise the step is plain MLE.
+the model's *own* answers: with probability ``sample_prob`` (paper and reference 0.5) a step samples
+answers free-running, re-runs decoder 1 teacher-forced on them, and the gold question's
+cross-entropy under decoder 2 (weight ``reconstruction_weight``, 0.3) backpropagates through
+decoder 1's hidden states into decoder 1 and the encoder: an answer from which the question can be
+reconstructed is rewarded; otherwise the step trains on the gold pair.
 
-Our reading: the answer's MLE term is kept in both branches (``mle_in_sample_branch``; the
-question's MLE term is what the sampled branch replaces). ``sample_prob: 0`` is plain MLE — the
-pretraining and baseline recipes use it. Losses are per-token means over the batch.
+Loss mixture, by default the reference code's (amazon-research/sc2qa-dril, ``modeling_bart.py``:
+``train_what`` "one_decoder" / "two_decoders"): a sampled step is 0.3 × the reconstruction NLL and
+nothing else; a gold step is the answer's NLL only (the reference multiplies the gold question's
+NLL by 0, so decoder 2 learns only from reconstruction). Our earlier mixture is an option:
+``mle_in_sample_branch`` adds the answer's NLL to sampled steps and ``question_mle`` the gold
+question's NLL to gold steps. Pretraining (``sample_prob: 0``, ``question_mle: true``) is plain MLE
+of both decoders. The rollouts' sampling constraints (no_repeat_ngram_size=3, min_length=10 in the
+reference) are the model's (``TwoDecoderBart``). Losses are per-token means over the batch.
 
 The model implements three methods (``domains/qa_text/model.py: TwoDecoderBart`` does):
 ``mle_terms(batch)`` -> {answer_nll, question_nll, answer_tokens, question_tokens} per example;
@@ -31,6 +36,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from rewardopt.methods.base import training_generator
 from rewardopt.schedules import warmup_decay
 
 
@@ -39,14 +45,15 @@ class DRIL(L.LightningModule):
         model: the two-stage seq2seq model (see the module docstring).
         sample_prob: probability that a step trains on the model's own answers (paper 0.5; 0: MLE).
         reconstruction_weight: weight of the question-reconstruction loss on own answers (paper 0.3).
-        mle_in_sample_branch: keep the answer's MLE term in sampled steps.
+        mle_in_sample_branch: also add the answer's NLL to sampled steps (ours; reference: no).
+        question_mle: also add the gold question's NLL to gold steps (ours, and pretraining; reference: no).
         lr, weight_decay, warmup_steps, decay: AdamW with linear warm-up and optional linear decay.
-        seed: the branch draws and answer sampling (with step and rank: exact resumes).
+        seed: the branch draws and answer sampling (with the micro-batch index and rank: exact resumes).
         output_dir: where the trained model (``save_pretrained``) and ``summary.json`` go.
     """
 
     def __init__(self, model: nn.Module, sample_prob: float = 0.5, reconstruction_weight: float = 0.3,
-                 mle_in_sample_branch: bool = True, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 mle_in_sample_branch: bool = False, question_mle: bool = False, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
                  decay: bool = False, seed: int = 0, output_dir: str | None = None) -> None:
         super().__init__()
         if not 0 <= sample_prob <= 1 or reconstruction_weight < 0:
@@ -56,7 +63,8 @@ class DRIL(L.LightningModule):
             raise TypeError(f"DRIL needs a two-stage seq2seq model with {missing} (e.g. domains.qa_text.model.TwoDecoderBart); "
                             f"got {type(model).__name__}")
         self.model = model
-        self.sample_prob, self.reconstruction_weight, self.mle_in_sample_branch = sample_prob, reconstruction_weight, mle_in_sample_branch
+        self.sample_prob, self.reconstruction_weight = sample_prob, reconstruction_weight
+        self.mle_in_sample_branch, self.question_mle = mle_in_sample_branch, question_mle
         self.lr, self.weight_decay, self.warmup_steps, self.decay, self.seed = lr, weight_decay, warmup_steps, decay, seed
         self._output_dir = output_dir
         self.sampled_steps = 0
@@ -70,8 +78,8 @@ class DRIL(L.LightningModule):
         return Path(self.trainer.default_root_dir if self._trainer is not None else "runs/dril")
 
     def training_rng(self) -> torch.Generator:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step * world + rank)
+        """The branch draw and answer samples of this micro-batch on this rank (exact resumes)."""
+        return training_generator(self, self.seed)
 
     def loss_terms(self, batch: list[dict[str, Any]], rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         rng = rng or torch.Generator().manual_seed(self.seed)
@@ -86,7 +94,7 @@ class DRIL(L.LightningModule):
             out["reconstruction_nll"] = rec.detach()
             out["loss"] = (answer if self.mle_in_sample_branch else 0.0) + self.reconstruction_weight * rec
         else:
-            out["loss"] = answer + question
+            out["loss"] = answer + question if self.question_mle else answer
         return out
 
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
@@ -140,7 +148,8 @@ class DRIL(L.LightningModule):
         out = self.output_dir
         self.model.save_pretrained(out)
         summary = {"method": "DRIL" if self.sample_prob > 0 else "MLE", "sample_prob": self.sample_prob,
-                   "reconstruction_weight": self.reconstruction_weight, "steps": self.global_step,
+                   "reconstruction_weight": self.reconstruction_weight, "mle_in_sample_branch": self.mle_in_sample_branch,
+                   "question_mle": self.question_mle, "steps": self.global_step,
                    "sampled_steps": self.sampled_steps, "validation": self.val_history,
                    "wall_time_s": round(time.perf_counter() - self._t0, 1)}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

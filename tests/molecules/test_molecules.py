@@ -188,7 +188,7 @@ def test_drakes_recipe_runs_and_saves_the_fine_tuned_model(recipe, tmp_path):
     c.trainer.fit(c.model, datamodule=c.datamodule)
     assert any(not torch.equal(a, b) for a, b in zip(c.model.generator.trainable_parameters(), before))
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert s["steps"] == 2 and s["nfe_grad"] == 2 * 4 * 2  # 2 steps x 4 molecules x 2 differentiable steps
+    assert s["steps"] == 2 and s["nfe_grad"] == 2 * 4 * 4  # 2 steps x 4 molecules x 4 steps (the KL at every step)
     assert (tmp_path / "out" / "before_after.png").is_file()  # molecules drawn before/after fine-tuning
     reloaded = MoleculeGenerator(pretrained=s["adapter"], num_steps=4)
     for a, b in zip(reloaded.denoiser.parameters(), c.model.generator.denoiser.parameters()):

@@ -218,15 +218,15 @@ def test_hung_calls_do_not_starve_retries():
 
 def test_timeout_counts_from_when_the_call_starts_running():
     """Calls queued behind max_workers running ones do not spend their timeout waiting."""
-    r = Hanging(delay=0.2, max_workers=1, timeout_s=0.3, retries=0, cache_size=0, on_failure=-1.0)
-    outs = [None] * 3
+    r = Hanging(delay=0.1, max_workers=1, timeout_s=0.35, retries=0, cache_size=0, on_failure=-1.0)
+    outs = [None] * 5  # the last runs 0.4 s after the first starts: past the timeout if queueing counted
     threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, r(torch.full((1, 1), float(i)), None)))
-               for i in range(3)]
+               for i in range(5)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert [o.total.item() for o in outs] == [0.0, 1.0, 2.0], "queued calls ran and succeeded"
+    assert [o.total.item() for o in outs] == [0.0, 1.0, 2.0, 3.0, 4.0], "queued calls ran and succeeded"
     assert r.stats["timeouts"] == 0 and r.max_active == 1
 
 
@@ -266,15 +266,15 @@ class Switchable(BlackBoxReward):
 
 
 def test_breaker_half_open_lets_exactly_one_trial_call_through():
-    r = Switchable(max_workers=4, retries=0, breaker_threshold=2, breaker_cooldown_s=0.3, cache_size=0,
+    r = Switchable(max_workers=4, retries=0, breaker_threshold=2, breaker_cooldown_s=0.6, cache_size=0,
                    on_failure=-1.0)
     r(torch.arange(2.0).view(2, 1), None)
     assert r.stats["breaker_opened"] == 1 and r.requests == 2 and r.breaker_open
-    time.sleep(0.35)
+    time.sleep(0.65)
     out = r(torch.arange(4.0).view(4, 1) + 10, None)  # still dead: one trial, the other 3 rejected
     assert r.requests == 3, f"{r.requests - 2} calls went through after the cool-down; expected one trial"
     assert out.info["failed"] == 4 and r.stats["breaker_rejections"] == 3 and r.breaker_open
-    time.sleep(0.35)
+    time.sleep(0.65)
     r.dead = False
     out = r(torch.arange(4.0).view(4, 1) + 20, None)  # recovered: the trial closes it, the others follow
     assert out.total.tolist() == [20.0, 21.0, 22.0, 23.0] and r.requests == 7 and not r.breaker_open

@@ -217,7 +217,8 @@ class TwoDecoderBart(nn.Module):
             ys = self.bart.generate(**src, do_sample=not greedy, temperature=temperature if not greedy else None,
                                     top_k=0 if not greedy else None, top_p=None, num_beams=1, max_new_tokens=self.max_answer_tokens,
                                     min_length=0 if greedy else self.min_answer_length,
-                                    no_repeat_ngram_size=0 if greedy else self.no_repeat_ngram_size, decoder_start_token_id=self.start,
+                                    no_repeat_ngram_size=0 if greedy else self.no_repeat_ngram_size,
+                                    decoder_start_token_id=self.start,
                                     eos_token_id=self.eos, pad_token_id=self.pad, forced_bos_token_id=None,
                                     forced_eos_token_id=None)
         out = ys[:, 1:]

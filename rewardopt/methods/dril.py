@@ -13,7 +13,7 @@ reconstructed is rewarded; otherwise the step trains on the gold pair.
 Loss mixture, by default the reference code's (amazon-research/sc2qa-dril, ``modeling_bart.py``:
 ``train_what`` "one_decoder" / "two_decoders"): a sampled step is 0.3 × the reconstruction NLL and
 nothing else; a gold step is the answer's NLL only (the reference multiplies the gold question's
-NLL by 0, so decoder 2 learns only from reconstruction). Our earlier mixture is an option:
+NLL by 0, so decoder 2 gets zero gradients there and learns only from reconstruction). Our earlier mixture is an option:
 ``mle_in_sample_branch`` adds the answer's NLL to sampled steps and ``question_mle`` the gold
 question's NLL to gold steps. Pretraining (``sample_prob: 0``, ``question_mle: true``) is plain MLE
 of both decoders. The rollouts' sampling constraints (no_repeat_ngram_size=3, min_length=10 in the
@@ -53,7 +53,8 @@ class DRIL(L.LightningModule):
     """
 
     def __init__(self, model: nn.Module, sample_prob: float = 0.5, reconstruction_weight: float = 0.3,
-                 mle_in_sample_branch: bool = False, question_mle: bool = False, lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
+                 mle_in_sample_branch: bool = False, question_mle: bool = False, lr: float = 1e-4,
+                 weight_decay: float = 0.0, warmup_steps: int = 0,
                  decay: bool = False, seed: int = 0, output_dir: str | None = None) -> None:
         super().__init__()
         if not 0 <= sample_prob <= 1 or reconstruction_weight < 0:
@@ -84,7 +85,8 @@ class DRIL(L.LightningModule):
     def loss_terms(self, batch: list[dict[str, Any]], rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         rng = rng or torch.Generator().manual_seed(self.seed)
         sampled = bool(torch.rand((), generator=rng) < self.sample_prob)
-        t = self.model.mle_terms(batch)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (not sampled or self.mle_in_sample_branch)):
+            t = self.model.mle_terms(batch)  # only logged in a reference-mixture sampled step
         answer = t["answer_nll"].sum() / t["answer_tokens"].sum()
         question = t["question_nll"].sum() / t["question_tokens"].sum()
         out = {"answer_nll": answer.detach(), "question_nll": question.detach(), "sampled": torch.tensor(float(sampled))}
@@ -94,7 +96,9 @@ class DRIL(L.LightningModule):
             out["reconstruction_nll"] = rec.detach()
             out["loss"] = (answer if self.mle_in_sample_branch else 0.0) + self.reconstruction_weight * rec
         else:
-            out["loss"] = answer + question if self.question_mle else answer
+            # the reference's gold step: question NLL x 0 — decoder 2 stays in the graph with zero gradients
+            # (as there: DDP sees every parameter used, and AdamW still steps it on its moments)
+            out["loss"] = answer + (1.0 if self.question_mle else 0.0) * question
         return out
 
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
@@ -148,8 +152,9 @@ class DRIL(L.LightningModule):
         out = self.output_dir
         self.model.save_pretrained(out)
         summary = {"method": "DRIL" if self.sample_prob > 0 else "MLE", "sample_prob": self.sample_prob,
-                   "reconstruction_weight": self.reconstruction_weight, "mle_in_sample_branch": self.mle_in_sample_branch,
-                   "question_mle": self.question_mle, "steps": self.global_step,
+                   "reconstruction_weight": self.reconstruction_weight,
+                   "mle_in_sample_branch": self.mle_in_sample_branch, "question_mle": self.question_mle,
+                   "steps": self.global_step,
                    "sampled_steps": self.sampled_steps, "validation": self.val_history,
                    "wall_time_s": round(time.perf_counter() - self._t0, 1)}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -2,9 +2,12 @@
 black-box judge's throughput against a local server.
 
 Methods: pretrained (plain sampler), Best-of-N, SVDD-PM, DSearch, SMC (FK difference potential),
-Free²Guide and DPS, each given the same NFE per output sample (``budget`` = 4x, 8x, 16x the plain
-sampler's T by default) — the budget sets each method's width (N, M, W, k, n, chains), and the
-counted NFE and reward calls per sample are printed next to the rewards. Rewards: ``jpeg``
+Free²Guide (the first 10% of steps guided, as the paper and its public code) and DPS, each given the
+same NFE per output sample (``budget`` = 4x, 8x, 16x the plain sampler's T by default) — the
+budget sets each method's width (N, M, W, k, n, chains). Next to the rewards every table shows
+what a sample really cost, counted: NFE, NFE with autograd, backward passes (DPS backprops through
+the reward, the VAE decoder and the UNet at every step), decodes (x̂0 decoded for a value: SVDD
+M·T, Best-of-N N, plus the output) and reward calls per sample. Rewards: ``jpeg``
 (default; minus the JPEG size in kB — the SVDD paper's image task; black-box, so DPS is skipped),
 ``colour`` (1 - mean pixel distance to blue; differentiable, so DPS runs) or ``classifier`` (the
 shapes classifier's log p(blue); it saturates at 0 within a few x T, so it separates methods only
@@ -15,8 +18,9 @@ Judge throughput: an ``OpenAIJudge`` scores ``--judge-requests`` distinct images
 judge server answering in ``--judge-latency`` seconds, at several concurrencies; the target is at
 least 80% of concurrency / latency requests per second.
 
-Usage: python benchmarks/inference_time.py [--steps 10] [--multiples 4 8 16] [--seeds 0 1 2]
-Prints markdown tables; writes runs/inference_time.json and runs/inference_time.png.
+Usage: python benchmarks/inference_time.py [--reward jpeg|colour] [--steps 10] [--multiples 4 8 16] [--seeds 0 1 2]
+Prints markdown tables and writes them to benchmarks/results/inference_time_<reward>.md; also writes
+runs/inference_time.json and runs/inference_time.png.
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+#: counters reported per output sample (keys of InferenceTimeSteering.COUNTS)
+COUNTED = ("nfe", "nfe_grad", "backward", "decodes", "reward_calls")
 
 
 def build(method: str, gen, reward, budget: int | None, seed: int, steps: int, smc_alpha: float = 1.0,
-          dps_scale: float = 0.1):
+          dps_scale: float = 0.1, free2guide_frac: float = 0.1):
     from rewardopt.methods.best_of_n import BestOfN
     from rewardopt.methods.dps import DPS
     from rewardopt.methods.dsearch import DSearch
@@ -53,7 +61,7 @@ def build(method: str, gen, reward, budget: int | None, seed: int, steps: int, s
     if method == "SMC":
         return SMC(gen, reward, potential="difference", alpha=smc_alpha, resample="ess", **common)
     if method == "Free2Guide":
-        return Free2Guide(gen, reward, guide_steps=max(1, round(0.2 * steps)), **common)
+        return Free2Guide(gen, reward, guide_steps=max(1, round(free2guide_frac * steps)), **common)
     if method == "DPS":
         return DPS(gen, reward, scale=dps_scale, normalize=True, **common)
     raise ValueError(method)
@@ -75,6 +83,7 @@ def run_methods(args) -> list[dict]:
               "classifier": lambda: ShapeAttributeReward("colour", target="blue")}[args.reward]()
     methods = [m for m in args.methods if not (m == "DPS" and args.reward == "jpeg")]
     _, prompts = split_prompts(0)
+    prompts = prompts[:args.prompts]
     rows = []
     for mult in [None, *args.multiples]:
         for method in methods:
@@ -83,9 +92,9 @@ def run_methods(args) -> list[dict]:
             per_seed = []
             for seed in args.seeds:
                 m = build(method, gen, reward, None if mult is None else mult * args.steps, seed, args.steps,
-                          args.smc_alpha, args.dps_scale)
+                          args.smc_alpha, args.dps_scale, args.free2guide_frac)
                 m.num_samples = args.per_prompt
-                n0, c0 = gen.counter.nfe, reward.calls
+                c0 = m.counts()
                 t0 = time.perf_counter()
                 vals, divs = [], []
                 for b in range(0, len(prompts), args.batch):
@@ -99,16 +108,19 @@ def run_methods(args) -> list[dict]:
                 n = len(vals)
                 v = sorted(vals, reverse=True)
                 k = max(1, round(0.1 * n))
+                c1 = m.counts()
                 per_seed.append({"median": statistics.median(vals), "top10": sum(v[:k]) / k, "mean": sum(vals) / n,
-                                 "diversity": sum(divs) / len(divs), "nfe": (gen.counter.nfe - n0) / n,
-                                 "reward_calls": (reward.calls - c0) / n, "wall_s": time.perf_counter() - t0,
+                                 "diversity": sum(divs) / len(divs),
+                                 **{key: (c1[key] - c0[key]) / n for key in COUNTED},
+                                 "wall_s": time.perf_counter() - t0,
                                  "width": getattr(m, m.width_name) if mult is not None else 1})
             agg = {k: statistics.mean(s[k] for s in per_seed) for k in per_seed[0]}
             agg.update({f"{k}_sd": statistics.pstdev([s[k] for s in per_seed]) for k in ("median", "top10")})
             rows.append({"method": method, "multiple": mult or 1, "budget": (mult or 1) * args.steps, **agg})
             r = rows[-1]
             print(f"  {method:11s} x{r['multiple']:<3d} width {r['width']:>5.0f}  median {r['median']:9.3f}  "
-                  f"top10 {r['top10']:9.3f}  div {r['diversity']:.3f}  NFE {r['nfe']:.0f}  calls {r['reward_calls']:.0f}  "
+                  f"top10 {r['top10']:9.3f}  div {r['diversity']:.3f}  NFE {r['nfe']:.0f} (grad {r['nfe_grad']:.0f})  "
+                  f"backward {r['backward']:.0f}  decodes {r['decodes']:.0f}  calls {r['reward_calls']:.0f}  "
                   f"{r['wall_s']:.1f}s", flush=True)
     return rows
 
@@ -174,6 +186,11 @@ def main() -> None:
     p.add_argument("--smc-alpha", type=float, default=0.01,
                    help="SMC potential temperature, in reward units (the reward's spread between candidates)")
     p.add_argument("--dps-scale", type=float, default=0.1, help="DPS step on the RMS-normalised gradient")
+    p.add_argument("--free2guide-frac", type=float, default=0.1,
+                   help="fraction of the first steps Free2Guide guides (paper and public code: 10%%)")
+    p.add_argument("--prompts", type=int, default=12, help="held-out prompts used (of 12; fewer for a smoke run)")
+    p.add_argument("--no-results", action="store_true",
+                   help="do not write benchmarks/results/inference_time_<reward>.md")
     p.add_argument("--judge-latency", type=float, default=0.2)
     p.add_argument("--judge-requests", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[4, 8, 16])
@@ -199,31 +216,49 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps({"args": vars(args), "steering": rows, "judge": judge}, indent=2))
+    tables = []
     if rows:
         plot(rows, Path(f"{out}.png"), args.reward)
-        print(f"\nReward: {args.reward}; {len(args.seeds)} seeds x 12 held-out prompts x {args.per_prompt} samples; "
-              f"mean over seeds (± sd over seeds).\n")
-        print("| method | budget (x T) | width | NFE/sample (counted) | reward calls/sample | median | top-10% | diversity |")
-        print("|---|---|---|---|---|---|---|---|")
+        lines = [f"Reward: {args.reward}; {len(args.seeds)} seeds x {args.prompts} held-out prompts x "
+                 f"{args.per_prompt} samples; mean over seeds (± sd over seeds). Counted per output sample: NFE, "
+                 "NFE with autograd, backward passes, decodes (VAE), reward calls.", "",
+                 "| method | budget (x T) | width | NFE | NFE grad | backward | decodes | reward calls | median | "
+                 "top-10% | diversity |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            print(f"| {r['method']} | {r['multiple']} | {r['width']:.0f} | {r['nfe']:.1f} | {r['reward_calls']:.1f} | "
-                  f"{r['median']:.3f} ± {r['median_sd']:.3f} | {r['top10']:.3f} ± {r['top10_sd']:.3f} | {r['diversity']:.3f} |")
+            lines.append(f"| {r['method']} | {r['multiple']} | {r['width']:.0f} | {r['nfe']:.1f} | "
+                         f"{r['nfe_grad']:.1f} | {r['backward']:.1f} | {r['decodes']:.1f} | {r['reward_calls']:.1f} | "
+                         f"{r['median']:.3f} ± {r['median_sd']:.3f} | {r['top10']:.3f} ± {r['top10_sd']:.3f} | "
+                         f"{r['diversity']:.3f} |")
+        verdicts = []
         for mult in args.multiples:
             at = {r["method"]: r for r in rows if r["multiple"] == mult}
             if {"SVDD-PM", "Best-of-N"} <= set(at):
                 s, b = at["SVDD-PM"], at["Best-of-N"]
-                print(f"\nx{mult}: SVDD-PM vs Best-of-N median {s['median']:.3f} vs {b['median']:.3f} "
-                      f"({'beats' if s['median'] > b['median'] else 'does NOT beat'})", end="")
+                line = (f"x{mult}: SVDD-PM vs Best-of-N median {s['median']:.3f} vs {b['median']:.3f} "
+                        f"({'beats' if s['median'] > b['median'] else 'does NOT beat'})")
                 if "DSearch" in at:
                     d = at["DSearch"]
-                    print(f"; DSearch vs SVDD-PM {d['median']:.3f} vs {s['median']:.3f} "
-                          f"({'at least as good' if d['median'] >= s['median'] else 'worse'})", end="")
-        print()
+                    line += (f"; DSearch vs SVDD-PM {d['median']:.3f} vs {s['median']:.3f} "
+                             f"({'at least as good' if d['median'] >= s['median'] else 'worse'})")
+                verdicts.append(line)
+        tables += ["\n".join(lines), "\n\n".join(verdicts)] if verdicts else ["\n".join(lines)]
     if judge:
-        print("\n| concurrency | requests | latency (s) | req/s | ideal req/s | ratio (target >= 0.8) |")
-        print("|---|---|---|---|---|---|")
+        lines = ["| concurrency | requests | latency (s) | req/s | ideal req/s | ratio (target >= 0.8) |",
+                 "|---|---|---|---|---|---|"]
         for j in judge:
-            print(f"| {j['concurrency']} | {j['requests']} | {args.judge_latency} | {j['rps']:.1f} | {j['ideal_rps']:.1f} | {j['ratio']:.2f} |")
+            lines.append(f"| {j['concurrency']} | {j['requests']} | {args.judge_latency} | {j['rps']:.1f} | "
+                         f"{j['ideal_rps']:.1f} | {j['ratio']:.2f} |")
+        tables.append("Judge throughput against the local judge server:\n\n" + "\n".join(lines))
+    for t in tables:
+        print("\n" + t)
+    if tables and not args.no_results:
+        from results_md import write_result
+
+        write_result(f"inference_time_{args.reward}", tables=tables, seeds=args.seeds,
+                     title=f"Inference-time steering at equal NFE ({args.reward})",
+                     notes="Tiny text-to-image default (embedded:tiny-shapes, 24 px), DDIM eta=1, CFG 3, "
+                           f"T={args.steps}; budgets {[m * args.steps for m in args.multiples]} NFE per sample.")
     print(f"\nwrote {out}.json" + (f" and {out}.png" if rows else ""))
 
 

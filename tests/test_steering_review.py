@@ -68,3 +68,351 @@ def test_dsearch_with_tiny_alpha_keeps_the_same_beams_as_alpha_zero():
         greedy, _ = cls(g, r, alpha=0.0, save_samples=False, **kw).generate(list(range(4)))
         cold, _ = cls(g, r, alpha=1e-4, save_samples=False, **kw).generate(list(range(4)))
         assert torch.allclose(greedy, cold), cls.__name__
+
+
+# ---------------------------------------------------------------------------------- item 4
+# On the random walk x_0 = x_T + std·(ε_1 + ... + ε_T), x_T ~ N(0, 1): x_0 ~ N(0, s²) with
+# s² = 1 + T·std², and r = x. The target p·exp(r/α) is N(s²/α, s²) in closed form.
+# ``sum`` tilts the intermediate particles far more than the target, so after resampling its final
+# correction is degenerate at small k (mean 1.40 instead of 1.0 at k = 256 resampling every step, the
+# same in an independent numpy replay): it is checked without resampling (importance sampling).
+@pytest.mark.parametrize("potential,resample", [("difference", "ess"), ("max", "ess"), ("max", 1), ("instant", "ess"),
+                                                ("max_increment", "ess"), ("sum", 1000)])
+def test_smc_output_sample_draws_from_the_tilted_target(potential, resample):
+    from scipy.stats import kstest
+
+    from rewardopt.methods.smc import SMC
+    from rewardopt.testing.toy import RandomWalkGenerator, SumReward
+
+    T, std, alpha, n = 4, 0.5, 2.0, 3000
+    s2 = 1 + T * std**2
+    g = RandomWalkGenerator(num_steps=T, dim=1, std=std)
+    m = SMC(g, SumReward(), num_particles=32, potential=potential, alpha=alpha, output="sample", seed=3,
+            resample=resample, save_samples=False)
+    x, _ = m.generate(list(range(n)))
+    x = x.flatten().double()
+    mean, var = s2 / alpha, s2
+    assert abs(float(x.mean()) - mean) < 4 * math.sqrt(var / n) + 0.03, (potential, float(x.mean()))
+    assert abs(float(x.var()) - var) < 0.2 * var, (potential, float(x.var()))
+    assert kstest(x.numpy(), "norm", args=(mean, math.sqrt(var))).pvalue > 1e-3
+
+
+def test_smc_without_the_final_correction_targets_the_product_of_potentials():
+    """FK's ``max`` and ``sum`` potentials do not telescope: without exp(λ r(x_0)) / ∏G the output is
+    tilted further than p·exp(r/α) (the old behaviour, kept as ``final_correction=False``)."""
+    from rewardopt.methods.smc import SMC
+    from rewardopt.testing.toy import RandomWalkGenerator, SumReward
+
+    g = RandomWalkGenerator(num_steps=4, dim=1, std=0.5)
+    for potential in ("max", "sum"):
+        m = SMC(g, SumReward(), num_particles=32, potential=potential, alpha=2.0, output="sample", seed=3,
+                final_correction=False, resample=1000, save_samples=False)
+        x, _ = m.generate(list(range(2000)))
+        assert float(x.mean()) > 1.5, potential  # the target's mean is 1.0
+
+
+def test_smc_potentials_follow_fk_steering_by_hand():
+    """Log-potentials per step for one particle path with values r = (1, 3, 2) and λ = 1/α = 2."""
+    from rewardopt.methods.smc import log_potential
+
+    r = [torch.tensor([1.0]), torch.tensor([3.0]), torch.tensor([2.0])]
+    want = {"max": [2, 6, 6], "sum": [2, 8, 12], "difference": [2, 4, -2], "instant": [2, 6, 4],
+            "max_increment": [2, 4, 0]}
+    for pot, expect in want.items():
+        state = None
+        got = []
+        for v in r:
+            lp, state = log_potential(pot, v, state, lam=2.0)
+            got.append(float(lp))
+        assert got == expect, pot
+
+
+def test_smc_cumulative_is_a_clear_error():
+    from rewardopt.methods.smc import SMC
+    from rewardopt.testing.toy import RandomWalkGenerator, SumReward
+
+    with pytest.raises(ValueError, match="'sum'.*'instant'"):
+        SMC(RandomWalkGenerator(), SumReward(), potential="cumulative")
+
+
+# ---------------------------------------------------------------------------------- item 3
+def _tiny(**kw):
+    from tests.conftest import tiny_generator
+
+    kw.setdefault("lora_rank", None)
+    return tiny_generator(**kw)
+
+
+def _colour():
+    from domains.images.rewards import ColourReward
+
+    return ColourReward("blue")
+
+
+def test_diffusion_deterministic_step_is_diffusers_ddim_with_eta_zero():
+    from diffusers import DDIMScheduler
+
+    g = _tiny(eta=1.0)
+    cond = g.encode_condition(["a red circle", "two blue squares"])
+    x = torch.randn(2, *g.latent_shape, generator=torch.Generator().manual_seed(0))
+    ref = DDIMScheduler.from_config(g.scheduler.config)
+    ref.set_timesteps(g.num_steps)
+    with torch.no_grad():
+        for i in range(g.num_steps):
+            out = g.model_output(x, i, cond)
+            got = g.deterministic_step(x, i, cond, out=out)
+            want = ref.step(out, g.timesteps[i], x, eta=0.0).prev_sample
+            assert torch.allclose(got, want, atol=1e-5), i
+            x = got
+
+
+def test_dsearch_lookahead_values_children_after_deterministic_ddim_steps():
+    """The look-ahead is K steps of the deterministic sampler (DDIM η = 0), not the stochastic step
+    with its noise set to zero (the mean, which keeps too little of the noise variance)."""
+    from rewardopt.methods.dsearch import DSearch
+
+    g = _tiny(eta=1.0, num_steps=4)
+    r = _colour()
+    m = DSearch(g, r, width=2, lookahead=2, search_start=0.0, save_samples=False)
+    cond = g.encode_condition(["a red circle", "two blue squares"])
+    kids = torch.randn(2, *g.latent_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        v, _ = m.lookahead_value(kids, 1, cond)
+        y = kids
+        for j in range(2):
+            y = g.deterministic_step(y, 1 + j, cond)
+        want = r(g.decode(g.predict_x0(y, 3, cond)), cond.raw).total
+    assert torch.allclose(v, want, atol=1e-5)
+
+
+def _masked(T=6):
+    from rewardopt.generators.masked import MaskedDiffusionGenerator, tiny_denoiser
+
+    return MaskedDiffusionGenerator(tiny_denoiser(6, 8, hidden=32, layers=2, heads=2), mask_token_id=5, seq_len=8,
+                                    num_steps=T)
+
+
+def test_masked_deterministic_step_unmasks_the_most_confident_positions():
+    g = _masked(T=4)
+    cond = g.encode_condition([None] * 3)
+    x = g.init_state(cond)
+    with torch.no_grad():
+        out = g.model_output(x, 0, cond)
+        y = g.deterministic_step(x, 0, cond, out=out)
+    p_unmask, _ = g.transition_probs(0)
+    k = round(8 * p_unmask)
+    assert k >= 1
+    unmasked = g.is_masked(y).squeeze(-1) == 0
+    assert (unmasked.sum(1) == k).all()
+    conf, tok = out.max(-1)
+    for b in range(3):
+        top = set(conf[b].topk(k).indices.tolist())
+        assert set(unmasked[b].nonzero().flatten().tolist()) == top
+        assert torch.equal(g.tokens(y)[b][unmasked[b]], tok[b][unmasked[b]])
+    with torch.no_grad():  # the last step unmasks everything
+        z = g.deterministic_step(y, 3, cond)
+    assert not g.is_masked(z).any()
+
+
+def test_dsearch_lookahead_on_masked_diffusion_changes_the_values():
+    """A zero-noise step never unmasks (p_unmask <= p_stay), so the old look-ahead valued the child
+    itself while charging K NFE; greedy unmasking makes the look-ahead see further."""
+    from rewardopt.methods.dsearch import DSearch
+    from rewardopt.rewards.base import Reward
+
+    class Weighted(Reward):  # any change of x̂0's tokens changes the value
+        def score(self, samples, cond):
+            ids = samples.argmax(-1).double()
+            return (ids * 7.0 ** torch.arange(ids.shape[1], dtype=torch.float64)).sum(-1)
+
+    from types import SimpleNamespace
+
+    from rewardopt.generators.masked import MaskedDiffusionGenerator
+
+    class NextToken(torch.nn.Module):
+        """A context-dependent masked LM: position l predicts (token at l-1) + 1 when that is known."""
+
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(6, 6)
+            self.emb.weight.data = torch.eye(6)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, inputs_embeds):
+            prev = torch.nn.functional.pad(inputs_embeds[:, :-1], (0, 0, 1, 0))[..., :5]
+            bias = torch.linspace(0, 1, inputs_embeds.shape[1])[None, :, None] * torch.tensor([1.0, 0, 0, 0, 0])
+            logits = 4 * prev.roll(1, dims=-1) + bias
+            return SimpleNamespace(logits=torch.cat([logits, torch.zeros_like(logits[..., :1])], -1))
+
+    g = MaskedDiffusionGenerator(NextToken(), mask_token_id=5, seq_len=8, num_steps=6)
+    r = Weighted("weighted")
+    cond = g.encode_condition([None] * 8)
+    with torch.no_grad():
+        kids = g.step(g.init_state(cond), 0, cond, generator=torch.Generator().manual_seed(0))
+        v0, _ = DSearch(g, r, width=2, lookahead=0, search_start=0.0, save_samples=False).lookahead_value(kids, 1, cond)
+        v2, _ = DSearch(g, r, width=2, lookahead=3, search_start=0.0, save_samples=False).lookahead_value(kids, 1, cond)
+    assert not torch.equal(v0, v2)
+
+
+def test_dsearch_lookahead_needs_a_deterministic_step():
+    from rewardopt.methods.dsearch import DSearch
+    from rewardopt.testing.toy import RandomWalkGenerator, SumReward
+
+    from rewardopt.generators.base import Generator
+
+    class NoDeterministicStep(RandomWalkGenerator):
+        deterministic_step = Generator.deterministic_step
+
+    with pytest.raises(ValueError, match="lookahead"):
+        DSearch(NoDeterministicStep(), SumReward(), lookahead=1)
+    DSearch(NoDeterministicStep(), SumReward(), lookahead=0)  # no look-ahead: fine
+
+
+# ---------------------------------------------------------------------------------- item 5
+COST_KEYS = ("nfe", "nfe_grad", "backward", "decodes", "reward_calls", "value_calls")
+
+
+def _counts(g, r, m):
+    c = g.counter
+    return {"nfe": c.nfe, "nfe_grad": c.nfe_grad, "backward": c.backward, "decodes": c.decodes,
+            "reward_calls": r.calls, "value_calls": m.value_calls}
+
+
+def _all_methods():
+    from rewardopt.methods.best_of_n import BestOfN
+    from rewardopt.methods.dps import DPS
+    from rewardopt.methods.dsearch import DSearch
+    from rewardopt.methods.free2guide import Free2Guide
+    from rewardopt.methods.smc import SMC
+    from rewardopt.methods.svdd import SVDD
+
+    return [(BestOfN, {"n": 3}), (SVDD, {"num_children": 3}), (SMC, {"num_particles": 3, "resample": 1}),
+            (SMC, {"num_particles": 3, "potential": "sum", "output": "sample"}),
+            (Free2Guide, {"num_candidates": 3, "guide_steps": [0, 2, 3]}),
+            (Free2Guide, {"num_candidates": 3, "guide_steps": [0, 1], "first_step": "children"}),
+            (DPS, {"scale": 0.1}), (DPS, {"scale": 0.1, "num_chains": 2}),
+            (DSearch, {"width": 4, "search_start": 0.0, "lookahead": 1}),
+            (DSearch, {"width": 3, "search_start": 0.5, "lookahead": 2, "alpha": 0.5})]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("case", range(10))
+def test_every_count_equals_the_analytic_cost(case, sampler):
+    cls, kw = _all_methods()[case]
+    g, r = _tiny(eta=1.0, sampler=sampler, num_steps=4), _colour()
+    m = cls(g, r, seed=0, save_samples=False, **kw)
+    before = _counts(g, r, m)
+    samples, _ = m.generate(["a red circle", "two blue squares"])
+    after = _counts(g, r, m)
+    exp = m.expected_cost()
+    assert set(exp) == set(COST_KEYS)
+    assert {k: after[k] - before[k] for k in COST_KEYS} == {k: 2 * exp[k] for k in COST_KEYS}
+
+
+def test_dps_reports_its_backward_passes_and_decodes():
+    from rewardopt.methods.dps import DPS
+
+    g = _tiny(eta=1.0, num_steps=3)
+    exp = DPS(g, _colour(), num_chains=2, save_samples=False).expected_cost()
+    assert exp["nfe_grad"] == exp["backward"] == 6 and exp["decodes"] == 6 + 2 + 1
+
+
+def test_steering_summary_reports_every_count(tmp_path):
+    import json
+
+    import lightning as L
+
+    from rewardopt.methods.dps import DPS
+    from rewardopt.methods.svdd import SVDD
+    from rewardopt.testing.toy import RandomWalkGenerator, SumReward
+
+    for cls, kw in [(DPS, {"scale": 0.1, "num_chains": 2}), (SVDD, {"num_children": 3})]:
+        g = RandomWalkGenerator(num_steps=3, dim=2)
+        m = cls(g, SumReward(), output_dir=str(tmp_path), save_samples=False, **kw)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.predict(m, torch.utils.data.DataLoader(list(range(4)), batch_size=2, collate_fn=list))
+        s = json.loads((tmp_path / "summary.json").read_text())
+        exp = s["expected_cost_per_sample"]
+        for k in COST_KEYS:
+            assert s[k] == 4 * exp[k] and s[f"{k}_per_sample"] == exp[k], (cls.__name__, k)
+        if cls is DPS:
+            assert s["backward_per_sample"] == 6 and s["nfe_grad_per_sample"] == 6
+
+
+def test_finetuning_summary_reports_decodes(tmp_path):
+    import json
+
+    from rewardopt.methods.draft import DRaFT
+    from tests.conftest import tiny_generator
+    from tests.test_methods import fit
+
+    m = DRaFT(tiny_generator(), _colour(), k=1, output_dir=str(tmp_path))
+    fit(m, 2, tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["decodes"] == 4 and s["decodes_grad"] == 4  # one differentiable decode per training sample
+
+
+# ---------------------------------------------------------------------------------- item 7
+def test_free2guide_step_zero_chooses_among_distinct_initial_noises():
+    """As the public code (kjm981995/free2guide_code): at step 0 the n candidates are n initial
+    noises x_T, valued by r(x̂0(x_T)); the best one takes the step. Replayed by hand on the walk."""
+    from rewardopt.methods.free2guide import Free2Guide
+    from rewardopt.testing.toy import RandomWalkGenerator, SumReward
+
+    g, B, n, T = RandomWalkGenerator(num_steps=3, dim=2), 3, 4, 3
+    m = Free2Guide(g, SumReward(), num_candidates=n, guide_steps=[0], save_samples=False)
+    got, _ = m.generate(list(range(B)))
+    rng, _ = m.rngs(0)
+    xT = torch.randn((B * n, 2), generator=rng).view(B, n, 2)
+    x = xT[torch.arange(B), xT.sum(-1).argmax(1)]
+    for _ in range(T):
+        x = x + torch.randn(x.shape, generator=rng)
+    assert torch.allclose(got, x)
+
+
+def test_free2guide_defaults_guide_ten_percent_and_the_benchmark_uses_them():
+    import sys
+
+    from rewardopt.methods.free2guide import Free2Guide
+    from rewardopt.testing.toy import RandomWalkGenerator, SumReward
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from inference_time import build
+
+    g = RandomWalkGenerator(num_steps=20)
+    assert Free2Guide(g, SumReward()).guided == [0, 1]
+    assert build("Free2Guide", g, SumReward(), None, 0, 20).guided == [0, 1]
+
+
+# ---------------------------------------------------------------------------------- item 8
+def _alpha_to_one_generator():
+    from diffusers import DDIMScheduler
+
+    from domains.images.stable_diffusion import StableDiffusionGenerator
+    from domains.images.tiny import build_tokenizer, tiny_text_encoder, tiny_unet
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=True, steps_offset=1, prediction_type="epsilon")
+    return StableDiffusionGenerator.from_components(tiny_unet(16, channels=(8, 16)), tiny_text_encoder(len(tok)), tok,
+                                                    sched, height=16, width=16, num_steps=3, guidance_scale=2.0,
+                                                    eta=1.0, gradient_checkpointing=False)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim_alpha_to_one", "ddim"])
+def test_svdd_spends_one_reward_call_on_a_zero_variance_step(kind):
+    from rewardopt.methods.svdd import SVDD
+
+    g = _alpha_to_one_generator() if kind == "ddim_alpha_to_one" else _tiny(eta=1.0, sampler=kind, num_steps=3)
+    zero_last = kind != "ddim"
+    assert [g.step_is_deterministic(i) for i in range(3)] == [False, False, zero_last]
+    r, M = _colour(), 4
+    m = SVDD(g, r, num_children=M, save_samples=False)
+    c0 = r.calls
+    m.generate(["a red circle", "two blue squares"])
+    calls = M * 2 + (1 if zero_last else M)
+    assert m.expected_cost()["reward_calls"] == calls and r.calls - c0 == 2 * calls

@@ -218,6 +218,7 @@ class StableDiffusionGenerator(DiffusionGenerator):
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents or pixels in [-1, 1] -> (B, 3, H, W) images in [0, 1]."""
+        self.counter.count_decodes(x0.shape[0])
         if self.vae is not None:
             x0 = self.vae.decode(x0 / self.vae.config.scaling_factor, return_dict=False)[0]
         return (x0 / 2 + 0.5).clamp(0, 1)

@@ -71,6 +71,8 @@ class AutoregressiveGenerator(FullyTrainedGenerator):
         x0_rollout: greedy tokens ``predict_x0`` adds after the next one (0: none, no NFE; None: to the end).
     """
 
+    random_init = False  # x_T is the empty sequence
+
     def __init__(self, lm: nn.Module, max_new_tokens: int, bos_token_id: int, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  tau: float = 1.0, forbidden_token_ids: Sequence[int] = (), full_finetune: bool = False,
@@ -215,6 +217,11 @@ class AutoregressiveGenerator(FullyTrainedGenerator):
             x = torch.cat([x[:, :j], y[:, None], x[:, j + 1:]], dim=1)
         return x
 
+    def deterministic_step(self, x_t, i, cond, out=None):
+        """Greedy decoding of token i (the deterministic sampler; look-ahead values)."""
+        logp = self.model_output(x_t, i, cond) if out is None else out
+        return self.step(x_t, i, cond, noise=torch.zeros_like(logp), out=logp)
+
     def x0_nfe(self, level: int) -> int:
         last = self.max_new_tokens if self.x0_rollout is None else min(self.max_new_tokens, level + 1 + self.x0_rollout)
         return max(0, last - level - 1)
@@ -222,6 +229,7 @@ class AutoregressiveGenerator(FullyTrainedGenerator):
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """The (B, N, V) one-hot tokens themselves (straight-through-differentiable): rewards read
         them through their own embedding tables; ``tokens`` gives ids."""
+        self.counter.count_decodes(x0.shape[0])
         return x0
 
     @staticmethod

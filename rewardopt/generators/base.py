@@ -53,17 +53,27 @@ class ComputeCounter:
     sample scored) and wall time. Methods are compared at equal compute, never equal steps.
 
     ``nfe`` counts one per sample per denoiser evaluation (a CFG pass over a batch of B counts B,
-    not 2B: the cond/uncond pair is one guided evaluation, as papers count it).
+    not 2B: the cond/uncond pair is one guided evaluation, as papers count it). ``nfe_grad``: those
+    evaluated with autograd on (each is backpropagated once). ``decodes``: rows through the
+    generator's ``decode`` (a VAE pass for latent diffusion; free for pixel or token states),
+    ``decodes_grad`` those with autograd on. ``backward``: rows a method backpropagated through
+    on its own (DPS: one per guided step, through the reward, decoder and denoiser).
     """
 
+    FIELDS = ("nfe", "nfe_grad", "decodes", "decodes_grad", "backward", "reward_calls", "samples")
+
     def __init__(self) -> None:
-        self.nfe = 0
-        self.nfe_grad = 0
-        self.reward_calls = 0
-        self.samples = 0
+        for k in self.FIELDS:
+            setattr(self, k, 0)
+
+    def count_decodes(self, rows: int) -> None:
+        """Count ``rows`` decoded samples (generators call it from ``decode``)."""
+        self.decodes += rows
+        if torch.is_grad_enabled():
+            self.decodes_grad += rows
 
     def state_dict(self) -> dict[str, int]:
-        return {"nfe": self.nfe, "nfe_grad": self.nfe_grad, "reward_calls": self.reward_calls, "samples": self.samples}
+        return {k: getattr(self, k) for k in self.FIELDS}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for k, v in state.items():
@@ -109,6 +119,25 @@ class Generator(nn.Module, ABC):
     def stochastic(self) -> bool:
         """Whether ``step`` draws noise (SVDD, SMC, Free2Guide and DSearch need distinct children)."""
         return True
+
+    #: whether ``init_state`` draws randomness (continuous diffusion's x_T); masked diffusion and
+    #: token LMs start from one fixed state. Free²Guide's step-0 candidates are initial noises only if so.
+    random_init: bool = True
+
+    def step_is_deterministic(self, i: int) -> bool:
+        """Whether step ``i`` draws no noise, so that every child of a state is the same (a
+        stochastic sampler's last step can be: DDPM, DDIM with ``set_alpha_to_one``). Search
+        methods then value one child, not M."""
+        return not self.stochastic
+
+    def deterministic_step(self, x_t: torch.Tensor, i: int, cond: Condition,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+        """One step x_t -> x_{t-1} of the generator's deterministic sampler, for look-ahead values
+        (DSearch): DDIM with η = 0 for continuous diffusion, greedy unmasking for masked diffusion,
+        greedy decoding for token LMs. Not ``step`` with zero noise: for diffusion that is the mean
+        of the stochastic step (too little noise variance left), for masked diffusion it never unmasks.
+        ``out`` as in ``step``."""
+        raise NotImplementedError(f"{type(self).__name__} has no deterministic step (deterministic_step)")
 
     @abstractmethod
     def step(self, x_t: torch.Tensor, i: int, cond: Condition, noise: torch.Tensor | None = None,

@@ -235,6 +235,20 @@ class DiffusionGenerator(Generator):
     def stochastic(self) -> bool:
         return isinstance(self.scheduler, DDPMScheduler) or self.eta > 0
 
+    def step_is_deterministic(self, i: int) -> bool:
+        """Whether step i adds no noise (std 0: DDIM with η = 0; the last step of DDPM and of DDIM
+        with ``set_alpha_to_one``), read from ``transition`` itself with a dummy output (no NFE)."""
+        z = self.alphas_cumprod.new_zeros(1)
+        return float(self.transition(z, i, None, out=z)[1]) == 0.0
+
+    def deterministic_step(self, x_t, i, cond, out=None):
+        """The DDIM η = 0 step from x_t at step i (for either scheduler: DDPM's next timestep is
+        ``timesteps[i + 1]``), as diffusers' ``DDIMScheduler.step(eta=0)``; for look-ahead values."""
+        out = self.model_output(x_t, i, cond) if out is None else out
+        x0, eps = self._split(x_t, out, self.timesteps[i])
+        a_prev = self._alpha_prev(i).to(x_t.dtype)
+        return a_prev.sqrt() * self._clip(x0) + (1 - a_prev).sqrt() * eps
+
     def step(self, x_t, i, cond, noise=None, generator=None, out=None):
         return self.step_with_output(x_t, i, cond, noise, generator, out=out)[0]
 

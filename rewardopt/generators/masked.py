@@ -78,6 +78,8 @@ class MaskedDiffusionGenerator(FullyTrainedGenerator):
         full_finetune: train all denoiser weights, keeping a frozen copy as the pretrained model.
     """
 
+    random_init = False  # x_T is all [MASK]
+
     def __init__(self, denoiser: nn.Module, mask_token_id: int, seq_len: int, num_steps: int = 128, eps: float = 1e-3,
                  tau: float = 1.0, forbidden_token_ids: Sequence[int] = (), full_finetune: bool = False,
                  soft_steps: bool = False) -> None:
@@ -202,10 +204,28 @@ class MaskedDiffusionGenerator(FullyTrainedGenerator):
         m = self.is_masked(x_t)
         return m * self._straight_through(logp, 1.0) + (1 - m) * x_t
 
+    def deterministic_step(self, x_t, i, cond, out=None):
+        """Greedy unmasking, the deterministic counterpart of ``step`` (look-ahead values): of each
+        sequence's n masked positions, the round(p_unmask·n) whose most likely token is the most
+        probable take that token (all n at the last step); the rest stay masked. (A zero-noise
+        ``step`` would never unmask: p_unmask <= p_stay until the last steps.) Hard one-hots."""
+        logp = self.model_output(x_t, i, cond) if out is None else out
+        masked = self.is_masked(x_t).squeeze(-1).bool()  # (B, L)
+        p_unmask, p_stay = self.transition_probs(i)
+        n = masked.sum(1)
+        k = n if p_stay <= 0 else torch.round(n.double() * p_unmask).long()
+        conf, tok = logp.detach().max(-1)
+        order = conf.masked_fill(~masked, float("-inf")).argsort(1, descending=True)
+        positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, positions)
+        pick = masked & (rank < k[:, None])
+        return torch.where(pick[..., None], F.one_hot(tok, self.vocab_size).to(x_t.dtype), x_t.detach())
+
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """The one-hot sequences themselves, (B, L, V) — differentiable under straight-through, so
         a differentiable reward (a surrogate network) takes them as they are; black-box rewards turn
         each into a string / molecule in ``to_object`` (``tokens`` gives the ids)."""
+        self.counter.count_decodes(x0.shape[0])
         return x0
 
     @staticmethod

@@ -206,7 +206,10 @@ class RewardFineTuning(L.LightningModule):
             "steps": int(self.global_step),
             "world_size": int(self.trainer.world_size),
             # counters are per rank; multiply by world_size for the whole job
-            "nfe": c.nfe, "nfe_grad": c.nfe_grad, "reward_calls": self.reward.calls, "samples": c.samples,
+            # nfe_grad: denoiser evaluations with autograd (each backpropagated once); decodes: rows through
+            # generator.decode (a VAE pass for latent diffusion), decodes_grad those with autograd
+            "nfe": c.nfe, "nfe_grad": c.nfe_grad, "decodes": c.decodes, "decodes_grad": c.decodes_grad,
+            "reward_calls": self.reward.calls, "samples": c.samples,
             "wall_time_s": round(self.wall_time(), 2),
             "param_checksums": ranks,
             "ranks_in_sync": len(set(ranks)) == 1,

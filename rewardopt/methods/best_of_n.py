@@ -1,5 +1,6 @@
 """Best-of-N: draw N full samples per condition from the plain sampler and keep the highest-reward
-one. The fair-compute reference every inference-time table needs (N·T NFE, N reward calls)."""
+one. The fair-compute reference every inference-time table needs (N·T NFE, N reward calls, N + 1
+decodes: the N candidates and the output)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,15 @@ class BestOfN(InferenceTimeSteering):
         self.fit_budget()
 
     def expected_cost(self) -> dict[str, int]:
-        return {"nfe": self.n * self.T, "reward_calls": self.n, "value_calls": 0}
+        if self.n == 1:  # the plain sampler: nothing to choose, nothing to score
+            return self.cost(nfe=self.T, decodes=1)
+        return self.cost(nfe=self.n * self.T, reward_calls=self.n, decodes=self.n + 1)
 
     def search(self, cond: Condition, rng: torch.Generator, select_rng: torch.Generator) -> torch.Tensor:
         c = cond.repeat_interleave(self.n)
         x = self.generator.sample(c, generator=rng)
+        if self.n == 1:
+            return x
         v = self.score(self.generator.decode(x), c, group=self.n)
         best = group_argmax(v, self.n)
         self.record(step=self.T, values=v, chosen=best)

@@ -4,8 +4,9 @@ The classic differentiable baseline of the SVDD paper's tables; needs a differen
 
 ``num_chains`` > 1 runs that many guided chains per output and keeps the highest final reward (so
 that DPS can be given the same NFE budget as the search methods). Cost per output: c·T NFE — all
-with autograd, so each also costs a backward pass through the denoiser (reported as
-``nfe_grad``) — and c·T reward calls, plus c for the final pick when c > 1.
+with autograd (``nfe_grad``), each followed by a backward pass through the reward, the decoder and
+the denoiser (``backward``) — c·T differentiable decodes and reward calls, plus c of each for the
+final pick when c > 1, and the output's decode.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class DPS(InferenceTimeSteering):
 
     def expected_cost(self) -> dict[str, int]:
         c, T = self.num_chains, self.T
-        return {"nfe": c * T, "reward_calls": c * T + (c if c > 1 else 0), "value_calls": 0}
+        pick = c if c > 1 else 0
+        return self.cost(nfe=c * T, nfe_grad=c * T, backward=c * T, decodes=c * T + pick + 1,
+                         reward_calls=c * T + pick)
 
     def guidance(self, x: torch.Tensor, i: int, cond: Condition) -> tuple[torch.Tensor, torch.Tensor]:
         """(∇_x r(decode(x̂0(x))), model output at x) — one NFE with autograd."""
@@ -54,6 +57,7 @@ class DPS(InferenceTimeSteering):
             out = g.model_output(xg, i, cond)
             r = self.grad_reward(g.decode(g.predict_x0(xg, i, cond, out=out)), cond.raw).total
             grad, = torch.autograd.grad(r.sum(), xg)
+            g.counter.backward += x.shape[0]
         if self.normalize:
             rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp(min=1e-12)
             grad = grad / rms.view(-1, *([1] * (grad.ndim - 1)))

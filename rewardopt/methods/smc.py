@@ -1,19 +1,33 @@
 """Sequential Monte Carlo with Feynman-Kac steering potentials (SMC / TDS / FK-steering: Wu et al.
-arXiv 2306.17775; Singhal et al. arXiv 2501.06848).
+arXiv 2306.17775; Singhal et al., "A General Framework for Inference-time Scaling and Steering of
+Diffusion Models", arXiv 2501.06848; code zacharyhorvitz/Fk-Diffusion-Steering).
 
 k interacting particles per output sample. After each step every particle gets the posterior-mean
-value v_i = r(decode(x̂0(x_i))) and its log-weight grows by a potential increment:
+value r_t = r(decode(x̂0(x_t))) and its log-weight grows by a log-potential log G_t (λ = 1/α):
 
-* ``difference``: (v_i - v_{i-1}) / α  (weights telescope to the current value: exp(v_i/α));
-* ``max``: (max_{s<=i} v_s - max_{s<i} v_s) / α;
-* ``cumulative``: v_i / α.
+* ``max`` (FK): λ·max(r_t, max of the particle's earlier r);
+* ``sum`` (FK): λ·(r_t + sum of the particle's earlier r);
+* ``difference`` (FK): λ·(r_t − r_{t+1}) (r of the previous, noisier state; 0 before the first);
+* ``instant``: λ·r_t (our former ``cumulative``);
+* ``max_increment``: λ·(max_{s≤t} r_s − max_{s<t} r_s), λ·r_t at the first step (our former ``max``).
+
+The running max / sum / previous value follow each particle through resampling (they are path
+functions). With ``final_correction`` (default, as FK-steering) the last step's potential is
+exp(λ r(x_0)) / ∏ G over the particle's path, so whatever the intermediate potentials, the
+weighted particles target p(x_0)·exp(r(x_0)/α); ``difference`` telescopes to that already. Without
+it the target is p·∏G (FK's ``max`` and ``sum`` then tilt far more than exp(r/α)). ``sum`` tilts the
+intermediate particles far more than the target, so after resampling its correction weights are
+degenerate at small k: on the random-walk toy the output's mean is 1.40 instead of 1.0 at k = 256
+when resampling every step (an independent numpy replay agrees); ``max`` and ``difference`` are on
+target at k = 32. For ``output="best"`` this matters less: the weights only guide the search.
 
 Particles are resampled (multinomial, within each output's group) every ``resample_every`` steps
 or, with ``resample="ess"``, when the effective sample size falls below ``ess_frac``·k; weights
 reset after resampling. The output is the particle with the highest final reward
-(``output="best"``, as FK-steering reports) or one drawn by final weight (``output="sample"``).
-Cost per output: k·T NFE (the value's model output drives the next step) and k·T reward calls.
-Resampling collapses diversity, as the SVDD paper notes.
+(``output="best"``, as FK-steering reports) or one drawn by final weight (``output="sample"``: a
+draw from the target as k grows). Cost per output: k·T NFE (the value's model output drives the
+next step), k·T reward calls and k·T decodes (+1 for the output). Resampling collapses diversity,
+as the SVDD paper notes.
 """
 
 from __future__ import annotations
@@ -24,14 +38,42 @@ from rewardopt.generators.base import Condition, Generator
 from rewardopt.methods.steering import InferenceTimeSteering, group_argmax, group_sample
 from rewardopt.rewards.base import Reward
 
-POTENTIALS = ("difference", "max", "cumulative")
+POTENTIALS = ("difference", "max", "sum", "instant", "max_increment")
+#: per-particle path state a potential carries: previous value, running max, running sum, Σ log G
+PathState = dict[str, torch.Tensor]
+
+
+def log_potential(potential: str, v: torch.Tensor, state: PathState | None,
+                  lam: float) -> tuple[torch.Tensor, PathState]:
+    """log G_t for values ``v`` (k,) given each particle's path ``state`` (None before the first
+    step); returns (log G_t, the updated state). ``state["logG"]`` is Σ log G along the path."""
+    if state is None:
+        zero = torch.zeros_like(v)
+        state = {"prev": zero, "max": torch.full_like(v, float("-inf")), "sum": zero, "logG": zero}
+    running_max = torch.maximum(state["max"], v)
+    if potential == "difference":
+        lg = lam * (v - state["prev"])
+    elif potential == "max":
+        lg = lam * running_max
+    elif potential == "sum":
+        lg = lam * (v + state["sum"])
+    elif potential == "instant":
+        lg = lam * v
+    elif potential == "max_increment":
+        first = torch.isinf(state["max"])
+        lg = torch.where(first, lam * v, lam * (running_max - state["max"].masked_fill(first, 0.0)))
+    else:
+        raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
+    return lg, {"prev": v, "max": running_max, "sum": state["sum"] + v, "logG": state["logG"] + lg}
 
 
 class SMC(InferenceTimeSteering):
     """Args:
         num_particles: k (the width a ``budget`` sets).
-        potential: "difference" | "max" | "cumulative".
-        alpha: temperature of the potentials exp(·/α).
+        potential: "difference" | "max" | "sum" (FK-steering's) | "instant" | "max_increment".
+        alpha: temperature α of the potentials exp(·/α) (FK's λ = 1/α).
+        final_correction: make the last potential exp(λ r(x_0))/∏G so the target is p·exp(r/α)
+            whatever the potential (FK-steering); False: the target is p·∏G (our former behaviour).
         resample: "ess" (when ESS < ess_frac·k) or an interval in steps.
         ess_frac: ESS threshold as a fraction of k (FK-steering: 0.5).
         output: "best" (highest final reward) or "sample" (by final weight).
@@ -41,31 +83,31 @@ class SMC(InferenceTimeSteering):
     width_name = "num_particles"
 
     def __init__(self, generator: Generator, reward: Reward, num_particles: int = 4, potential: str = "difference",
-                 alpha: float = 0.1, resample: str | int = "ess", ess_frac: float = 0.5, output: str = "best",
-                 budget: int | None = None, num_samples: int = 1, seed: int = 0, eval_reward: Reward | None = None,
-                 output_dir: str | None = None, save_samples: bool = True, trace: bool = False) -> None:
+                 alpha: float = 0.1, final_correction: bool = True, resample: str | int = "ess", ess_frac: float = 0.5,
+                 output: str = "best", budget: int | None = None, num_samples: int = 1, seed: int = 0,
+                 eval_reward: Reward | None = None, output_dir: str | None = None, save_samples: bool = True,
+                 trace: bool = False) -> None:
         super().__init__(generator, reward, budget, num_samples, seed, eval_reward, output_dir, save_samples, trace)
+        if potential == "cumulative":
+            raise ValueError("potential 'cumulative' is gone: FK-steering's running sum λ(r_t + Σ earlier r) is "
+                             "'sum'; the former per-step λ·r_t is 'instant'")
         if potential not in POTENTIALS:
             raise ValueError(f"potential must be one of {POTENTIALS}, got {potential!r}")
         if resample != "ess" and not (isinstance(resample, int) and resample >= 1):
             raise ValueError(f"resample must be 'ess' or an interval >= 1, got {resample!r}")
         if output not in ("best", "sample") or alpha <= 0 or num_particles < 1:
-            raise ValueError(f"need output in (best, sample), alpha > 0, num_particles >= 1; got {output!r}, {alpha}, {num_particles}")
+            raise ValueError(f"need output in (best, sample), alpha > 0, num_particles >= 1; "
+                             f"got {output!r}, {alpha}, {num_particles}")
         self.num_particles, self.potential, self.alpha = num_particles, potential, alpha
+        self.final_correction = final_correction
         self.resample, self.ess_frac, self.output = resample, ess_frac, output
         self.resamples = 0
         self.fit_budget()
 
     def expected_cost(self) -> dict[str, int]:
         k, T = self.num_particles, self.T
-        return {"nfe": k * T + sum(self.x0_cost(i + 1, k) for i in range(T)), "reward_calls": k * T, "value_calls": 0}
-
-    def _increment(self, v: torch.Tensor, prev: torch.Tensor | None, vmax: torch.Tensor | None) -> torch.Tensor:
-        if self.potential == "difference":
-            return (v - (prev if prev is not None else 0.0)) / self.alpha
-        if self.potential == "max":
-            return (torch.maximum(v, vmax) - vmax) / self.alpha if vmax is not None else v / self.alpha
-        return v / self.alpha
+        return self.cost(nfe=k * T + sum(self.x0_cost(i + 1, k) for i in range(T)), reward_calls=k * T,
+                         decodes=k * T + 1)
 
     def _should_resample(self, logw: torch.Tensor, i: int) -> torch.Tensor:
         """(groups,) bool: which groups resample after step i."""
@@ -77,18 +119,21 @@ class SMC(InferenceTimeSteering):
         return torch.full((lw.shape[0],), (i + 1) % self.resample == 0, dtype=torch.bool)
 
     def search(self, cond: Condition, rng: torch.Generator, select_rng: torch.Generator) -> torch.Tensor:
-        g, k = self.generator, self.num_particles
+        g, k, lam = self.generator, self.num_particles, 1.0 / self.alpha
         c = cond.repeat_interleave(k)
         x = g.init_state(c, rng)
         out = g.model_output(x, 0, c)
-        logw = torch.zeros(x.shape[0])
-        prev = vmax = None
+        logw = torch.zeros(x.shape[0], dtype=torch.float64)
+        state: PathState | None = None
+        v = None
         for i in range(self.T):
             x = g.step(x, i, c, generator=rng, out=out)
             v, out = self.value(x, i + 1, c, group=k)
-            v = v.cpu()
-            logw = logw + self._increment(v, prev, vmax)
-            prev, vmax = v, v if vmax is None else torch.maximum(vmax, v)
+            v = v.cpu().double()
+            lg, state = log_potential(self.potential, v, state, lam)
+            if i + 1 == self.T and self.final_correction:  # exp(λ r(x_0)) / ∏ G over the path
+                lg = lam * v - (state["logG"] - lg)
+            logw = logw + lg
             if k > 1 and i + 1 < self.T:
                 do = self._should_resample(logw, i)
                 if do.any():
@@ -96,10 +141,11 @@ class SMC(InferenceTimeSteering):
                     keep = torch.arange(x.shape[0]).view(-1, k)
                     idx = torch.where(do[:, None], idx, keep).flatten()
                     self.resamples += int(do.sum())
-                    x, out, prev, vmax = x[idx.to(x.device)], out[idx.to(out.device)], prev[idx], vmax[idx]
+                    x, out = x[idx.to(x.device)], out[idx.to(out.device)]
+                    state = {key: t[idx] for key, t in state.items()}
                     logw = torch.where(do.repeat_interleave(k), torch.zeros_like(logw), logw)
             self.record(step=i, values=v, log_weights=logw.clone())
         if k == 1:
             return x
-        sel = group_argmax(prev, k) if self.output == "best" else group_sample(logw, k, 1.0, select_rng)
+        sel = group_argmax(v, k) if self.output == "best" else group_sample(logw, k, 1.0, select_rng)
         return x[sel.to(x.device)]

@@ -12,6 +12,10 @@ Compute is counted exactly and compared, never assumed:
   if the candidate is kept, so it is computed once and passed back with ``out=``.
 * reward calls — samples scored by the reward (``reward.calls``); a batch of B counts B.
 * value calls — evaluations of a learned value network (SVDD-MC), counted separately.
+* nfe_grad / backward — NFE run with autograd and rows backpropagated (DPS: every guided step
+  backprops through the reward, the decoder and the denoiser, so its "equal NFE" costs more).
+* decodes — rows through ``generator.decode`` (a VAE pass for latent diffusion: SVDD decodes every
+  child's x̂0, M·T per sample; Best-of-N N), including the final decode of each output.
 
 Each method states its analytic cost per output sample (``expected_cost``); tests check the
 counters against it, and ``budget`` (NFE per output sample) picks the method's width knob — the
@@ -48,18 +52,22 @@ def group_sample(values: torch.Tensor, group: int, alpha: float, rng: torch.Gene
                  replacement: bool = True) -> torch.Tensor:
     """k indices per group drawn from softmax(values / alpha) (flat indices, (B*k,)).
 
-    Everything stays in log space (Gumbel-max), so a softmax that underflows to exact zeros at small
-    α cannot make the draw arbitrary: with ``replacement`` each of the k picks is argmax(v/α + G)
-    with fresh Gumbel noise G; without, the picks are the top k of one v/α + G (Gumbel-top-k, an
-    exact draw without replacement in the Plackett-Luce order, best first). -inf entries are never
-    picked while a finite one is left."""
+    Without replacement the picks are the top k of v/α + G with Gumbel noise G (Gumbel-top-k: an
+    exact draw without replacement in the Plackett-Luce order, best first), in log space, so a
+    softmax that underflows to exact zeros at small α cannot make later picks arbitrary. With
+    replacement, k independent draws from the float64 softmax (an entry that underflows there has
+    probability below 1e-300). -inf entries are never picked while a finite one is left; a group
+    with none is drawn uniformly."""
     v = values.detach().double().cpu().view(-1, group) / alpha
-    if not replacement and k > group:
-        raise ValueError(f"cannot draw {k} of {group} without replacement")
-    shape = (v.shape[0], k if replacement else 1, group)
-    u = torch.rand(shape, generator=rng, dtype=torch.float64).clamp(1e-300, 1 - 1e-16)
-    scores = v.unsqueeze(1) - torch.log(-torch.log(u))
-    idx = scores.argmax(2) if replacement else scores[:, 0].topk(k, dim=1).indices
+    if replacement:
+        p = torch.softmax(v, dim=1)
+        p[~torch.isfinite(p).all(1)] = 1.0 / group
+        idx = torch.multinomial(p, k, replacement=True, generator=rng)
+    else:
+        if k > group:
+            raise ValueError(f"cannot draw {k} of {group} without replacement")
+        u = torch.rand(v.shape, generator=rng, dtype=torch.float64).clamp(1e-300, 1 - 1e-16)
+        idx = (v - torch.log(-torch.log(u))).topk(k, dim=1).indices
     return (idx + torch.arange(v.shape[0]).unsqueeze(1) * group).flatten().to(values.device)
 
 
@@ -155,8 +163,30 @@ class InferenceTimeSteering(L.LightningModule):
         raise NotImplementedError
 
     def expected_cost(self) -> dict[str, int]:
-        """Analytic compute per output sample: {"nfe": ..., "reward_calls": ..., "value_calls": ...}."""
+        """Analytic compute per output sample, every key of ``COUNTS`` (build it with ``cost``)."""
         raise NotImplementedError
+
+    #: what ``counts`` reads and ``expected_cost`` states, per output sample
+    COUNTS: ClassVar[tuple[str, ...]] = ("nfe", "nfe_grad", "backward", "decodes", "reward_calls", "value_calls")
+
+    @classmethod
+    def cost(cls, **kw: int) -> dict[str, int]:
+        """An ``expected_cost`` dict: the given counts, 0 for the others."""
+        unknown = set(kw) - set(cls.COUNTS)
+        if unknown:
+            raise KeyError(f"unknown cost keys {sorted(unknown)}; known: {cls.COUNTS}")
+        return {k: int(kw.get(k, 0)) for k in cls.COUNTS}
+
+    def counts(self) -> dict[str, int]:
+        """The counters now (generator, reward, value network), keyed as ``COUNTS``."""
+        c = self.generator.counter
+        return {"nfe": c.nfe, "nfe_grad": c.nfe_grad, "backward": c.backward, "decodes": c.decodes,
+                "reward_calls": self.reward.calls, "value_calls": self.value_calls}
+
+    def branching(self, i: int, m: int) -> int:
+        """Children worth drawing at step i: m, or 1 where the step draws no noise (all m children
+        would be the same state; DDPM's last step, DDIM with ``set_alpha_to_one``)."""
+        return 1 if m > 1 and self.generator.step_is_deterministic(i) else m
 
     # ------------------------------------------------------------------ budgets
     def fit_budget(self) -> None:
@@ -264,7 +294,7 @@ class InferenceTimeSteering(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self._records, self._grid_samples, self.traces = [], [], []
-        self._counts0 = (self.generator.counter.nfe, self.reward.calls, self.value_calls)
+        self._counts0 = self.counts()
         self._t0 = time.perf_counter()
         if self.budget is not None:
             self.print(f"[rewardopt] {type(self).__name__}: budget {self.budget} NFE/sample -> {self.width_name}="
@@ -327,10 +357,9 @@ class InferenceTimeSteering(L.LightningModule):
         return Path("runs/unnamed")
 
     def on_predict_end(self) -> None:
-        g = self.generator
-        nfe0, calls0, vcalls0 = self._counts0
-        local = {"records": self._records, "nfe": g.counter.nfe - nfe0, "reward_calls": self.reward.calls - calls0,
-                 "value_calls": self.value_calls - vcalls0, "wall": time.perf_counter() - self._t0}
+        now = self.counts()
+        local = {"records": self._records, "wall": time.perf_counter() - self._t0,
+                 **{k: now[k] - self._counts0[k] for k in self.COUNTS}}
         local["excluded"], local["all_excluded"] = self.excluded_samples, self.all_excluded_groups
         self.excluded_samples = self.all_excluded_groups = 0  # counted per predict run
         rank, world = self._rank()
@@ -342,7 +371,7 @@ class InferenceTimeSteering(L.LightningModule):
             return
         records = [r for p in parts for r in p["records"]]
         n = len(records)
-        nfe, calls, vcalls = (sum(p[k] for p in parts) for k in ("nfe", "reward_calls", "value_calls"))
+        totals = {k: sum(p[k] for p in parts) for k in self.COUNTS}
         values = torch.tensor([r["reward"] for r in records])
         divs = [r["diversity"] for r in records if "diversity" in r]
         summary = {
@@ -355,8 +384,7 @@ class InferenceTimeSteering(L.LightningModule):
             "samples": n,
             "reward_stats": reward_stats(values[values.isfinite()]) if values.isfinite().any() else None,
             "diversity": sum(divs) / len(divs) if divs else None,
-            "nfe": nfe, "reward_calls": calls, "value_calls": vcalls,
-            "nfe_per_sample": nfe / max(n, 1), "reward_calls_per_sample": calls / max(n, 1),
+            **totals, **{f"{k}_per_sample": v / max(n, 1) for k, v in totals.items()},
             "expected_cost_per_sample": self.expected_cost(),
             "wall_time_s": round(max(p["wall"] for p in parts), 2),
             "world_size": world,

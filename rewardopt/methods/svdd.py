@@ -6,10 +6,13 @@ transition, weighs them by exp(v/α) and keeps one (α = 0: the argmax, which al
 
 * SVDD-PM (``value="posterior_mean"``): v(x_{t-1}) = r(decode(x̂0(x_{t-1}))). No training. The model
   output computed for a child's x̂0 is the one its next step needs, so a step costs M NFE per chain:
-  1 + M·(T-1) NFE and M·T reward calls per sample.
+  1 + M·(T-1) NFE, M·T reward calls and M·T + 1 decodes per sample.
 * SVDD-MC (``value=<ValueFunction>``): v from a value network regressed on rollout rewards
   (``rewardopt.values``; ``recipes/images/svdd_mc_value_fit_tiny.yaml``). T NFE, 0 reward calls,
   M·T value calls per sample. It has no NFE knob, so it takes no ``budget``.
+* A step that draws no noise (``Generator.step_is_deterministic``: the last step of DDPM, or of
+  DDIM with ``set_alpha_to_one``) has M identical children: it draws and values one (M·(T-1) + 1
+  reward calls then).
 * SVDD-R (``replace_frac`` > 0; paper 3-5%): after each step, among the ``num_samples`` chains of a
   condition, the worst ceil(frac·n) chains are replaced by copies of the best (reduces diversity).
 
@@ -59,20 +62,23 @@ class SVDD(InferenceTimeSteering):
         return not isinstance(self.value_fn, str)
 
     def expected_cost(self) -> dict[str, int]:
-        M, T = self.num_children, self.T
+        T = self.T
+        m = [self.branching(i, self.num_children) for i in range(T)]
         if self.learned:
-            return {"nfe": T, "reward_calls": 0, "value_calls": M * T}
-        return {"nfe": 1 + M * (T - 1) + sum(self.x0_cost(i + 1, M) for i in range(T)), "reward_calls": M * T, "value_calls": 0}
+            return self.cost(nfe=T, value_calls=sum(m), decodes=1)
+        nfe = 1 + sum(m[i] for i in range(T - 1)) + sum(self.x0_cost(i + 1, m[i]) for i in range(T))
+        return self.cost(nfe=nfe, reward_calls=sum(m), decodes=sum(m) + 1)
 
     def select(self, v: torch.Tensor, m: int, select_rng: torch.Generator) -> torch.Tensor:
         return group_argmax(v, m) if self.alpha == 0 else group_sample(v, m, self.alpha, select_rng)
 
     def search(self, cond: Condition, rng: torch.Generator, select_rng: torch.Generator) -> torch.Tensor:
-        g, M = self.generator, self.num_children
+        g = self.generator
         x = g.init_state(cond, rng)
         out = g.model_output(x, 0, cond)
-        cond_m = cond.repeat_interleave(M)
         for i in range(self.T):
+            M = self.branching(i, self.num_children)
+            cond_m = cond.repeat_interleave(M)
             kids = self.expand(x, i, cond, out, M, rng)
             if self.learned:
                 v = self.value_net(kids, i + 1, cond_m).detach().float()

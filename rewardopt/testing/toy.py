@@ -1,9 +1,10 @@
 """A toy generator whose values are known in closed form, for testing methods exactly.
 
 ``RandomWalkGenerator``: the state is (B, D); each step adds ``std``·noise (x_{i+1} = x_i + std·ε),
-``predict_x0`` is the state itself, ``decode`` is the identity. With ``SumReward`` (r(x) = sum of
-x) a child's value is its own sum, so the child a method must pick can be computed by hand from
-the same noise stream.
+``predict_x0`` is the state itself (E[x_0 | x_i] of the walk), ``decode`` is the identity. With
+``SumReward`` (r(x) = sum of x) a child's value is its own sum, so the child a method must pick can
+be computed by hand from the same noise stream. With x_T ~ N(0, I), x_0 ~ N(0, (1 + T·std²) I), so
+targets such as p(x_0)·exp(sum(x_0)/α) are Gaussians in closed form.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class RandomWalkGenerator(Generator):
 
     def model_output(self, x_t, i, cond):
         self.counter.nfe += x_t.shape[0]
+        if torch.is_grad_enabled():
+            self.counter.nfe_grad += x_t.shape[0]
         return x_t * self.weight
 
     def step(self, x_t, i, cond, noise=None, generator=None, out=None):
@@ -48,10 +51,15 @@ class RandomWalkGenerator(Generator):
             noise = torch.randn(x_t.shape, generator=generator)
         return out + self.std * noise
 
+    def deterministic_step(self, x_t, i, cond, out=None):
+        """The walk without its noise: x_{i+1} = x_i."""
+        return self.model_output(x_t, i, cond) if out is None else out
+
     def predict_x0(self, x_t, i, cond, out=None):
         return self.model_output(x_t, i, cond) if out is None else out
 
     def decode(self, x0):
+        self.counter.count_decodes(x0.shape[0])
         return x0
 
 

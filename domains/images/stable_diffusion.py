@@ -207,8 +207,8 @@ class StableDiffusionGenerator(DiffusionGenerator):
         return {"encoder_hidden_states": self._uncond_cache.expand(len(cond), -1, -1)}
 
     def _denoiser_output(self, denoiser, x, t, tensors):
-        kwargs = {"cross_attention_kwargs": {"scale": self.lora_scale}} if self.lora_rank is not None and self.lora_scale != 1.0 else {}
-        return denoiser(x, t, encoder_hidden_states=tensors["encoder_hidden_states"], return_dict=False, **kwargs)[0]
+        # lora_scale is applied around this call by DiffusionGenerator (as cross_attention_kwargs' scale would)
+        return denoiser(x, t, encoder_hidden_states=tensors["encoder_hidden_states"], return_dict=False)[0]
 
     def init_state(self, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
         device = self.alphas_cumprod.device

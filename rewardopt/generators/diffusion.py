@@ -14,8 +14,10 @@ states are decoded; see ``domains/images/stable_diffusion.py``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -25,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from rewardopt.generators.base import Condition, Generator
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's own file names
 
 
 def make_scheduler(kind: str, config: dict) -> DDIMScheduler | DDPMScheduler:
@@ -33,6 +36,48 @@ def make_scheduler(kind: str, config: dict) -> DDIMScheduler | DDPMScheduler:
     if kind not in kinds:
         raise ValueError(f"sampler must be one of {sorted(kinds)}, got {kind!r}")
     return kinds[kind].from_config(config)
+
+
+# ----------------------------------------------------------------------------- LoRA on any denoiser
+def check_lora_targets(denoiser: nn.Module, targets: Sequence[str]) -> None:
+    """Raise, naming the key and candidates, unless some module of ``denoiser`` is called one of
+    ``targets`` (a full name, or its last components, as peft matches ``target_modules``)."""
+    names = [n for n, _ in denoiser.named_modules()]
+    if any(n == t or n.endswith("." + t) for n in names for t in targets):
+        return
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+    layers = [n for n, m in denoiser.named_modules() if isinstance(m, kinds) and n]
+    short = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in layers})
+    raise ValueError(
+        f"generator.lora_targets: none of {list(targets)} names a module of {type(denoiser).__name__}; its "
+        f"linear/conv layers are called {short[:16]}{' ...' if len(short) > 16 else ''}. Set lora_targets to "
+        "some of them (attention projections are the usual choice), or train in full with full_finetune: true"
+    )
+
+
+def add_lora(denoiser: nn.Module, config) -> None:
+    """Inject the LoRA adapter ``config`` (a peft ``LoraConfig``) into ``denoiser`` in place, as the
+    adapter "default": diffusers' ``add_adapter`` for models that declare it (``PeftAdapterMixin``),
+    peft's ``inject_adapter_in_model`` for any other ``nn.Module`` (a diffusers ``UNet2DModel``, a
+    transformers backbone, your own network). Both leave peft layers and ``denoiser.peft_config``."""
+    from diffusers.loaders.peft import PeftAdapterMixin
+    from peft import inject_adapter_in_model
+
+    check_lora_targets(denoiser, config.target_modules)
+    if isinstance(denoiser, PeftAdapterMixin):
+        denoiser.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, denoiser, adapter_name="default")
+
+
+def set_lora_enabled(denoiser: nn.Module, enabled: bool) -> None:
+    """Switch every peft adapter layer of ``denoiser`` on or off (what diffusers' and transformers'
+    ``enable_adapters`` / ``disable_adapters`` do, for any module). Enabling makes them trainable again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in denoiser.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(enabled)
 
 
 class DiffusionGenerator(Generator):
@@ -44,7 +89,8 @@ class DiffusionGenerator(Generator):
         guidance_scale: classifier-free guidance weight w (1 = no guidance).
         eta: DDIM stochasticity (0 deterministic, 1 DDPM-like); ignored for DDPM.
         gradient_checkpointing: recompute each denoiser call in backward instead of storing it.
-        lora_rank / lora_alpha / lora_targets: LoRA on the denoiser (rank None: no LoRA).
+        lora_rank / lora_alpha / lora_targets: LoRA (peft) on the denoiser, any ``nn.Module``, on the
+            modules named ``lora_targets`` (rank None: no LoRA). Saved in peft's format (``save_lora``).
         full_finetune: train all denoiser weights instead of LoRA (keeps a frozen copy for KL).
         lora_scale: strength of the LoRA update at sampling time (inference-time interpolation).
     """
@@ -105,14 +151,8 @@ class DiffusionGenerator(Generator):
         if self.lora_rank is not None:
             from peft import LoraConfig
 
-            self.denoiser.add_adapter(
-                LoraConfig(
-                    r=self.lora_rank,
-                    lora_alpha=self.lora_alpha or self.lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=self.lora_targets,
-                )
-            )
+            add_lora(self.denoiser, LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha or self.lora_rank,
+                                               init_lora_weights="gaussian", target_modules=self.lora_targets))
         elif self.full_finetune:
             self.freeze_copy_of_denoiser()
 
@@ -120,14 +160,60 @@ class DiffusionGenerator(Generator):
     def base_model(self) -> Iterator[None]:
         """The frozen pretrained denoiser: adapters disabled, or the frozen copy swapped in."""
         if self.lora_rank is not None:
-            self.denoiser.disable_adapters()
+            set_lora_enabled(self.denoiser, False)
             try:
                 yield
             finally:
-                self.denoiser.enable_adapters()
+                set_lora_enabled(self.denoiser, True)
         else:  # the frozen copy, or (nothing trained) the model itself
             with self.frozen_denoiser():
                 yield
+
+    # ----------------------------------------------------------------------------- LoRA files
+    def save_lora(self, path: str | os.PathLike) -> Path:
+        """Save the LoRA adapter in peft's own format — ``adapter_model.safetensors`` (the adapter state
+        dict, keys as ``PeftModel`` writes them) and ``adapter_config.json`` (its ``LoraConfig``) — which
+        ``load_lora`` and ``peft.PeftModel.from_pretrained(denoiser, path)`` load. Returns the weights
+        file. Generators of a diffusers pipeline family override it with diffusers' LoRA format."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if self.lora_rank is None:
+            raise ValueError(f"{type(self).__name__} has no LoRA adapter to save (lora_rank is None)")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = get_peft_model_state_dict(self.denoiser)
+        state = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}  # as PeftModel
+        save_file(state, path / PEFT_WEIGHTS)
+        self.denoiser.peft_config["default"].save_pretrained(str(path))
+        return path / PEFT_WEIGHTS
+
+    def load_lora(self, path: str | os.PathLike) -> None:
+        """Load an adapter written by ``save_lora``. Without adapters (lora_rank None) they are first
+        injected from the saved ``LoraConfig``; with adapters, the saved rank must match."""
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / PEFT_WEIGHTS).is_file() or not (path / PEFT_CONFIG).is_file():
+            raise FileNotFoundError(f"no peft LoRA adapter at {str(path)!r} (expected {PEFT_WEIGHTS}, {PEFT_CONFIG})")
+        config = LoraConfig.from_pretrained(str(path))
+        if self.lora_rank is None:
+            if self.full_finetune:
+                raise ValueError("load_lora needs a generator without full_finetune")
+            add_lora(self.denoiser, config)
+            self.lora_rank, self.lora_alpha = config.r, config.lora_alpha
+            self.lora_targets = sorted(config.target_modules)
+        elif config.r != self.lora_rank:
+            raise ValueError(f"the adapter at {str(path)!r} has rank {config.r}; this generator has generator."
+                             f"lora_rank={self.lora_rank} (set it to {config.r}, or to null to take the file's)")
+        state = {k.removeprefix("base_model.model."): v for k, v in load_file(path / PEFT_WEIGHTS).items()}
+        result = set_peft_model_state_dict(self.denoiser, state)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"the adapter at {str(path)!r} does not fit {type(self.denoiser).__name__}: "
+                             f"missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}")
 
     # ----------------------------------------------------------------------------- schedule
     @property
@@ -153,9 +239,22 @@ class DiffusionGenerator(Generator):
     def _call_denoiser(self, x: torch.Tensor, t: torch.Tensor, tensors: dict) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled() and self._needs_graph(x):
             keys = sorted(tensors)
-            fn = lambda x_, *vals: self._denoiser_output(self.denoiser, x_, t, dict(zip(keys, vals)))  # noqa: E731
+            fn = lambda x_, *vals: self._scaled_denoiser_output(x_, t, dict(zip(keys, vals)))  # noqa: E731
             return checkpoint(fn, x, *[tensors[k] for k in keys], use_reentrant=False)
-        return self._denoiser_output(self.denoiser, x, t, tensors)
+        return self._scaled_denoiser_output(x, t, tensors)
+
+    def _scaled_denoiser_output(self, x: torch.Tensor, t: torch.Tensor, tensors: dict) -> torch.Tensor:
+        """``_denoiser_output`` with the LoRA update scaled by ``lora_scale`` (inside the checkpointed
+        function, so the recomputation in backward sees the same weights)."""
+        if self.lora_rank is None or self.lora_scale == 1.0:
+            return self._denoiser_output(self.denoiser, x, t, tensors)
+        from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+        scale_lora_layers(self.denoiser, self.lora_scale)
+        try:
+            return self._denoiser_output(self.denoiser, x, t, tensors)
+        finally:
+            unscale_lora_layers(self.denoiser, self.lora_scale)
 
     def _needs_graph(self, x: torch.Tensor) -> bool:
         return x.requires_grad or any(p.requires_grad for p in self.denoiser.parameters())

@@ -197,13 +197,6 @@ class MaskedDiffusionGenerator(FullyTrainedGenerator):
         m = self.is_masked(x_t)
         return m * self._straight_through(logp, 1.0) + (1 - m) * x_t
 
-    def predict_x0(self, x_t, i, cond, out=None):
-        """The denoiser's most likely token at masked positions (straight-through softmax with grad);
-        unmasked tokens carried over."""
-        logp = self.model_output(x_t, i, cond) if out is None else out
-        m = self.is_masked(x_t)
-        return m * self._straight_through(logp, 1.0) + (1 - m) * x_t
-
     def deterministic_step(self, x_t, i, cond, out=None):
         """Greedy unmasking, the deterministic counterpart of ``step`` (look-ahead values): of each
         sequence's n masked positions, the round(p_unmask·n) whose most likely token is the most

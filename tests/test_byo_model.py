@@ -175,6 +175,7 @@ def test_byo_unet_lora_trains_through_rewardopt_fit_and_its_adapter_loads_back(u
         "seed_everything": 0,
         "trainer": {
             "max_steps": 2, "accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),  # where the resolved config.yaml goes
             "num_sanity_val_steps": 0, "enable_model_summary": False,
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                            "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}],

@@ -157,17 +157,27 @@ def _class_paths(tree, prefix: str = "") -> Iterator[tuple[str, str]]:
             yield from _class_paths(v, f"{prefix}[{i}]")
 
 
-def _key_of_class(cls: type, config, subcommand: str | None) -> str | None:
-    if config is None:
-        return None
+def _components(config, subcommand: str | None) -> list[tuple[str, str]]:
+    """(key, class_path) of every component of a parsed config (that of ``subcommand`` if given)."""
     try:
         tree = config.as_dict()
     except AttributeError:
-        return None
+        return []
     if subcommand and isinstance(tree.get(subcommand), dict):
         tree = tree[subcommand]
+    return list(_class_paths(tree))
+
+
+def _locate_component(cls: type, message: str, components: list[tuple[str, str]]) -> tuple[str | None, str]:
+    """The config key of the component of class ``cls`` whose ``__init__`` failed — or of the one
+    component inside it that ``message`` names by class (DRaFT refusing its reward points at the reward)."""
     names = {f"{cls.__module__}.{cls.__qualname__}", cls.__qualname__}
-    return next((key for key, path in _class_paths(tree) if path in names), None)
+    key = next((k for k, path in components if path in names), None)
+    if key is None:
+        return None, f"{cls.__module__}.{cls.__qualname__}"
+    named = [(k, path) for k, path in components if k.startswith(key + ".")
+             and re.search(rf"\b{re.escape(path.rsplit('.', 1)[-1])}\b", message)]
+    return named[0] if len(named) == 1 else (key, f"{cls.__module__}.{cls.__qualname__}")
 
 
 def _accepted_options(class_path: str) -> list[str]:
@@ -209,10 +219,10 @@ def explain_config_error(e: BaseException, debug: bool = False) -> list[str]:
     # library error wins), else the innermost of jsonargparse's nested errors
     root = next((c for c in chain if not _raised_in(c, dirs)), chain[-1])
     key, class_path = _nested_location(chain[: chain.index(root) + 1])
-    if class_path is None and (cls := _constructing_class(root, dirs)) is not None:
-        class_path = f"{cls.__module__}.{cls.__qualname__}"
-        key = _key_of_class(cls, config, subcommand) or key
     what = " ".join(str(root).split()) or type(root).__name__
+    if class_path is None and (cls := _constructing_class(root, dirs)) is not None:
+        found, class_path = _locate_component(cls, what, _components(config, subcommand))
+        key = found or key
     if not _raised_in(root, dirs) and not isinstance(root, (ValueError, TypeError)):
         what = f"{type(root).__name__}: {what}"
     where = key or "config"

@@ -67,7 +67,7 @@ EXPECTED = {
     "missing_model_folder": ("model.init_args.generator (StableDiffusionGenerator)",
                              "generator.pretrained: no model folder at './no/such/model'",
                              "or 'embedded:tiny-shapes'"),
-    "black_box_reward_with_draft": ("error in model (DRaFT)",
+    "black_box_reward_with_draft": ("error in model.init_args.reward (JpegCompressibilityReward)",
                                     "DRaFT needs a differentiable reward; JpegCompressibilityReward is black-box",
                                     "Use DDPO (policy gradient) for fine-tuning with a black-box reward"),
 }

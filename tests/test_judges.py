@@ -178,17 +178,17 @@ def test_parse_score_logprobs_score_the_token_right_after_the_last_marker():
 
 def test_parse_score_markers_and_top1():
     reasoning = "Reasoning: the dog is there, 2 legs missing.\nAnswer: 6"
-    assert parse_score(reasoning, None, 1, 9) == 6  # Free²Guide's "Answer:" is accepted by default
+    assert parse_score(reasoning, None, 1, 9, markers=("Answer:",)) == 6  # Free²Guide's template's marker
     assert parse_score("Rating: 4", None, 1, 9, markers=("Rating:",)) == 4
     with pytest.raises(ValueError, match="no score"):
         parse_score("Score: 4", None, 1, 9, markers=("Rating:",))
     tokens = ["Answer", ":", " ", "7", "."]
     lp = lp_of(tokens, {3: {"6": 0.6, "7": 0.4, "x": 0.0001}})
-    assert parse_score("Answer: 7.", lp, 1, 9) == pytest.approx(6.4, abs=1e-3)
+    assert parse_score("Answer: 7.", lp, 1, 9, markers=("Answer:",)) == pytest.approx(6.4, abs=1e-3)
     # top-1 (Free²Guide's public code): the most likely in-range answer token, not the sampled one
-    assert parse_score("Answer: 7.", lp, 1, 9, logprob_score="top1") == 6
+    assert parse_score("Answer: 7.", lp, 1, 9, markers=("Answer:",), logprob_score="top1") == 6
     with pytest.raises(ValueError, match="logprob_score"):
-        parse_score("Answer: 7.", lp, 1, 9, logprob_score="mean")
+        parse_score("Answer: 7.", lp, 1, 9, markers=("Answer:",), logprob_score="mean")
 
 
 def test_videos_are_sent_as_a_grid_of_key_frames():
@@ -230,3 +230,73 @@ def test_in_process_vlm_judge(tiny_vlm_dir):
     assert torch.equal(top1, top1.round()) and ((top1 >= 1) & (top1 <= 9)).all()
     with pytest.raises(ValueError, match="single-digit"):
         TransformersJudge(str(tiny_vlm_dir), score_max=10)
+
+
+# --- parse_score review findings: markers, boundaries, continued numbers, two-digit scales, BPE tokens -----------
+
+def test_parse_score_accepts_only_the_configured_marker():
+    """"Answer:" is not a marker unless configured: "My score: 8 (answer: 3 is wrong)" is 8, not 3."""
+    assert parse_score("My score: 8 (answer: 3 is wrong)", None, 1, 9) == 8
+    with pytest.raises(ValueError, match="no score"):
+        parse_score("Reasoning: fine.\nAnswer: 6", None, 1, 9)
+    assert parse_score("Reasoning: fine.\nAnswer: 6", None, 1, 9, markers=("Answer:",)) == 6
+    assert parse_score("Answer: 6. Score: 4", None, 1, 9, markers=("Answer:", "Score:")) == 4
+    tokens = ["My", " score", ":", " ", "8", " (", "answer", ":", " ", "3", ")"]
+    assert parse_score("".join(tokens), lp_of(tokens, {4: {"8": 0.5, "7": 0.5}, 9: {"3": 1.0}}), 1, 9) == 7.5
+    with JudgeServer() as srv:
+        assert judge(srv).markers == ("Score:",)
+        assert judge(srv, score_marker="Answer:").markers == ("Answer:",)
+        assert judge(srv, score_marker=["Answer:", "Score:"]).markers == ("Answer:", "Score:")
+
+
+def test_parse_score_marker_needs_a_word_boundary():
+    assert parse_score("Score: 7. Subscore: 2", None, 1, 9) == 7
+    assert parse_score("Score: 7. Sub-score: 2; self-Score: 3", None, 1, 9) == 7  # a hyphen joins words
+    assert parse_score("Notes: 3 dogs.\n(Score: 6)", None, 1, 9) == 6
+    assert parse_score("__Score__: 5", None, 1, 9) == 5
+    tokens = ["Score", ":", " ", "7", ".", " Sub", "score", ":", " ", "2"]
+    assert parse_score("".join(tokens), lp_of(tokens), 1, 9) == 7
+
+
+@pytest.mark.parametrize("text", ["Score: 1,000", "Score: 1e3", "Score: 2E+1", "Score: 7,5", "Score: 7.5"])
+def test_parse_score_rejects_an_integer_that_the_number_continues(text):
+    with pytest.raises(ValueError, match="not an integer"):
+        parse_score(text, None, 1, 9)
+    tokens = ["Score", ":", " " + text[len("Score: ")], text[len("Score: ") + 1:]]
+    with pytest.raises(ValueError, match="not an integer"):
+        parse_score(text, lp_of(tokens), 1, 9)
+
+
+def test_parse_score_accepts_an_integer_followed_by_punctuation():
+    for text in ("Score: 7.", "Score: 7, since", "Score: 7/9", "Score: 7 e.g.", "Score: 7.\n8 dogs"):
+        assert parse_score(text, None, 1, 9) == 7, text
+
+
+def test_parse_score_two_digit_scales_do_not_mix_prefix_tokens():
+    """On a 1-10 scale " 1" may be the first token of "10": its probability is not p(1); the text value."""
+    tokens = ["Score", ":", " 9"]
+    lp = lp_of(tokens, {2: {" 9": 0.5, " 1": 0.5}})
+    assert parse_score("Score: 9", lp, 1, 10) == 9.0
+    assert parse_score("Score: 9", lp, 1, 10, logprob_score="top1") == 9.0
+    assert parse_score("Score: 9", lp, 1, 9) == pytest.approx(5.0), "on 1-9, ' 1' is the answer 1"
+    # single-token two-digit answers with no prefix candidate keep the expectation
+    tokens = ["Score", ":", " 10"]
+    assert parse_score("Score: 10", lp_of(tokens, {2: {" 10": 0.6, " 9": 0.4}}), 1, 10) == pytest.approx(9.6)
+    # a scale 10-20: " 1" and " 2" are prefixes of in-range answers even though out of range themselves
+    tokens = ["Score", ":", " 15"]
+    assert parse_score("Score: 15", lp_of(tokens, {2: {" 15": 0.5, " 1": 0.5}}), 10, 20) == 15.0
+
+
+def test_parse_score_normalises_bpe_tokens_and_falls_back_to_the_text():
+    tokens = ["Score", ":", "Ġ7"]
+    assert parse_score("Score: 7", lp_of(tokens, {2: {"Ġ7": 0.6, "Ġ8": 0.4}}), 1, 9) == pytest.approx(7.4)
+    tokens = ["▁Score", ":", "▁", "7"]
+    assert parse_score("Score: 7", lp_of(tokens, {3: {"7": 0.6, "6": 0.4}}), 1, 9) == pytest.approx(6.6)
+    tokens = ["Score", ":", "Ġ7", "Ċ", "Good"]
+    assert parse_score("Score: 7\nGood", lp_of(tokens, {2: {"Ġ7": 0.5, "Ġ6": 0.5}}), 1, 9) == pytest.approx(6.5)
+    # tokens that do not spell the text (byte tokens, ids): the text's integer
+    tokens = ["<0x53>", "core", ":", "<0x20>", "7"]
+    assert parse_score("Score: 7", lp_of(tokens, {4: {"7": 0.5, "6": 0.5}}), 1, 9) == 7.0
+    # a text the tokens spell keeps the log-prob path even with surrounding whitespace differences
+    tokens = ["Score", ":", " 7", "\n"]
+    assert parse_score("Score: 7", lp_of(tokens, {2: {" 7": 0.5, " 8": 0.5}}), 1, 9) == pytest.approx(7.5)

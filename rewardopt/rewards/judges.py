@@ -4,8 +4,9 @@
 template to an OpenAI-compatible ``/chat/completions`` endpoint — what vLLM, SGLang and hosted APIs
 serve — and turns the answer into a score in [score_min, score_max]:
 
-The answer is the integer right after the last answer marker (``score_marker``, default the
-"Score:" that the default template asks for; Free²Guide's "Answer:" is accepted too):
+The answer is the integer right after the last answer marker (``score_marker``: exactly the
+marker(s) configured, default the "Score:" that the default template asks for; a template asking
+for Free²Guide's "Answer: N" sets ``score_marker: "Answer:"``), matched as a whole word:
 
 * when the server returns log-probabilities (``logprobs``/``top_logprobs``), the answer token's
   distribution gives the score: its expectation over the in-range integers (``logprob_score:
@@ -14,7 +15,7 @@ The answer is the integer right after the last answer marker (``score_marker``, 
 * otherwise the integer in the text.
 
 An answer without a marker followed by an integer in range (stray digits, "Score: 10" on a 1-9
-scale, a decimal) is an error: it is retried and, if it persists, handled by the failure policy
+scale, a decimal, "1,000", "1e3") is an error: it is retried and, if it persists, handled by the failure policy
 and counted. The API key is read from the environment variable ``api_key_env`` at
 call time; it is never stored on the object, logged or put in an error message.
 
@@ -29,6 +30,7 @@ failure policy come from ``BlackBoxReward``.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import math
@@ -87,55 +89,97 @@ def to_pil(img: torch.Tensor):
     return Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a)
 
 
-SCORE_MARKERS = ("Score:", "Answer:")
-"""Answer markers accepted by default: our template's "Score:" and Free²Guide's "Answer:"."""
+SCORE_MARKERS = ("Score:",)
+"""The answer marker of ``DEFAULT_TEMPLATE``; a template asking for "Answer: N" (Free²Guide's) configures
+``score_marker: "Answer:"``."""
 
 LOGPROB_SCORES = ("expectation", "top1")
 
 
-def answer_markers(score_marker: str) -> tuple[str, ...]:
-    """The markers a judge accepts: its ``score_marker`` and Free²Guide's "Answer:"."""
-    if not isinstance(score_marker, str) or not score_marker.strip():
-        raise ValueError(f"score_marker must be the text before the answer, e.g. 'Score:'; got {score_marker!r}")
-    return tuple(dict.fromkeys((score_marker.strip(), "Answer:")))
+def answer_markers(score_marker: str | Sequence[str]) -> tuple[str, ...]:
+    """The markers a judge accepts: exactly its ``score_marker`` (one text, or a list of them)."""
+    items = [score_marker] if isinstance(score_marker, str) else score_marker
+    if (not isinstance(items, (list, tuple)) or not items
+            or any(not isinstance(m, str) or not m.strip() for m in items)):
+        raise ValueError(f"score_marker must be the text before the answer, e.g. 'Score:' (or a list of such "
+                         f"texts); got {score_marker!r}")
+    return tuple(dict.fromkeys(m.strip() for m in items))
 
 
-def _marker_pattern(markers: Sequence[str]) -> re.Pattern:
-    """Any of ``markers`` (case-insensitive), tolerating markdown emphasis and spaces before their
+@functools.lru_cache(maxsize=64)
+def _marker_pattern(markers: tuple[str, ...]) -> re.Pattern:
+    """Any of ``markers`` as a whole word, tolerating markdown emphasis and spaces before their
     punctuation ("**Score**: 7", "Score : 7"), followed by the answer: optional spaces, emphasis or
-    an opening bracket, then the number."""
+    an opening bracket, then the number (``num``) and whatever continues it (``more``: ",000",
+    ".5", "e3", which make it not an integer).
+
+    Our reading: matched case-insensitively (judges write "SCORE:" or "score:" as often as the
+    template's "Score:"); a letter, digit or hyphen right before the marker makes it part of another
+    word ("Subscore:", "Sub-score:"), so it is not the marker."""
     alts = []
     for m in markers:
         if not m or not m.strip():
             raise ValueError(f"score markers must be non-empty text, got {m!r}")
-        alts.append("".join(re.escape(c) if c.isalnum() or c.isspace() else r"[\s*_]*" + re.escape(c)
-                            for c in m.strip()))
-    return re.compile(r"(?:" + "|".join(alts) + r")[\s*_\[(\"']*(?P<num>\d+(?:\.\d+)?)?", re.IGNORECASE)
+        m = m.strip()
+        body = "".join(re.escape(c) if c.isalnum() or c.isspace() else r"[\s*_]*" + re.escape(c) for c in m)
+        if m[0].isalnum():
+            body = r"(?<![^\W_])(?<!-)" + body
+        if m[-1].isalnum():
+            body += r"(?![^\W_])"
+        alts.append(body)
+    return re.compile(r"(?:" + "|".join(alts) + r")[\s*_\[(\"']*(?P<num>[0-9]+)?"
+                      r"(?P<more>(?:[.,][0-9]|[eE][+-]?[0-9])[0-9.,eE+-]*)?", re.IGNORECASE)
 
 
 def _answer_span(text: str, markers: Sequence[str], lo: int, hi: int) -> tuple[int, int, int]:
     """(start, end, value) of the integer right after the LAST answer marker in ``text``.
 
-    Raises ValueError when there is no marker, nothing numeric right after it, a decimal, or an
-    integer outside [lo, hi] — the judge did not answer as asked, so the call is retried / counted."""
-    hits = list(_marker_pattern(markers).finditer(text))
+    Raises ValueError when there is no marker, nothing numeric right after it, a number that goes on
+    past the integer (a decimal "7.5", "1,000", "1e3": never read as 7 or 1), or an integer outside
+    [lo, hi] — the judge did not answer as asked, so the call is retried / counted."""
+    hits = list(_marker_pattern(tuple(markers)).finditer(text))
     if not hits:
         raise ValueError(f"judge answer has no score: no {' / '.join(map(repr, markers))} in {text[-200:]!r}")
     m = hits[-1]
     num = m.group("num")
     if num is None:
         raise ValueError(f"judge answer has no score after its last {m.group(0).strip()!r}: {text[-200:]!r}")
-    if "." in num:
-        raise ValueError(f"judge score {num} is not an integer in [{lo}, {hi}]: {text[-200:]!r}")
+    if m.group("more"):
+        raise ValueError(f"judge score {num + m.group('more')} is not an integer in [{lo}, {hi}]: {text[-200:]!r}")
     value = int(num)
     if not lo <= value <= hi:
         raise ValueError(f"judge score {value} is outside [{lo}, {hi}]: {text[-200:]!r}")
     return m.start("num"), m.end("num"), value
 
 
-def _int_token(tok: str, lo: int, hi: int) -> int | None:
-    s = tok.strip()
-    return int(s) if s.isdigit() and lo <= int(s) <= hi else None
+_BPE_MARKERS = str.maketrans({"Ġ": " ", "▁": " ", "Ċ": "\n", "ĉ": "\t"})
+"""Byte-level BPE (GPT-2: Ġ space, Ċ newline, ĉ tab) and SentencePiece (▁ space) word markers, as
+servers that return raw vocabulary tokens spell them."""
+
+
+def _token_texts(logprobs: list[dict], text: str) -> list[str] | None:
+    """The generated tokens as pieces of ``text``: as returned, else with their BPE markers
+    (``_BPE_MARKERS``) replaced by the whitespace they stand for; None when neither spells ``text``
+    (up to leading / trailing whitespace): then the log-probs cannot be tied to the answer."""
+    raw = [str(e.get("token", "")) for e in logprobs]
+    for tokens in (raw, [t.translate(_BPE_MARKERS) for t in raw]):
+        if "".join(tokens).strip() == text.strip():
+            return tokens
+    return None
+
+
+def _digits(tok: str) -> str | None:
+    s = tok.translate(_BPE_MARKERS).strip()
+    return s if s.isascii() and s.isdigit() else None
+
+
+def _begins_longer_answer(s: str, lo: int, hi: int) -> bool:
+    """Whether the digits ``s`` can be the first token of a longer integer in [lo, hi] ("1" of "10"
+    on a 1-10 scale; "1" and "2" on 10-20)."""
+    k = int(s)
+    if k == 0:  # answers are not written with leading zeros
+        return False
+    return any(k * 10 ** d <= hi and (k + 1) * 10 ** d - 1 >= lo for d in range(1, len(str(hi)) - len(s) + 1))
 
 
 def parse_score(text: str, logprobs: list[dict] | None, lo: int, hi: int, markers: Sequence[str] = SCORE_MARKERS,
@@ -143,26 +187,36 @@ def parse_score(text: str, logprobs: list[dict] | None, lo: int, hi: int, marker
     """The judge's score from an answer ``text`` and, if given, the per-token ``logprobs`` content
     (OpenAI format: [{"token", "logprob", "top_logprobs": [{"token", "logprob"}, ...]}, ...]).
 
-    The answer is the integer right after the LAST of ``markers`` (what the template asks for, e.g.
-    "Score: N"; Free²Guide asks for "Answer: N"); anything else raises ValueError: no marker (stray
-    digits such as "I cannot rate 2 images." are never a score), a decimal, or an integer outside
-    [lo, hi] ("Score: 10" on a 1-9 scale is an invalid answer, not a 9 and not an earlier "3").
+    The answer is the integer right after the LAST of ``markers`` (exactly what the template asks
+    for, e.g. "Score: N"; Free²Guide's template asks for "Answer: N"), matched as a whole word and
+    case-insensitively (``_marker_pattern``); anything else raises ValueError: no marker (stray
+    digits such as "I cannot rate 2 images." are never a score), a number that continues past the
+    integer ("7.5", "1,000", "1e3"), or an integer outside [lo, hi] ("Score: 10" on a 1-9 scale is
+    an invalid answer, not a 9 and not an earlier "3").
 
-    With log-probs the same rule is applied to the generated tokens, and the answer token is the
-    one holding that integer; ``logprob_score`` then gives:
+    With log-probs the same rule is applied to the generated tokens (raw BPE tokens such as "Ġ7"
+    are read as " 7"), and the answer token is the one holding that integer; ``logprob_score`` then
+    gives:
 
     * ``"expectation"``: sum_k k·p(k) over the in-range integers among its top log-probs,
       renormalised (near-ties still rank candidates; G-Eval's probability-weighted score);
     * ``"top1"``: the most likely in-range integer among them (Free²Guide's public code reads the
       top-1 log-prob token of the answer).
 
-    Our reading: an answer integer spread over several tokens (a tokenizer that splits "10" into
-    "1", "0") has no single answer distribution; it scores its integer value."""
+    Our reading — where the answer token has no distribution over the answers, the score is the
+    integer in the text:
+
+    * tokens that do not spell ``text`` (byte tokens, ids, a server that post-processes the text):
+      the log-probs cannot be tied to the answer;
+    * an answer integer spread over several tokens (a tokenizer that splits "10" into "1", "0");
+    * an alternative that can begin a longer in-range answer (" 1" on a 1-10 scale may be the
+      first token of "10"): its probability is not p(1), so on such scales the expectation is used
+      only when no such prefix token is among the alternatives (" 9" / " 10" as whole tokens is fine)."""
     if logprob_score not in LOGPROB_SCORES:
         raise ValueError(f"logprob_score must be one of {LOGPROB_SCORES}, got {logprob_score!r}")
-    if not logprobs:
+    tokens = _token_texts(logprobs, text) if logprobs else None
+    if tokens is None:
         return float(_answer_span(text, markers, lo, hi)[2])
-    tokens = [str(e.get("token", "")) for e in logprobs]
     start, end, value = _answer_span("".join(tokens), markers, lo, hi)
     pos, first, last = 0, None, len(tokens) - 1
     for i, t in enumerate(tokens):
@@ -177,9 +231,14 @@ def parse_score(text: str, logprobs: list[dict] | None, lo: int, hi: int, marker
     entry = logprobs[first]
     probs: dict[int, float] = {}
     for alt in entry.get("top_logprobs") or [entry]:
-        k = _int_token(str(alt.get("token", "")), lo, hi)
-        if k is not None:
-            probs[k] = probs.get(k, 0.0) + math.exp(float(alt["logprob"]))
+        s = _digits(str(alt.get("token", "")))
+        if s is None:
+            continue
+        p = math.exp(float(alt["logprob"]))
+        if p > 0 and _begins_longer_answer(s, lo, hi):
+            return float(value)  # " 1" may be "10": no single-token distribution over the answers
+        if lo <= int(s) <= hi:
+            probs[int(s)] = probs.get(int(s), 0.0) + p
     if sum(probs.values()) <= 0:  # the alternatives miss the generated token: it stands alone
         return float(value)
     if logprob_score == "top1":
@@ -196,9 +255,10 @@ class OpenAIJudge(BlackBoxReward):
         prompt_template: text with ``{prompt}``, ``{min}`` and ``{max}`` fields.
         score_min / score_max: the score range asked for (Free²Guide: 1-9).
         api_key_env: environment variable holding the API key (None: no Authorization header).
-        score_marker: the text before the answer integer that the template asks for ("Score:"); the
-            integer right after its last occurrence (or after a Free²Guide-style "Answer:") is the
-            score. Change it with the template.
+        score_marker: the text before the answer integer that the template asks for ("Score:"), or a
+            list of such texts; the integer right after the last occurrence of one of them is the
+            score, nothing else ("Answer:" only if configured: Free²Guide's template). Change it with
+            the template.
         use_logprobs: ask for log-probs and score the answer token's distribution when returned.
         logprob_score: "expectation" (default: sum_k k p(k) over in-range integers) or "top1" (the
             most likely in-range integer: Free²Guide's public code; its recipes set it).
@@ -211,7 +271,8 @@ class OpenAIJudge(BlackBoxReward):
     """
 
     def __init__(self, base_url: str, model: str, prompt_template: str = DEFAULT_TEMPLATE, score_min: int = 1,
-                 score_max: int = 9, api_key_env: str | None = "OPENAI_API_KEY", score_marker: str = "Score:",
+                 score_max: int = 9, api_key_env: str | None = "OPENAI_API_KEY",
+                 score_marker: str | list[str] = "Score:",
                  use_logprobs: bool = True, logprob_score: str = "expectation", top_logprobs: int = 10,
                  max_tokens: int = 512, temperature: float = 0.0, frames: int = 4,
                  extra_body: dict | None = None, max_workers: int = 8, timeout_s: float | None = 60.0, retries: int = 2,
@@ -298,6 +359,8 @@ class TransformersJudge(BlackBoxReward):
                          on_failure=on_failure, name=name or "vlm_judge")
         if not 0 <= score_min < score_max <= 9:
             raise ValueError("TransformersJudge scores single-digit answers: need 0 <= score_min < score_max <= 9")
+        if not isinstance(score_marker, str):
+            raise ValueError(f"TransformersJudge appends one score_marker to the prompt; got {score_marker!r}")
         answer_markers(score_marker)  # validates it
         if logprob_score not in LOGPROB_SCORES:
             raise ValueError(f"logprob_score must be one of {LOGPROB_SCORES}, got {logprob_score!r}")

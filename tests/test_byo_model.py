@@ -163,6 +163,36 @@ def test_load_lora_into_a_generator_with_adapters_of_another_rank_is_a_clear_err
         make_unet_generator(unet_folder, lora_rank=2).load_lora(tmp_path / "adapter")
 
 
+def lora_scalings(gen) -> set[float]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {m.scaling["default"] for m in gen.denoiser.modules() if isinstance(m, BaseTunerLayer)}
+
+
+def test_load_lora_with_another_lora_alpha_is_a_clear_error_and_adopted_without_adapters(unet_folder, tmp_path):
+    """Same rank, another alpha (scale alpha/r 2 instead of 1): loading it silently would change every output."""
+    gen = make_unet_generator(unet_folder, lora_rank=4)
+    perturb_lora(gen)
+    gen.save_lora(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "lora_alpha": 8}))  # an adapter trained with alpha 8
+    with pytest.raises(ValueError, match=r"has lora_alpha 8; this generator has 4 \(generator.lora_alpha=None; "
+                                         r"set it to 8, or generator.lora_rank to null to take the file's\)"):
+        make_unet_generator(unet_folder, lora_rank=4).load_lora(tmp_path / "adapter")
+    fresh = make_unet_generator(unet_folder, lora_rank=None)  # no adapters yet: the file's alpha is taken
+    fresh.load_lora(tmp_path / "adapter")
+    assert (fresh.lora_rank, fresh.lora_alpha) == (4, 8) and lora_scalings(fresh) == {2.0}
+
+
+def test_load_lora_with_other_target_modules_is_a_clear_error(unet_folder, tmp_path):
+    make_unet_generator(unet_folder, lora_rank=4, lora_targets=["to_q", "to_v"]).save_lora(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"has target_modules \['to_q', 'to_v'\]; this generator has "
+                                         r"generator.lora_targets=\['to_k', 'to_out.0', 'to_q', 'to_v'\] \(set it to "
+                                         r"\['to_q', 'to_v'\], or generator.lora_rank to null to take the file's\)"):
+        make_unet_generator(unet_folder, lora_rank=4).load_lora(tmp_path / "adapter")
+
+
 def test_lora_targets_that_match_no_module_name_the_key_and_the_candidates(unet_folder):
     with pytest.raises(ValueError, match=r"generator.lora_targets: none of \['q_proj'\] .* PatchBertDenoiser.*'query'"):
         make_bert_generator(unet_folder, lora_rank=4, lora_targets=["q_proj"])

@@ -190,7 +190,9 @@ class DiffusionGenerator(Generator):
 
     def load_lora(self, path: str | os.PathLike) -> None:
         """Load an adapter written by ``save_lora``. Without adapters (lora_rank None) they are first
-        injected from the saved ``LoraConfig``; with adapters, the saved rank must match."""
+        injected from the saved ``LoraConfig``; with adapters, the saved rank, alpha and target modules
+        (and peft's other output-changing fields) must match the generator's, else a ValueError names the
+        field and the fix."""
         from peft import LoraConfig
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -205,15 +207,39 @@ class DiffusionGenerator(Generator):
             add_lora(self.denoiser, config)
             self.lora_rank, self.lora_alpha = config.r, config.lora_alpha
             self.lora_targets = sorted(config.target_modules)
-        elif config.r != self.lora_rank:
-            raise ValueError(f"the adapter at {str(path)!r} has rank {config.r}; this generator has generator."
-                             f"lora_rank={self.lora_rank} (set it to {config.r}, or to null to take the file's)")
+        elif (mismatch := self._lora_mismatch(config)) is not None:
+            raise ValueError(f"the adapter at {str(path)!r} {mismatch}")
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(path / PEFT_WEIGHTS).items()}
         result = set_peft_model_state_dict(self.denoiser, state)
         missing = [k for k in result.missing_keys if "lora_" in k]
         if missing or result.unexpected_keys:
             raise ValueError(f"the adapter at {str(path)!r} does not fit {type(self.denoiser).__name__}: "
                              f"missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}")
+
+    def _lora_mismatch(self, saved) -> str | None:
+        """How the saved ``LoraConfig`` differs from this generator's adapter (the first field that
+        does, with the fix), or None. Compared: rank, alpha (the scale alpha/r), target modules, and
+        the adapter's other fields that change its output (rsLoRA, DoRA, per-module rank/alpha)."""
+        take = "or generator.lora_rank to null to take the file's"
+        if saved.r != self.lora_rank:
+            return (f"has rank {saved.r}; this generator has generator.lora_rank={self.lora_rank} "
+                    f"(set it to {saved.r}, or to null to take the file's)")
+        live = getattr(self.denoiser, "peft_config", {}).get("default")
+        alpha = live.lora_alpha if live is not None else (self.lora_alpha or self.lora_rank)
+        if float(saved.lora_alpha) != float(alpha):
+            return (f"has lora_alpha {saved.lora_alpha:g}; this generator has {alpha:g} "
+                    f"(generator.lora_alpha={self.lora_alpha}; set it to {saved.lora_alpha:g}, {take})")
+        targets = live.target_modules if live is not None else self.lora_targets
+        as_set = lambda m: m if isinstance(m, str) else set(m or ())  # noqa: E731 (peft allows a regex string)
+        if as_set(saved.target_modules) != as_set(targets):
+            show = lambda m: repr(m) if isinstance(m, str) else repr(sorted(m))  # noqa: E731
+            return (f"has target_modules {show(saved.target_modules)}; this generator has generator.lora_targets="
+                    f"{show(targets)} (set it to {show(saved.target_modules)}, {take})")
+        for field in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern"):
+            if live is not None and getattr(saved, field, None) != getattr(live, field, None):
+                return (f"has {field}={getattr(saved, field, None)!r}, this generator's adapter "
+                        f"{getattr(live, field, None)!r} (set generator.lora_rank to null to take the file's)")
+        return None
 
     # ----------------------------------------------------------------------------- schedule
     @property

@@ -6,37 +6,82 @@ grad (recording each step's log-probability), score the final images with any re
 is fine — normalise rewards per prompt into advantages, then take PPO-clipped steps on the ratio of
 new to old log-probabilities of the recorded transitions, summed over timesteps.
 
-Reading of the reference code we follow: log-probabilities are averaged over latent dimensions;
-advantages are normalised per prompt from a running buffer (falling back to batch statistics
-until a prompt has ``min_count`` rewards) and clipped to ±``adv_clip``; one optimiser step per
-minibatch, accumulating over all its timesteps. Steps whose transition has zero variance are
-skipped (they carry no policy gradient). Defaults from the reference config: PPO clip 1e-4,
-advantage clip 5, lr 3e-4.
+Reading of the reference code we follow (``scripts/train.py``, ``config/base.py``): log-probabilities
+are averaged over latent dimensions; rewards and prompts are gathered from every process before the
+per-prompt statistics, and each process keeps the advantages of its own samples; advantages are
+normalised per prompt from a running buffer (falling back to the statistics of the whole gathered
+batch until a prompt has ``min_count`` rewards) and clipped to ±``adv_clip``; each pass over the
+sampled batch (``num_inner_epochs`` of them) reshuffles the samples and, per sample, the timesteps,
+and trains on the first ``int(T * timestep_fraction)`` of them; one optimiser step per minibatch,
+accumulating over its timesteps. Defaults from the reference config: PPO clip 1e-4, advantage clip
+5, lr 3e-4, buffer 16, min count 16, every timestep, one inner epoch.
+
+Our reading, where we differ in form but not in result: the reference makes one denoiser call per
+timestep *column* (sample j's k-th shuffled timestep); we make one per timestep, over the rows that
+drew it. Both sum the same per-(sample, timestep) losses scaled by 1/(minibatch size x k) before the
+minibatch's optimiser step, so the gradient is the same. Steps whose transition has zero variance
+(DDPM's last) carry no policy gradient and are never trained. The training forwards run without the
+generator's gradient checkpointing: each is followed at once by its backward, so recomputing it would
+cost a forward and lower no peak memory. Samples a black-box reward excluded (``on_failure:
+exclude``, total -inf) get advantage 0 and stay out of the statistics.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import numpy as np
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 from rewardopt.generators.diffusion import DiffusionGenerator, gaussian_log_prob
 from rewardopt.methods.base import RewardFineTuning
 from rewardopt.rewards.base import Reward
 
 
-def normalize_per_prompt(prompts: list[str], rewards: np.ndarray, buffers: dict[str, deque], min_count: int) -> np.ndarray:
+def normalize_per_prompt(prompts: list[str], rewards: np.ndarray, buffers: dict[str, deque],
+                         min_count: int) -> np.ndarray:
     """Advantages (r - mean_p) / (std_p + 1e-6) per prompt p, using each prompt's recent rewards once
-    it has ``min_count`` of them, batch statistics before. ``buffers`` is updated in place."""
+    it has ``min_count`` of them, the whole batch's statistics before. ``buffers`` is updated in
+    place. Non-finite rewards (excluded samples) get advantage 0 and enter no statistic.
+    Shapes: ``prompts`` and ``rewards`` (N,); returns (N,) float64."""
     rewards = np.asarray(rewards, dtype=np.float64)
-    adv = np.empty_like(rewards)
-    for p in set(prompts):
-        buffers[p].extend(rewards[[q == p for q in prompts]].tolist())
+    ok = np.isfinite(rewards)
+    adv = np.zeros_like(rewards)
+    for p in dict.fromkeys(prompts):
+        buffers[p].extend(rewards[[q == p for q in prompts] & ok].tolist())
+    batch = rewards[ok]
     for i, p in enumerate(prompts):
-        ref = np.asarray(buffers[p]) if len(buffers[p]) >= min_count else rewards
-        adv[i] = (rewards[i] - ref.mean()) / (ref.std() + 1e-6)
+        if ok[i]:
+            ref = np.asarray(buffers[p]) if len(buffers[p]) >= min_count else batch
+            adv[i] = (rewards[i] - ref.mean()) / (ref.std() + 1e-6)
     return adv
+
+
+def sample_timestep_mask(n: int, num_steps: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, num_steps) bool: which k of the trainable steps each of n samples trains on — a fresh
+    uniform random subset per sample (the reference's per-sample timestep shuffle, first k kept)."""
+    if k >= num_steps:
+        return torch.ones(n, num_steps, dtype=torch.bool)
+    order = torch.rand(n, num_steps, generator=generator).argsort(dim=1)  # a random permutation per row
+    mask = torch.zeros(n, num_steps, dtype=torch.bool)
+    mask.scatter_(1, order[:, :k], True)
+    return mask
+
+
+@contextmanager
+def single_step_graphs(generator: DiffusionGenerator) -> Iterator[None]:
+    """Denoiser calls without the generator's whole-call gradient checkpointing: a graph of one call
+    whose backward follows at once holds no more at its peak than the recomputation would."""
+    saved = generator.gradient_checkpointing
+    generator.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        generator.gradient_checkpointing = saved
 
 
 class DDPO(RewardFineTuning):
@@ -48,24 +93,39 @@ class DDPO(RewardFineTuning):
         clip_range: PPO ratio clip ε (reference: 1e-4).
         adv_clip: advantage clip (reference: 5).
         samples_per_prompt: samples per prompt per step (grouped for per-prompt statistics).
-        num_minibatches: optimiser steps per sampled batch (later ones are off-policy, hence PPO).
-        buffer_size, min_count: per-prompt reward buffer length and the count before it is used.
+        num_minibatches: optimiser steps per pass over the sampled batch (later ones are off-policy,
+            hence PPO).
+        num_inner_epochs: passes over each sampled batch (reference: 1); trainer.max_steps counts
+            ``num_minibatches * num_inner_epochs`` optimiser steps per sampled batch.
+        timestep_fraction: the fraction of each trajectory's timesteps trained on, drawn per sample
+            (reference: 1.0; less is cheaper and noisier).
+        buffer_size, min_count: per-prompt reward buffer length and the count before it is used
+            (reference: 16 and 16). Under DDP the buffers see every process's rewards.
         grad_clip: max gradient norm (manual optimisation clips here, not in the trainer).
     """
 
     def __init__(self, generator: DiffusionGenerator, reward: Reward, clip_range: float = 1e-4, adv_clip: float = 5.0,
-                 samples_per_prompt: int = 4, num_minibatches: int = 2, buffer_size: int = 32, min_count: int = 16,
-                 grad_clip: float = 1.0, seed: int = 0, lr: float = 3e-4, weight_decay: float = 1e-4,
-                 eval_seed: int = 1234, output_dir: str | None = None) -> None:
-        super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed, output_dir=output_dir)
+                 samples_per_prompt: int = 4, num_minibatches: int = 2, num_inner_epochs: int = 1,
+                 timestep_fraction: float = 1.0, buffer_size: int = 16, min_count: int = 16, grad_clip: float = 1.0,
+                 seed: int = 0, lr: float = 3e-4, weight_decay: float = 1e-4, eval_seed: int = 1234,
+                 output_dir: str | None = None) -> None:
+        super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed,
+                         output_dir=output_dir)
         stochastic = getattr(generator, "eta", 0.0) > 0 or type(generator.scheduler).__name__ == "DDPMScheduler"
         if not stochastic:
-            raise ValueError("DDPO needs a stochastic sampler: set generator eta > 0 (reference: eta=1) or scheduler='ddpm'")
+            raise ValueError("DDPO needs a stochastic sampler: set generator eta > 0 (reference: eta=1) or "
+                             "scheduler='ddpm'")
+        if not 0.0 < timestep_fraction <= 1.0 or int(generator.num_steps * timestep_fraction) < 1:
+            raise ValueError(f"timestep_fraction={timestep_fraction} must be in (0, 1] and leave at least one of the "
+                             f"{generator.num_steps} timesteps (int(num_steps * timestep_fraction) >= 1)")
+        if num_inner_epochs < 1 or num_minibatches < 1:
+            raise ValueError(f"num_inner_epochs={num_inner_epochs} and num_minibatches={num_minibatches} must be >= 1")
         self.automatic_optimization = False
         self.clip_range, self.adv_clip = clip_range, adv_clip
         self.samples_per_prompt, self.num_minibatches = samples_per_prompt, num_minibatches
+        self.num_inner_epochs, self.timestep_fraction = num_inner_epochs, timestep_fraction
         self.buffer_size, self.min_count, self.grad_clip, self.seed = buffer_size, min_count, grad_clip, seed
-        self.buffers: dict[str, deque] = defaultdict(lambda: deque(maxlen=self.buffer_size))
+        self.buffers: dict[str, deque] = defaultdict(partial(deque, maxlen=buffer_size))
 
     @torch.no_grad()
     def sample_trajectories(self, cond, rng):
@@ -85,50 +145,112 @@ class DDPO(RewardFineTuning):
             states.append(x)
         return states, logps
 
+    def _rank_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+
+    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """(B,) clipped advantages of this process's samples. Every process's (prompt, reward) pairs
+        are gathered in rank order and normalised together (so every process updates the same
+        buffers), and each keeps its own slice — as the reference's gather/ungather."""
+        values = rewards.detach().float().cpu().numpy()  # float: bf16 has no numpy dtype
+        rank, world = self._rank_world()
+        all_prompts, all_values, start = list(prompts), values, 0
+        if world > 1:
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, (list(prompts), values.tolist()))
+            all_prompts = [p for ps, _ in gathered for p in ps]
+            all_values = np.concatenate([np.asarray(v, dtype=np.float64) for _, v in gathered])
+            start = sum(len(ps) for ps, _ in gathered[:rank])
+        adv = normalize_per_prompt(all_prompts, all_values, self.buffers, self.min_count)[start:start + len(prompts)]
+        return torch.as_tensor(adv, dtype=torch.float32, device=self.device).clamp(-self.adv_clip, self.adv_clip)
+
+    def _backward_sync(self, sync: bool):
+        """Under DDP, all-reduce gradients only at a minibatch's last backward (they accumulate)."""
+        strategy = self.trainer.strategy
+        return strategy.block_backward_sync() if not sync and isinstance(strategy, ParallelStrategy) else nullcontext()
+
+    def train_minibatch(self, states, old_logps, adv, cond, rows: torch.Tensor, mask: torch.Tensor,
+                        steps: list[int], k: int) -> dict[str, torch.Tensor]:
+        """Backward of the PPO loss of minibatch ``rows`` (indices into the sampled batch) over the
+        timesteps ``mask`` (len(rows), len(steps)) selects, k per row. Returns summed statistics
+        (0-dim tensors, read once per batch so that no step waits for the device)."""
+        g = self.generator
+        work = [(i, rows[mask[:, s]]) for s, i in enumerate(steps) if mask[:, s].any()]
+        scale = 1.0 / (len(rows) * k)
+        zero = torch.zeros((), device=self.device)
+        stats = {"loss": zero, "clipped": zero, "kl": zero, "pairs": zero + int(mask.sum())}
+        with single_step_graphs(g):
+            for j, (i, r) in enumerate(work):
+                r_dev = r.to(self.device)
+                with self._backward_sync(j == len(work) - 1):
+                    mean, std, _ = g.transition(states[i][r_dev], i, cond.index(r))
+                    logp = gaussian_log_prob(states[i + 1][r_dev], mean, std)
+                    diff = logp - old_logps[i][r_dev]
+                    ratio = torch.exp(diff)
+                    a = adv[r_dev]
+                    loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).sum()
+                    self.manual_backward(loss * scale)
+                stats["loss"] = stats["loss"] + loss.detach() * scale
+                stats["clipped"] = stats["clipped"] + ((ratio.detach() - 1).abs() > self.clip_range).sum()
+                stats["kl"] = stats["kl"] + 0.5 * (diff.detach() ** 2).sum()
+        return stats
+
     def training_step(self, batch: list[str], batch_idx: int) -> None:
         g = self.generator
         opt = self.optimizers()
         prompts = [p for p in batch for _ in range(self.samples_per_prompt)]
-        cond = g.encode_condition(prompts)
+        cond = g.encode_condition(list(batch)).repeat_interleave(self.samples_per_prompt)  # each prompt encoded once
         rng = self.training_rng()
         states, old_logps = self.sample_trajectories(cond, rng)
         with torch.no_grad():
             r = self.reward(g.decode(states[-1]), prompts)
         g.counter.samples += len(prompts)
-        adv = normalize_per_prompt(prompts, r.total.cpu().numpy(), self.buffers, self.min_count)
-        adv = torch.as_tensor(adv, dtype=torch.float32, device=self.device).clamp(-self.adv_clip, self.adv_clip)
+        rewards = r.total.detach().float()
+        adv = self.advantages(prompts, rewards)
 
         steps = [i for i, lp in enumerate(old_logps) if lp is not None]
-        order = torch.randperm(len(prompts), generator=rng)
-        clipped_frac, losses = [], []
-        for mb in order.chunk(self.num_minibatches):
-            sub = cond.index(mb)
-            mb_dev = mb.to(self.device)
-            opt.zero_grad()
-            for i in steps:
-                mean, std, _ = g.transition(states[i][mb_dev], i, sub)
-                logp = gaussian_log_prob(states[i + 1][mb_dev], mean, std)
-                ratio = torch.exp(logp - old_logps[i][mb_dev])
-                a = adv[mb_dev]
-                loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).mean()
-                self.manual_backward(loss / len(steps))
-                losses.append(loss.detach())
-                clipped_frac.append(((ratio - 1).abs() > self.clip_range).float().mean())
-            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
-        self._last_train_reward = float(r.total.detach().mean())
-        self.log("train/reward", r.total.mean(), prog_bar=True, batch_size=len(prompts), sync_dist=True)
+        k = max(1, int(len(steps) * self.timestep_fraction))
+        losses, totals = [], defaultdict(lambda: torch.zeros((), device=self.device))
+        for _ in range(self.num_inner_epochs):
+            order = torch.randperm(len(prompts), generator=rng)
+            mask = sample_timestep_mask(len(prompts), len(steps), k, rng)
+            for mb in order.chunk(self.num_minibatches):
+                opt.zero_grad()
+                stats = self.train_minibatch(states, old_logps, adv, cond, mb, mask[mb], steps, k)
+                self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+                opt.step()
+                losses.append(stats.pop("loss"))
+                for key, v in stats.items():
+                    totals[key] += v
+        ok = torch.isfinite(rewards)
+        self._last_train_reward = float(rewards[ok].mean()) if ok.any() else None
+        self.log("train/reward", rewards[ok].mean() if ok.any() else rewards.new_zeros(()), prog_bar=True,
+                 batch_size=len(prompts), sync_dist=True)
+        pairs = totals["pairs"].clamp(min=1)
         self.log("train/loss", torch.stack(losses).mean(), batch_size=len(prompts))
-        self.log("train/clipfrac", torch.stack(clipped_frac).mean(), batch_size=len(prompts))
+        self.log("train/clipfrac", totals["clipped"] / pairs, batch_size=len(prompts))
+        self.log("train/approx_kl", totals["kl"] / pairs, batch_size=len(prompts))
         if "failed" in r.info:
             self.log("reward/failed", float(r.info["failed"]), reduce_fx="sum")
         self.log_compute()
 
     def on_save_checkpoint(self, checkpoint) -> None:
+        """Every process's reward buffers (identical when statistics are gathered, but each process
+        resumes from its own), so a multi-process resume continues exactly."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint["ddpo_buffers"] = {p: list(b) for p, b in self.buffers.items()}
+        own = {p: list(b) for p, b in self.buffers.items()}
+        _, world = self._rank_world()
+        per_rank = [own]
+        if world > 1:
+            per_rank = [None] * world
+            torch.distributed.all_gather_object(per_rank, own)
+        checkpoint["ddpo_buffers"] = own
+        checkpoint["ddpo_buffers_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint) -> None:
         super().on_load_checkpoint(checkpoint)
-        for p, values in checkpoint.get("ddpo_buffers", {}).items():
+        rank, _ = self._rank_world()
+        per_rank = checkpoint.get("ddpo_buffers_per_rank") or [checkpoint.get("ddpo_buffers", {})]
+        self.buffers.clear()
+        for p, values in per_rank[rank if rank < len(per_rank) else 0].items():
             self.buffers[p].extend(values)

@@ -388,3 +388,71 @@ def test_best_of_n_never_selects_an_excluded_sample(tmp_path):
     assert all(torch.equal(t["chosen"] % 3, torch.zeros(2, dtype=torch.long)) for t in m.traces)
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["excluded"] == 4 * 3 and s["all_excluded"] == 4
+
+
+# --- black-box review findings: an interrupted half-open trial, abandoned calls bounded by max_abandoned ----------
+
+class _Interrupt(BaseException):
+    """KeyboardInterrupt-like: escapes ``except Exception``."""
+
+
+class Interruptible(Switchable):
+    """``Switchable`` whose next call raises ``_Interrupt`` while ``interrupt`` is set."""
+
+    interrupt = False
+
+    def score_object(self, obj, cond):
+        if self.interrupt:
+            self.interrupt = False
+            raise _Interrupt()
+        return super().score_object(obj, cond)
+
+
+@pytest.mark.parametrize("timeout_s", [None, 5.0])  # in the caller's worker / in an attempt thread
+def test_breaker_trial_interrupted_by_a_base_exception_lets_the_next_sample_try(timeout_s):
+    r = Interruptible(max_workers=2, retries=0, breaker_threshold=1, breaker_cooldown_s=0.2, cache_size=0,
+                      on_failure=-1.0, timeout_s=timeout_s)
+    r(torch.zeros(1, 1), None)
+    assert r.breaker_open
+    time.sleep(0.25)
+    r.interrupt = True
+    with pytest.raises(_Interrupt):
+        r(torch.ones(1, 1), None)  # the half-open trial is interrupted
+    r.dead = False
+    outs = []
+    t = threading.Thread(target=lambda: outs.append(r(torch.arange(2.0).view(2, 1) + 5, None)), daemon=True)
+    t.start()
+    t.join(5)
+    try:
+        assert not t.is_alive(), "the interrupted trial left the breaker half-open with a trial 'running' forever"
+        assert outs[0].total.tolist() == [5.0, 6.0] and r.breaker_state == "closed"
+    finally:
+        with r._breaker_changed:  # unblock the waiting workers if the test failed
+            r._trial = False
+            r._breaker_changed.notify_all()
+        t.join(5)
+
+
+@pytest.mark.parametrize("max_abandoned", [None, 0, 1])
+def test_abandoned_calls_still_running_are_bounded_by_max_abandoned(max_abandoned):
+    """Calls that ignore their timeout keep running: the backend sees at most max_workers +
+    max_abandoned of them; further attempts wait for one to end, then fail (counted, never called)."""
+    kw = {} if max_abandoned is None else {"max_abandoned": max_abandoned}
+    r = Hanging(hang=10**6, max_workers=2, timeout_s=0.1, retries=1, backoff_s=0.01, cache_size=0, on_failure=-1.0,
+                **kw)
+    bound = 2 + (2 if max_abandoned is None else max_abandoned)
+    try:
+        out = r(torch.arange(6.0).view(6, 1), None)
+        assert r.max_active <= bound, f"{r.max_active} calls ran at once; max_workers + max_abandoned = {bound}"
+        assert r.max_active == bound and r.hung_calls == bound
+        assert out.total.tolist() == [-1.0] * 6 and out.info["failed"] == 6
+        assert r.stats["saturated"] == 12 - bound and r.stats["timeouts"] == bound == r.stats["abandoned"]
+    finally:
+        r.release.set()
+    deadline = time.monotonic() + 5
+    while r.hung_calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    r.hang = 0  # the backend recovers: the places of the ended calls are free again
+    assert r(torch.arange(4.0).view(4, 1) + 10, None).total.tolist() == [10.0, 11.0, 12.0, 13.0]
+    with pytest.raises(ValueError, match="max_abandoned"):
+        Hanging(max_abandoned=-1)

@@ -1,9 +1,10 @@
 """Black-box rewards: Python-side scoring (JPEG size, RDKit, a judge server, a docking program).
 
 ``BlackBoxReward`` turns each sample into a Python object (``to_object``), scores objects with
-``score_object`` concurrently — at most ``max_workers`` calls running at once, a timeout per call,
-retries with exponential backoff, a content-hash cache — and applies an explicit failure policy to
-a sample that still fails after its retries:
+``score_object`` concurrently — at most ``max_workers`` calls in flight (plus at most
+``max_abandoned`` timed-out ones still running, see below), a timeout per call, retries with
+exponential backoff, a content-hash cache — and applies an explicit failure policy to a sample that
+still fails after its retries:
 
 * ``on_failure="raise"``: ``RewardError`` naming the reward and the error;
 * ``on_failure=<float>``: that value is used instead, and the failure is counted
@@ -19,10 +20,18 @@ callers of this reward, created with the object — no lazily created pool to ra
 a slot is not part of the timeout. With ``timeout_s`` set, the attempt runs in a fresh daemon thread
 and the clock starts when it starts. A call that exceeds ``timeout_s`` is abandoned and counts as a
 failed attempt (``stats["timeouts"]``, ``stats["abandoned"]``); Python threads cannot be killed, so
-it finishes in the background, but it gives its slot back at once: hung calls never starve the
-retries, which run in new threads. ``hung_calls`` is the number of abandoned calls still running
-(a backend that ignores timeouts shows here); network backends should pass the timeout to their
-client so abandoned calls end. Without a timeout an attempt runs in the caller's worker thread.
+it keeps running in the background, but it gives its slot back at once: a few hung calls never
+starve the retries, which run in new threads. ``hung_calls`` is the number of abandoned calls still
+running (a backend that ignores timeouts shows here); network backends should pass the timeout to
+their client so abandoned calls end. Without a timeout an attempt runs in the caller's worker thread.
+
+The backend therefore sees more than ``max_workers`` calls at once while abandoned calls are still
+running — but never more than ``max_workers + max_abandoned``: each call also holds one of that many
+backend places until it really ends. Once abandoned calls hold the spare places, a new attempt waits
+(up to ``timeout_s``) for a call to end; if none does, the attempt fails without calling the backend
+(``stats["saturated"]``) and goes through the retries, the failure policy and the circuit breaker
+like a timeout — a backend that hangs for good opens the breaker instead of piling up threads.
+``max_abandoned=0`` keeps the backend at ``max_workers`` calls strictly (a hung call keeps its place).
 
 Circuit breaker (``breaker_threshold``): after that many samples in a row fail (after retries),
 the breaker opens for ``breaker_cooldown_s``: samples fail at once under the failure policy,
@@ -84,7 +93,10 @@ class BlackBoxReward(Reward):
     Subclasses implement ``score_object(obj, cond) -> float`` (and, optionally, ``to_object``).
 
     Args:
-        max_workers: calls running at once (across all callers of this reward).
+        max_workers: calls in flight at once (across all callers of this reward).
+        max_abandoned: timed-out calls that may still be running on top of those (None: max_workers);
+            the backend sees at most max_workers + max_abandoned calls at once. When they are all
+            taken, attempts wait up to timeout_s for one to end, then fail (``stats["saturated"]``).
         timeout_s: per-call limit in seconds, counted from when the call starts (None: wait forever).
         retries: extra attempts after a failure; backoff_s: first wait, doubled each retry.
         cache_size: entries kept in the content-hash LRU cache (0 disables).
@@ -99,7 +111,7 @@ class BlackBoxReward(Reward):
 
     def __init__(self, max_workers: int = 4, timeout_s: float | None = 60.0, retries: int = 2, backoff_s: float = 0.5,
                  cache_size: int = 10_000, on_failure: str | float | None = None, breaker_threshold: int | None = None,
-                 breaker_cooldown_s: float = 30.0, name: str | None = None) -> None:
+                 breaker_cooldown_s: float = 30.0, max_abandoned: int | None = None, name: str | None = None) -> None:
         super().__init__(name)
         if not (on_failure is None or on_failure in self.POLICIES
                 or (isinstance(on_failure, (int, float)) and not isinstance(on_failure, bool))):
@@ -110,6 +122,11 @@ class BlackBoxReward(Reward):
                              "sample that must never be selected")
         if max_workers < 1:
             raise ValueError(f"{self.name}: max_workers must be >= 1, got {max_workers}")
+        if max_abandoned is not None and (isinstance(max_abandoned, bool) or not isinstance(max_abandoned, int)
+                                          or max_abandoned < 0):
+            raise ValueError(f"{self.name}: max_abandoned must be an integer >= 0 or null (= max_workers), "
+                             f"got {max_abandoned!r}")
+        self.max_abandoned = max_workers if max_abandoned is None else max_abandoned
         self.max_workers, self.timeout_s, self.retries, self.backoff_s = max_workers, timeout_s, retries, backoff_s
         self.cache_size, self.on_failure = cache_size, on_failure
         self._cache: OrderedDict[str, float] = OrderedDict()
@@ -119,13 +136,15 @@ class BlackBoxReward(Reward):
         self._consecutive_failures, self._open_until, self._trial = 0, 0.0, False
         self._hung = 0
         self.stats = {"calls": 0, "cache_hits": 0, "retries": 0, "failures": 0, "timeouts": 0, "abandoned": 0,
-                      "excluded": 0, "breaker_opened": 0, "breaker_rejections": 0}
+                      "saturated": 0, "excluded": 0, "breaker_opened": 0, "breaker_rejections": 0}
         self._make_sync()
 
     def _make_sync(self) -> None:
         self._lock = threading.Lock()
         self._breaker_changed = threading.Condition(self._lock)
         self._slots = threading.BoundedSemaphore(self.max_workers)
+        # a call holds a place until it really ends, also after it was abandoned
+        self._places = threading.BoundedSemaphore(self.max_workers + self.max_abandoned)
 
     def _selection_defaults(self) -> None:
         if self.on_failure is None:
@@ -147,13 +166,15 @@ class BlackBoxReward(Reward):
     # --- execution ------------------------------------------------------------------------------
     def __getstate__(self):  # picklable for DDP spawn / checkpoint hparams
         state = self.__dict__.copy()
-        for k in ("_lock", "_breaker_changed", "_slots"):
+        for k in ("_lock", "_breaker_changed", "_slots", "_places"):
             state[k] = None
         state["_hung"], state["_trial"] = 0, False
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("max_abandoned", self.max_workers)  # objects pickled before the knob
+        self.stats.setdefault("saturated", 0)
         self._make_sync()
 
     @property
@@ -167,21 +188,37 @@ class BlackBoxReward(Reward):
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
             call.error = e
         finally:
+            self._places.release()
             with self._lock:
                 call.done.set()
                 if call.abandoned:
                     self._hung -= 1
 
     def _attempt(self, obj: Any, cond: Any) -> float:
-        """One call of ``score_object`` in a slot; the timeout runs from its start."""
+        """One call of ``score_object`` in a slot and a backend place; the timeout runs from its start."""
         self._slots.acquire()  # queueing for a slot is not part of the timeout
         try:
+            if not self._places.acquire(timeout=self.timeout_s):
+                with self._lock:
+                    self.stats["saturated"] += 1
+                    hung = self._hung
+                log.warning("%s: %d abandoned calls are still running and hold every spare backend place "
+                            "(max_abandoned=%d); the backend ignores timeouts", self.name, hung, self.max_abandoned)
+                raise TimeoutError(f"{self.name}: not called: {hung} abandoned calls still running (max_workers "
+                                   f"{self.max_workers} + max_abandoned {self.max_abandoned} backend places taken)")
             if self.timeout_s is None:
-                value = self.score_object(obj, cond)
+                try:
+                    value = self.score_object(obj, cond)
+                finally:
+                    self._places.release()
             else:
                 call = _Attempt()
-                threading.Thread(target=self._run, args=(call, obj, cond), daemon=True,
-                                 name=f"reward-{self.name}").start()
+                try:
+                    threading.Thread(target=self._run, args=(call, obj, cond), daemon=True,
+                                     name=f"reward-{self.name}").start()
+                except BaseException:
+                    self._places.release()
+                    raise
                 if not call.done.wait(self.timeout_s):
                     with self._lock:
                         if not call.done.is_set():
@@ -189,11 +226,7 @@ class BlackBoxReward(Reward):
                             self._hung += 1
                             self.stats["timeouts"] += 1
                             self.stats["abandoned"] += 1
-                            hung = self._hung
                     if call.abandoned:
-                        if hung > self.max_workers:
-                            log.warning("%s: %d abandoned calls are still running; the backend ignores timeouts",
-                                        self.name, hung)
                         raise TimeoutError(f"{self.name}: call exceeded {self.timeout_s}s")
                 if call.error is not None:
                     raise call.error
@@ -280,25 +313,33 @@ class BlackBoxReward(Reward):
         attempts = 1 if trial else self.retries + 1  # half-open: exactly one trial call
         delay = self.backoff_s
         err: BaseException | None = None
-        tried = 0
-        for attempt in range(attempts):
-            if attempt:
-                if self._open_until:  # the breaker opened meanwhile: stop calling the backend
-                    break
-                with self._lock:
-                    self.stats["retries"] += 1
-                time.sleep(delay)
-                delay *= 2
-            tried += 1
-            try:
-                value = self._attempt(obj, cond)
-            except Exception as e:  # noqa: BLE001 - every failure goes through the policy
-                err = e
-                log.debug("%s attempt %d failed: %r", self.name, attempt + 1, e)
-                continue
-            self._record(True, trial)
-            return value, False
-        self._record(False, trial)
+        tried, recorded = 0, False
+        try:
+            for attempt in range(attempts):
+                if attempt:
+                    if self._open_until:  # the breaker opened meanwhile: stop calling the backend
+                        break
+                    with self._lock:
+                        self.stats["retries"] += 1
+                    time.sleep(delay)
+                    delay *= 2
+                tried += 1
+                try:
+                    value = self._attempt(obj, cond)
+                except Exception as e:  # noqa: BLE001 - every failure goes through the policy
+                    err = e
+                    log.debug("%s attempt %d failed: %r", self.name, attempt + 1, e)
+                    continue
+                self._record(True, trial)
+                recorded = True
+                return value, False
+            self._record(False, trial)
+            recorded = True
+        finally:
+            if trial and not recorded:  # a BaseException (KeyboardInterrupt) ended the trial: no outcome,
+                with self._breaker_changed:  # but the next sample may make the trial instead of waiting forever
+                    self._trial = False
+                    self._breaker_changed.notify_all()
         return self._fail(err, f"after {tried} attempts" + (" (half-open trial)" if trial else ""))
 
     def score(self, samples: Any, cond: Sequence[Any] | None) -> RewardOutput:

@@ -267,7 +267,8 @@ class OpenAIJudge(BlackBoxReward):
         frames: key frames in a video's grid.
         extra_body: extra JSON fields for the request (server-specific options).
         max_workers, timeout_s, retries, backoff_s, cache_size, on_failure, breaker_threshold,
-        breaker_cooldown_s: see ``BlackBoxReward`` (concurrency = max_workers requests in flight).
+        breaker_cooldown_s, max_abandoned: see ``BlackBoxReward`` (max_workers requests in flight; timed-out
+            ones the server still works on count against max_abandoned).
     """
 
     def __init__(self, base_url: str, model: str, prompt_template: str = DEFAULT_TEMPLATE, score_min: int = 1,
@@ -277,10 +278,12 @@ class OpenAIJudge(BlackBoxReward):
                  max_tokens: int = 512, temperature: float = 0.0, frames: int = 4,
                  extra_body: dict | None = None, max_workers: int = 8, timeout_s: float | None = 60.0, retries: int = 2,
                  backoff_s: float = 0.5, cache_size: int = 10_000, on_failure: str | float | None = None,
-                 breaker_threshold: int | None = 5, breaker_cooldown_s: float = 30.0, name: str | None = None) -> None:
+                 breaker_threshold: int | None = 5, breaker_cooldown_s: float = 30.0, max_abandoned: int | None = None,
+                 name: str | None = None) -> None:
         super().__init__(max_workers=max_workers, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
                          cache_size=cache_size, on_failure=on_failure, breaker_threshold=breaker_threshold,
-                         breaker_cooldown_s=breaker_cooldown_s, name=name or f"judge[{model}]")
+                         breaker_cooldown_s=breaker_cooldown_s, max_abandoned=max_abandoned,
+                         name=name or f"judge[{model}]")
         if score_min >= score_max:
             raise ValueError(f"score_min must be < score_max, got {score_min}, {score_max}")
         for field in ("{prompt}",):

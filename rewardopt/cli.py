@@ -10,20 +10,30 @@ A mistake in the config (a misspelled key, a bad value, a missing model folder, 
 a reward it cannot use) is reported in at most three lines — which key, what is wrong, the fix — and
 the command exits with code 2. ``--debug`` (or ``REWARDOPT_DEBUG=1``) prints the full traceback too.
 The explanation is found by walking the exception chain (``__cause__`` / ``__context__``, which is
-how jsonargparse nests its errors) to the first exception raised outside the parsing machinery.
+how jsonargparse nests its errors) to the root cause: the first exception raised outside the parsing
+machinery. It is a config error (``is_config_error``) when it was raised by the parser itself (jsonargparse,
+argparse, LightningCLI: unknown keys, wrong types, unknown class paths), by the YAML reader, or — while
+the config's classes are built — is a ``ValueError``, ``TypeError``, ``FileNotFoundError`` or
+``KeyError`` (``CONFIG_ERROR_TYPES``: how rewardopt's classes refuse a bad argument). Anything else
+raised before the run starts (a ``RuntimeError`` such as out-of-memory, an ``OSError`` from a
+download, a bug) keeps its normal traceback and exit code 1, as do errors once the run has started.
 Output printed while the config is parsed and its classes are built (seed, weight-loading bars) is
 held back while that lasts — up to ``REWARDOPT_HOLD_OUTPUT_S`` seconds (default 30; after that it
-streams, so a long download shows its progress) — and dropped if the config turns out to be wrong.
-Errors raised once the run has started keep their normal traceback.
+streams, so a long download shows its progress) — and dropped only if the config turns out to be
+wrong; otherwise it is shown, before the traceback of a real error. A watchdog process shows it too if
+the command dies while holding it (killed, out of memory, a crash in native code).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import builtins
 import difflib
+import inspect
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,6 +49,8 @@ DEBUG_FLAG = "--debug"
 DEBUG_ENV = "REWARDOPT_DEBUG"
 HOLD_ENV = "REWARDOPT_HOLD_OUTPUT_S"
 _CONFIG_STAGE = "_rewardopt_config_stage"  # attribute set on exceptions raised before the run starts
+# what user classes raise for a bad argument while the config is built (anything else: a real error)
+CONFIG_ERROR_TYPES = (ValueError, TypeError, FileNotFoundError, KeyError)
 
 
 class RewardOptCLI(LightningCLI):
@@ -105,6 +117,26 @@ def _raised_in(e: BaseException, dirs: tuple[str, ...]) -> bool:
     return tb.tb_frame.f_code.co_filename.startswith(dirs)
 
 
+def _root_cause(chain: list[BaseException], dirs: tuple[str, ...]) -> BaseException:
+    """The first exception raised outside the machinery (outermost, so a message that wraps a library
+    error wins), else the innermost of jsonargparse's nested errors."""
+    return next((c for c in chain if not _raised_in(c, dirs)), chain[-1])
+
+
+def is_config_error(e: BaseException) -> bool:
+    """Whether ``e`` (raised before the run started) is a mistake in the config, explained briefly with
+    exit code 2: its root cause was raised by the parser (or the YAML reader), or is one of
+    ``CONFIG_ERROR_TYPES`` raised while the config's classes were built. Not: a RuntimeError (out of
+    memory ...), an OSError from a download, any other exception — they keep their traceback."""
+    if not hasattr(e, _CONFIG_STAGE):
+        return False
+    dirs = _machinery_dirs()
+    root = _root_cause(exception_chain(e), dirs)
+    if _raised_in(root, dirs) or type(root).__module__.split(".")[0] == "yaml":
+        return True
+    return isinstance(root, CONFIG_ERROR_TYPES)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0].strip() if text else ""
@@ -132,24 +164,44 @@ def _nested_location(chain: list[BaseException]) -> tuple[str | None, str | None
     return (".".join(keys) or None), class_path
 
 
-def _constructing_class(e: BaseException, dirs: tuple[str, ...]) -> type | None:
-    """The class whose ``__init__`` raised ``e``: the outermost frame outside the machinery, if an ``__init__``."""
-    tb = e.__traceback__
+def _frame_arguments(frame) -> dict:
+    """The arguments of a frame's function as they stand (``**kwargs`` spread)."""
+    code, local = frame.f_code, frame.f_locals
+    n = code.co_argcount + code.co_kwonlyargcount
+    args = {name: local[name] for name in code.co_varnames[:n] if name in local and name != "self"}
+    if code.co_flags & inspect.CO_VARKEYWORDS:
+        varkw = code.co_varnames[n + bool(code.co_flags & inspect.CO_VARARGS)]
+        if isinstance(local.get(varkw), dict):
+            args = {**local[varkw], **args}
+    return args
+
+
+def _constructing_instance(e: BaseException, dirs: tuple[str, ...]) -> tuple[type, dict] | None:
+    """(class, init arguments) of the object whose ``__init__`` raised ``e``: the first frame outside the
+    machinery that the machinery called, if an ``__init__`` (frames above the machinery — the command's
+    entry point, a caller — are skipped); its arguments gathered from every frame on that object
+    (``super().__init__`` calls: the argument ``**kwargs`` forwarded is named there)."""
+    tb, entered, obj, args = e.__traceback__, False, None, {}
     while tb is not None:
         frame = tb.tb_frame
-        if not frame.f_code.co_filename.startswith(dirs):
-            if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
-                return type(frame.f_locals["self"])
-            return None
+        inside = frame.f_code.co_filename.startswith(dirs)
+        if obj is None and not inside and entered:
+            if frame.f_code.co_name != "__init__" or "self" not in frame.f_locals:
+                return None
+            obj = frame.f_locals["self"]
+        if obj is not None and not inside and frame.f_locals.get("self") is obj:
+            args = {**_frame_arguments(frame), **args}  # outer frames first: what the config passed
+        entered = entered or inside
         tb = tb.tb_next
-    return None
+    return None if obj is None else (type(obj), args)
 
 
-def _class_paths(tree, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(key, class_path) for every component of a config tree (nested dicts / lists)."""
+def _class_paths(tree, prefix: str = "") -> Iterator[tuple[str, str, dict]]:
+    """(key, class_path, init_args) for every component of a config tree (nested dicts / lists)."""
     if isinstance(tree, dict):
         if isinstance(tree.get("class_path"), str):
-            yield prefix, tree["class_path"]
+            init_args = tree.get("init_args")
+            yield prefix, tree["class_path"], init_args if isinstance(init_args, dict) else {}
         for k, v in tree.items():
             yield from _class_paths(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(tree, list):
@@ -157,8 +209,8 @@ def _class_paths(tree, prefix: str = "") -> Iterator[tuple[str, str]]:
             yield from _class_paths(v, f"{prefix}[{i}]")
 
 
-def _components(config, subcommand: str | None) -> list[tuple[str, str]]:
-    """(key, class_path) of every component of a parsed config (that of ``subcommand`` if given)."""
+def _components(config, subcommand: str | None) -> list[tuple[str, str, dict]]:
+    """(key, class_path, init_args) of every component of a parsed config (that of ``subcommand`` if given)."""
     try:
         tree = config.as_dict()
     except AttributeError:
@@ -168,16 +220,49 @@ def _components(config, subcommand: str | None) -> list[tuple[str, str]]:
     return list(_class_paths(tree))
 
 
-def _locate_component(cls: type, message: str, components: list[tuple[str, str]]) -> tuple[str | None, str]:
-    """The config key of the component of class ``cls`` whose ``__init__`` failed — or of the one
-    component inside it that ``message`` names by class (DRaFT refusing its reward points at the reward)."""
+def _same_value(configured, actual) -> bool | None:
+    """Whether a config value and an argument agree (None: not comparable, e.g. a nested component)."""
+    if isinstance(configured, dict):
+        return None
+    if isinstance(actual, os.PathLike):
+        actual = os.fspath(actual)
+    if isinstance(configured, (list, tuple)) and isinstance(actual, (list, tuple)):
+        configured, actual = list(configured), list(actual)
+    if not (_plain(actual) or isinstance(actual, list) and all(map(_plain, actual))):
+        return None
+    try:
+        return bool(configured == actual)
+    except Exception:
+        return None
+
+
+def _plain(v) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _mismatches(init_args: dict, args: dict) -> int:
+    return sum(_same_value(v, args[k]) is False for k, v in init_args.items() if k in args)
+
+
+def _locate_component(cls: type, args: dict, message: str,
+                      components: list[tuple[str, str, dict]]) -> tuple[str | None, str]:
+    """The config key of the component of class ``cls`` whose ``__init__`` failed (with arguments
+    ``args``: among several of that class, the one whose init_args they match; "a or b" when they match
+    several equally) — or of the one component inside it that ``message`` names by class (DRaFT refusing
+    its reward points at the reward)."""
     names = {f"{cls.__module__}.{cls.__qualname__}", cls.__qualname__}
-    key = next((k for k, path in components if path in names), None)
-    if key is None:
-        return None, f"{cls.__module__}.{cls.__qualname__}"
-    named = [(k, path) for k, path in components if k.startswith(key + ".")
+    full = f"{cls.__module__}.{cls.__qualname__}"
+    candidates = [(k, _mismatches(init_args, args)) for k, path, init_args in components if path in names]
+    if not candidates:
+        return None, full
+    best = min(n for _, n in candidates)
+    keys = [k for k, n in candidates if n == best]
+    if len(keys) > 1:
+        return f"{', '.join(keys[:-1])} or {keys[-1]}", full
+    key = keys[0]
+    named = [(k, path) for k, path, _ in components if k.startswith(key + ".")
              and re.search(rf"\b{re.escape(path.rsplit('.', 1)[-1])}\b", message)]
-    return named[0] if len(named) == 1 else (key, f"{cls.__module__}.{cls.__qualname__}")
+    return named[0] if len(named) == 1 else (key, full)
 
 
 def _accepted_options(class_path: str) -> list[str]:
@@ -215,13 +300,11 @@ def explain_config_error(e: BaseException, debug: bool = False) -> list[str]:
     config, subcommand = getattr(e, _CONFIG_STAGE, (None, None))
     dirs = _machinery_dirs()
     chain = exception_chain(e)
-    # the root cause: the first exception raised by user code (outermost, so a message that wraps a
-    # library error wins), else the innermost of jsonargparse's nested errors
-    root = next((c for c in chain if not _raised_in(c, dirs)), chain[-1])
+    root = _root_cause(chain, dirs)
     key, class_path = _nested_location(chain[: chain.index(root) + 1])
     what = " ".join(str(root).split()) or type(root).__name__
-    if class_path is None and (cls := _constructing_class(root, dirs)) is not None:
-        found, class_path = _locate_component(cls, what, _components(config, subcommand))
+    if class_path is None and (built := _constructing_instance(root, dirs)) is not None:
+        found, class_path = _locate_component(*built, what, _components(config, subcommand))
         key = found or key
     if not _raised_in(root, dirs) and not isinstance(root, (ValueError, TypeError)):
         what = f"{type(root).__name__}: {what}"
@@ -240,26 +323,57 @@ def explain_config_error(e: BaseException, debug: bool = False) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- holding back config-time output
+# Run by HeldStderr in a separate interpreter. It blocks on its stdin (a pipe from the command): a byte
+# means the command released the hold itself; end-of-file without one means the command died while
+# holding (killed, out of memory, a native crash), and the watchdog copies what was held to stderr.
+_WATCHDOG = """import os, sys
+held = int(sys.argv[1])
+if not os.read(0, 1):
+    offset = 0
+    while chunk := os.pread(held, 1 << 16, offset):
+        offset += len(chunk)
+        while chunk:
+            chunk = chunk[os.write(1, chunk):]
+"""
+
+
 class HeldStderr:
     """Redirect file descriptor 2 to a temporary file until ``release``; after ``hold_s`` seconds
-    give it back (replaying what was held) so that long loads still show progress."""
+    give it back (replaying what was held) so that long loads still show progress. What is held is
+    never lost: ``release(replay=True)`` runs at exit if nobody released it, and a watchdog process
+    (``_WATCHDOG``) replays it if the process dies without exiting (SIGKILL, a segfault)."""
 
     def __init__(self, hold_s: float) -> None:
         self._lock = threading.Lock()
         self._saved: int | None = None
+        self._watchdog: subprocess.Popen | None = None
         try:
             sys.stderr.flush()
             self._tmp = tempfile.TemporaryFile()
             self._saved = os.dup(2)
-            os.dup2(self._tmp.fileno(), 2)
         except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): hold nothing
             self._saved = None
             return
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(self._tmp.fileno())], stdin=subprocess.PIPE,
+                stdout=self._saved, stderr=subprocess.DEVNULL, pass_fds=(self._tmp.fileno(),))
+        except (OSError, ValueError, subprocess.SubprocessError):  # no watchdog: do not hold (nothing is lost)
+            os.close(self._saved)
+            self._saved = None
+            self._tmp.close()
+            return
+        os.dup2(self._tmp.fileno(), 2)
+        atexit.register(self._at_exit)
         self._timer = threading.Timer(hold_s, self.release, kwargs={"replay": True, "flush": False})
         self._timer.daemon = True
         self._timer.start()
 
+    def _at_exit(self) -> None:
+        self.release(replay=True)
+
     def release(self, replay: bool, flush: bool = True) -> None:
+        """Give fd 2 back; show what was held (``replay``) or drop it (a config error, explained briefly)."""
         with self._lock:
             if self._saved is None:
                 return
@@ -273,12 +387,32 @@ class HeldStderr:
             self._saved = None
             if threading.current_thread() is not self._timer:
                 self._timer.cancel()
+            atexit.unregister(self._at_exit)
             if replay:
                 self._tmp.seek(0)
                 data = self._tmp.read()
                 while data:
                     data = data[os.write(2, data):]
+            self._dismiss_watchdog()  # after the replay: if this process dies in between, the watchdog shows it
             self._tmp.close()
+
+    def _dismiss_watchdog(self) -> None:
+        try:
+            self._watchdog.stdin.write(b"x")
+            self._watchdog.stdin.close()
+            self._watchdog.wait(timeout=5)
+        except (OSError, ValueError, subprocess.TimeoutExpired):  # it died, or is slow to: not our output
+            pass
+
+
+def _note_root_cause(e: BaseException) -> None:
+    """Name the root cause under a real error's traceback when jsonargparse wrapped it (its last line
+    would otherwise be a union-validation message that reads like a config mistake)."""
+    chain = exception_chain(e)
+    root = _root_cause(chain, _machinery_dirs())
+    if root is not e and hasattr(e, "add_note"):  # Python >= 3.11
+        e.add_note(f"rewardopt: not a config error; the cause is {type(root).__name__}: {_first_line(root)} "
+                   "(its traceback is above)")
 
 
 def _debug_requested(argv: list[str]) -> bool:
@@ -301,9 +435,10 @@ def main(args: list[str] | None = None) -> None:
         RewardOptCLI(args=None if args is None else argv, parser_kwargs={"exit_on_error": False},
                      on_configured=lambda: held and held.release(replay=True))
     except Exception as e:
-        if not hasattr(e, _CONFIG_STAGE):
+        if not is_config_error(e):  # a real error: what was held, then the normal traceback (exit code 1)
             if held:
                 held.release(replay=True)
+            _note_root_cause(e)
             raise
         if held:
             held.release(replay=False)

@@ -372,7 +372,9 @@ def test_free2guide_step_zero_chooses_among_distinct_initial_noises():
     assert torch.allclose(got, x)
 
 
-def test_free2guide_defaults_guide_ten_percent_and_the_benchmark_uses_them():
+def test_free2guide_benchmark_guides_ten_percent():
+    """The benchmark passes its own 10% (``--free2guide-frac``); the default (12%, the public code's
+    steps 0-5 of 50) gives the same 2 of 20 steps here."""
     import sys
 
     from rewardopt.methods.free2guide import Free2Guide
@@ -416,3 +418,238 @@ def test_svdd_spends_one_reward_call_on_a_zero_variance_step(kind):
     m.generate(["a red circle", "two blue squares"])
     calls = M * 2 + (1 if zero_last else M)
     assert m.expected_cost()["reward_calls"] == calls and r.calls - c0 == 2 * calls
+
+
+# ================================================================================== second review
+# (issue 12, review of the landed fixes: excluded SMC particles, masked look-ahead, evaluation
+# failures, group_sample's edge cases, Free²Guide's default)
+class _ExcludeAt:
+    """Wraps r(x) = sum(x) - 10 (negative, as JPEG's -kB) and excludes the given rows of the given
+    reward calls (the call index counts scoring calls of this reward: SMC scores once per step)."""
+
+    @staticmethod
+    def make(rows_at_call: dict[int, list[int]], group: int | None = None):
+        from rewardopt.rewards.base import Reward, RewardOutput
+
+        class ExcludeAt(Reward):
+            differentiable = False
+
+            def __init__(self):
+                super().__init__("sum_minus_10")
+                self.n_calls = 0
+
+            def score(self, samples, cond):
+                total = samples.sum(dim=tuple(range(1, samples.ndim))) - 10.0
+                exc = torch.zeros(len(total), dtype=torch.bool)
+                rows = rows_at_call.get(self.n_calls, [])
+                for r in rows:  # r: a row within each group (group given) or a flat row
+                    if group:
+                        exc[r::group] = True
+                    else:
+                        exc[r] = True
+                self.n_calls += 1
+                return RewardOutput(total.masked_fill(exc, float("-inf")), excluded=exc)
+
+        return ExcludeAt()
+
+
+@pytest.mark.parametrize("call", [0, 1])
+@pytest.mark.parametrize("potential", ["max", "sum", "difference"])
+def test_smc_particle_excluded_once_is_never_output(potential, call):
+    """The review's scenario: r = sum(x) - 10, particle 0 of every group excluded once (at the first
+    step; also at the second), k = 4, α = 1, output = sample, 200 groups. Its -1e30 value entered the
+    path state, the final correction λv - (logG - lg) cancelled ±5e29 and lost λr: its final log-weight
+    was exactly 0, the largest of its group (the others are λ·r < 0) in 100% of groups, so it was
+    output most often. (Excluded at a later step, ``max`` ignored the exclusion altogether.)"""
+    from rewardopt.methods.smc import SMC
+    from rewardopt.testing.toy import RandomWalkGenerator
+
+    k, B = 4, 200
+    g = RandomWalkGenerator(num_steps=4, dim=1, std=0.5)
+    r = _ExcludeAt.make({call: [0]}, group=k)
+    m = SMC(g, r, num_particles=k, potential=potential, alpha=1.0, output="sample", resample=1000, seed=0,
+            save_samples=False, trace=True)
+    x, _ = m.generate(list(range(B)))
+    final = m.traces[-1]
+    logw, v = final["log_weights"].view(B, k), final["values"].view(B, k)
+    assert torch.isneginf(logw[:, 0]).all(), logw[:5]
+    assert torch.isfinite(logw[:, 1:]).all()
+    # without resampling particle j stays at index j: the output is the particle whose final value it has
+    chosen = (v - (x.flatten().double() - 10.0)[:, None]).abs().argmin(1)
+    assert (chosen != 0).all(), f"the excluded particle was output in {int((chosen == 0).sum())}/{B} groups"
+    assert m.dead_particles == B and m.all_dead_outputs == 0
+
+
+def test_smc_dead_particles_are_resampled_away_and_an_all_dead_group_is_counted(tmp_path):
+    """With resampling every step a dead particle is never a parent; a group whose particles all
+    died outputs one drawn uniformly, counted in summary.json ("smc_all_dead_outputs")."""
+    import json
+
+    import lightning as L
+
+    from rewardopt.methods.smc import SMC
+    from rewardopt.testing.toy import RandomWalkGenerator
+
+    k, B = 4, 6
+    g = RandomWalkGenerator(num_steps=4, dim=1, std=0.5)
+    # call 1: particle 0 of every group dies; call 2: all 4 particles of the first group (rows 0..3)
+    r = _ExcludeAt.make({1: list(range(0, B * k, k)), 2: [0, 1, 2, 3]})
+    m = SMC(g, r, num_particles=k, potential="max", alpha=1.0, output="sample", resample=1, seed=0,
+            output_dir=str(tmp_path), save_samples=False, trace=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(m, torch.utils.data.DataLoader(list(range(B)), batch_size=B, collate_fn=list))
+    lw = [t["log_weights"].view(B, k) for t in m.traces]
+    # after step 1 (trace 1: resampled, weights reset) no group holds a dead particle: the dead
+    # particle 0 of each group was never drawn as a parent
+    assert torch.isfinite(lw[1]).all()
+    assert torch.isneginf(lw[2][0]).all() and torch.isfinite(lw[2][1:]).all()
+    assert torch.isneginf(lw[3][0]).all(), "an all-dead group stays dead through (uniform) resampling"
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["smc_dead_particles"] == B + k and s["smc_all_dead_outputs"] == 1
+
+
+# ---------------------------------------------------------------------------------- masked look-ahead
+class _CheapMaskedLM(torch.nn.Module):
+    """A seeded linear masked LM (embedding -> logits plus a per-position bias): 128 steps in ms."""
+
+    def __init__(self, vocab=6, seq_len=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab)
+        self.bias = torch.nn.Parameter(torch.randn(seq_len, vocab))
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, inputs_embeds):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.head(inputs_embeds) + self.bias)
+
+
+@pytest.mark.parametrize("L_,T", [(8, 32), (48, 128)])
+def test_masked_deterministic_step_follows_the_schedule_when_few_positions_per_step(L_, T):
+    """L/T < 0.5: round(n·p_unmask) was 0 at every step but the last (8/32: nothing unmasked at 31/31
+    steps; 48/128: 127/127), so a look-ahead changed nothing while charging K NFE. The masked count
+    after step i now follows the schedule: round(L·(1 - α(t_{i+1})))."""
+    from rewardopt.generators.masked import MaskedDiffusionGenerator
+
+    g = MaskedDiffusionGenerator(_CheapMaskedLM(6, L_), mask_token_id=5, seq_len=L_, num_steps=T)
+    cond = g.encode_condition([None] * 2)
+    x = g.init_state(cond)
+    counts = []
+    with torch.no_grad():
+        for i in range(T):
+            y = g.deterministic_step(x, i, cond)
+            assert ((g.is_masked(y) <= g.is_masked(x)).all()), "an unmasked position never re-masks"
+            counts.append(int(g.is_masked(y).sum(1).max()))
+            assert (g.is_masked(y).sum((1, 2)) == g.is_masked(y).sum((1, 2))[0]).all()
+            x = y
+    want = [round(L_ * (1 - float(g.alpha(g._t[i + 1])))) for i in range(T)]
+    assert counts == want
+    assert counts[-1] == 0, "the final step unmasks everything"
+    changed = sum(counts[i] < (counts[i - 1] if i else L_) for i in range(T - 1))
+    assert changed >= L_ - 1, f"the look-ahead changed the state at only {changed} of {T - 1} steps"
+
+
+def test_dsearch_masked_lookahead_changes_the_state_when_few_positions_per_step():
+    """DSearch's K-step look-ahead from level 1 with L = 8, T = 32 (L/T = 0.25) unmasks positions."""
+    from rewardopt.generators.masked import MaskedDiffusionGenerator
+
+    g = MaskedDiffusionGenerator(_CheapMaskedLM(6, 8), mask_token_id=5, seq_len=8, num_steps=32)
+    cond = g.encode_condition([None] * 3)
+    with torch.no_grad():
+        kids = g.step(g.init_state(cond), 0, cond, generator=torch.Generator().manual_seed(0))
+        y = kids
+        for j in range(4):
+            y = g.deterministic_step(y, 1 + j, cond)
+    assert not torch.equal(y, kids)
+    assert (g.is_masked(y).sum((1, 2)) <= 7).all()
+
+
+# ---------------------------------------------------------------------------------- evaluation failures
+def _predict_with_failing_eval(tmp_path, fail_below: float):
+    """Best-of-1 on the walk; the evaluation reward sum(x) excludes (fails on) samples below ``fail_below``
+    — a judge that crashes on the bad outputs."""
+    import csv
+    import json
+
+    import lightning as L
+
+    from rewardopt.methods.best_of_n import BestOfN
+    from rewardopt.rewards.base import Reward, RewardOutput
+    from rewardopt.testing.toy import RandomWalkGenerator, SumReward
+
+    class CrashesOnBad(Reward):
+        differentiable = False
+
+        def score(self, samples, cond):
+            v = samples.sum(1)
+            exc = v < fail_below
+            return RewardOutput(v.masked_fill(exc, float("-inf")), excluded=exc)
+
+    m = BestOfN(RandomWalkGenerator(num_steps=3, dim=2), SumReward(), n=1, eval_reward=CrashesOnBad("sum"),
+                output_dir=str(tmp_path), save_samples=False)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(m, torch.utils.data.DataLoader(list(range(40)), batch_size=10, collate_fn=list))
+    return json.loads((tmp_path / "summary.json").read_text()), list(csv.DictReader((tmp_path / "rewards.csv").open()))
+
+
+def test_failed_evaluations_are_counted_and_cannot_improve_the_median(tmp_path):
+    """A failed evaluation was dropped from reward_stats (the median went up when the judge crashed on
+    the bad samples) while ``samples`` still counted it and nothing said so. Now failures are counted
+    (``eval_excluded``, ``reward_stats.failed`` / ``failed_frac``) and rank below every valid reward in
+    the median and top-10%: a failure can only lower them."""
+    s_all, rows_all = _predict_with_failing_eval(tmp_path / "none", fail_below=-1e9)
+    s, rows = _predict_with_failing_eval(tmp_path / "some", fail_below=-2.0)
+    true = sorted(float(r["reward"]) for r in rows_all)
+    n_failed = sum(v < -2.0 for v in true)
+    assert 0 < n_failed < 20
+    assert s["samples"] == 40 and s["eval_excluded"] == n_failed
+    assert s["reward_stats"]["failed"] == n_failed and s["reward_stats"]["failed_frac"] == n_failed / 40
+    assert s_all["eval_excluded"] == 0 and s_all["reward_stats"]["failed"] == 0
+    # the same samples (same seeds): the median with failures at the bottom is the true median's order
+    # statistic, never above it
+    ranked = sorted([float("-inf")] * n_failed + [v for v in true if v >= -2.0])
+    assert s["reward_stats"]["median"] == pytest.approx(ranked[(40 - 1) // 2])
+    assert s["reward_stats"]["median"] <= s_all["reward_stats"]["median"]
+    assert s["reward_stats"]["top10"] == pytest.approx(s_all["reward_stats"]["top10"])
+    assert sum(r["eval_excluded"] == "1" for r in rows) == n_failed
+
+
+def test_a_median_that_falls_on_failed_evaluations_is_null(tmp_path):
+    s, _ = _predict_with_failing_eval(tmp_path, fail_below=1e9)  # every evaluation fails
+    assert s["eval_excluded"] == 40
+    assert s["reward_stats"]["median"] is None and s["reward_stats"]["top10"] is None
+    assert s["reward_stats"]["mean"] is None and s["reward_stats"]["failed_frac"] == 1.0
+
+
+# ---------------------------------------------------------------------------------- group_sample edge cases
+@pytest.mark.parametrize("replacement", [False, True])
+def test_group_sample_draws_uniformly_when_no_value_is_finite(replacement):
+    """Without replacement an all -inf group always gave the same indices (top-k of -inf + Gumbel)."""
+    v = torch.full((4,), float("-inf"))
+    rng = torch.Generator().manual_seed(0)
+    picks = torch.stack([group_sample(v, 4, 1.0, rng, k=2, replacement=replacement) for _ in range(800)])
+    counts = torch.bincount(picks.flatten(), minlength=4)
+    assert (counts > 300).all(), counts  # 400 expected each
+
+
+@pytest.mark.parametrize("replacement", [False, True])
+def test_group_sample_rejects_nan(replacement):
+    """A NaN value was always picked first without replacement (and made the group uniform with)."""
+    v = torch.tensor([0.0, float("nan"), -1.0, -2.0])
+    with pytest.raises(ValueError, match="NaN"):
+        group_sample(v, 4, 1.0, torch.Generator().manual_seed(0), k=2, replacement=replacement)
+
+
+# ---------------------------------------------------------------------------------- Free²Guide default
+def test_free2guide_default_guides_steps_0_to_5_of_50_as_the_public_code():
+    """kjm981995/free2guide_code path_integral_video.py guides ``i >= 0 and i <= 5`` of ddim_steps=50:
+    6 steps (12%), scaled to T; the default guided 5 of 50."""
+    from rewardopt.methods.free2guide import Free2Guide
+    from rewardopt.testing.toy import RandomWalkGenerator, SumReward
+
+    assert Free2Guide(RandomWalkGenerator(num_steps=50), SumReward()).guided == list(range(6))
+    assert Free2Guide(RandomWalkGenerator(num_steps=25), SumReward()).guided == list(range(3))
+    assert Free2Guide(RandomWalkGenerator(num_steps=4), SumReward()).guided == [0]

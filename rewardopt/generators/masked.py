@@ -198,15 +198,19 @@ class MaskedDiffusionGenerator(FullyTrainedGenerator):
         return m * self._straight_through(logp, 1.0) + (1 - m) * x_t
 
     def deterministic_step(self, x_t, i, cond, out=None):
-        """Greedy unmasking, the deterministic counterpart of ``step`` (look-ahead values): of each
-        sequence's n masked positions, the round(p_unmask·n) whose most likely token is the most
-        probable take that token (all n at the last step); the rest stay masked. (A zero-noise
-        ``step`` would never unmask: p_unmask <= p_stay until the last steps.) Hard one-hots."""
+        """Greedy unmasking, the deterministic counterpart of ``step`` (look-ahead values). The number
+        of masked positions follows the schedule: after step i, round(L·(1 - α(t_{i+1}))) of the L
+        positions stay masked (the sampler's expected count from all-[MASK]; none after the last
+        step), so each sequence unmasks n - that many of its n masked positions (none if it is
+        already at or below the schedule), those whose most likely token is the most probable, which
+        take that token. (Unmasking round(n·p_unmask) per step instead rounds to 0 at every step but
+        the last once L/T < 0.5; a zero-noise ``step`` never unmasks: p_unmask <= p_stay until the
+        last steps.) Hard one-hots."""
         logp = self.model_output(x_t, i, cond) if out is None else out
         masked = self.is_masked(x_t).squeeze(-1).bool()  # (B, L)
-        p_unmask, p_stay = self.transition_probs(i)
         n = masked.sum(1)
-        k = n if p_stay <= 0 else torch.round(n.double() * p_unmask).long()
+        keep_masked = 0 if i + 1 >= self.num_steps else round(masked.shape[1] * (1 - float(self.alpha(self._t[i + 1]))))
+        k = (n - keep_masked).clamp(min=0)
         conf, tok = logp.detach().max(-1)
         order = conf.masked_fill(~masked, float("-inf")).argsort(1, descending=True)
         positions = torch.arange(order.shape[1], device=order.device).expand_as(order)

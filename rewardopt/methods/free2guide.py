@@ -5,8 +5,10 @@ The optimal control is an exp(r/α)-weighted average of candidate moves; with α
 at each guided step, draw n stochastic children of x_t (DDIM with η = 1 in the paper), decode
 each child's x̂0, score it with a (black-box) reward — an LVLM judge, CLIP, ImageReward or an
 ensemble (``rewardopt.rewards.ensembles``) — and keep the best (α = 0) or sample by exp(r/α).
-Only the first steps are guided (paper: the first 5 of 50, i.e. 10%; the public code guides
-steps 0-5); n = 5 (LaVie) or 10 (VideoCrafter2).
+Only the first steps are guided: the default is the public code's, steps 0-5 of its 50 DDIM steps
+(``if i >= 0 and i <= 5`` in path_integral_video.py), i.e. the first 12%, scaled to T as
+max(1, round(0.12·T)) (the paper's text says the first 5 of 50, 10%: ``guide_steps: 5`` for T = 50);
+n = 5 (LaVie) or 10 (VideoCrafter2; the public code's ``repeat = 10``).
 
 Our reading of the public code's step 0 (``first_step="initial_noises"``, the default): the n
 candidates are n distinct initial noises x_T, each valued by r(decode(x̂0(x_T))) with its step-0
@@ -34,13 +36,15 @@ from rewardopt.methods.steering import InferenceTimeSteering, group_argmax, grou
 from rewardopt.rewards.base import Reward
 
 FIRST_STEPS = ("initial_noises", "children")
+#: the public code guides steps 0..5 of 50 (path_integral_video.py: ``i >= 0 and i <= 5``)
+GUIDED_FRACTION = 6 / 50
 
 
 class Free2Guide(InferenceTimeSteering):
     """Args:
         num_candidates: n candidates per guided step (the width a ``budget`` sets).
         guide_steps: how many first steps are guided (an int), or a list of step indices;
-            None: the first 10% of T (5 of 50), at least one.
+            None: the public code's steps 0-5 of 50, i.e. the first max(1, round(0.12·T)).
         alpha: temperature; 0 = keep the best candidate.
         first_step: "initial_noises" (the public code: step 0 picks among n x_T) or "children"
             (n children of one x_T, as at later steps).
@@ -56,7 +60,7 @@ class Free2Guide(InferenceTimeSteering):
         super().__init__(generator, reward, budget, num_samples, seed, eval_reward, output_dir, save_samples, trace)
         T = generator.num_steps
         if guide_steps is None:
-            guide_steps = max(1, round(0.1 * T))
+            guide_steps = max(1, round(GUIDED_FRACTION * T))
         steps = list(range(guide_steps)) if isinstance(guide_steps, int) else sorted(set(guide_steps))
         if not steps or steps[0] < 0 or steps[-1] >= T:
             raise ValueError(f"guide_steps must name steps in [0, {T}), got {guide_steps!r}")

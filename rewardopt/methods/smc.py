@@ -21,6 +21,14 @@ degenerate at small k: on the random-walk toy the output's mean is 1.40 instead 
 when resampling every step (an independent numpy replay agrees); ``max`` and ``difference`` are on
 target at k = 32. For ``output="best"`` this matters less: the weights only guide the search.
 
+A particle whose value is excluded (a black-box failure under ``on_failure="exclude"``) is dead
+from then on: its log-weight is -inf, its excluded value never enters the path state (which would
+otherwise cancel ±1e30 in the final correction and leave it weight exp(0), the largest of its group
+for a negative reward), it is never a parent at resampling (the flag follows the particle) and never
+the output. A group whose particles all died keeps going (resampled and output uniformly; ``best``:
+the highest final reward among them), counted in summary.json ``smc_all_dead_outputs`` (deaths:
+``smc_dead_particles``).
+
 Particles are resampled (multinomial, within each output's group) every ``resample_every`` steps
 or, with ``resample="ess"``, when the effective sample size falls below ``ess_frac``·k; weights
 reset after resampling. The output is the particle with the highest final reward
@@ -35,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from rewardopt.generators.base import Condition, Generator
-from rewardopt.methods.steering import InferenceTimeSteering, group_argmax, group_sample
+from rewardopt.methods.steering import InferenceTimeSteering, group_argmax, group_sample, is_excluded
 from rewardopt.rewards.base import Reward
 
 POTENTIALS = ("difference", "max", "sum", "instant", "max_increment")
@@ -43,13 +51,19 @@ POTENTIALS = ("difference", "max", "sum", "instant", "max_increment")
 PathState = dict[str, torch.Tensor]
 
 
-def log_potential(potential: str, v: torch.Tensor, state: PathState | None,
-                  lam: float) -> tuple[torch.Tensor, PathState]:
+def log_potential(potential: str, v: torch.Tensor, state: PathState | None, lam: float,
+                  valid: torch.Tensor | None = None) -> tuple[torch.Tensor, PathState]:
     """log G_t for values ``v`` (k,) given each particle's path ``state`` (None before the first
-    step); returns (log G_t, the updated state). ``state["logG"]`` is Σ log G along the path."""
+    step); returns (log G_t, the updated state). ``state["logG"]`` is Σ log G along the path.
+    ``valid`` (k,) bool: where False (an excluded value), log G_t is -inf and the state is kept as it
+    was, so no excluded value ever enters a running max / sum or Σ log G."""
     if state is None:
         zero = torch.zeros_like(v)
         state = {"prev": zero, "max": torch.full_like(v, float("-inf")), "sum": zero, "logG": zero}
+    if valid is not None:
+        new_lg, new_state = log_potential(potential, v, state, lam)
+        return (new_lg.masked_fill(~valid, float("-inf")),
+                {key: torch.where(valid, t, state[key]) for key, t in new_state.items()})
     running_max = torch.maximum(state["max"], v)
     if potential == "difference":
         lg = lam * (v - state["prev"])
@@ -101,7 +115,7 @@ class SMC(InferenceTimeSteering):
         self.num_particles, self.potential, self.alpha = num_particles, potential, alpha
         self.final_correction = final_correction
         self.resample, self.ess_frac, self.output = resample, ess_frac, output
-        self.resamples = 0
+        self.resamples = self.dead_particles = self.all_dead_outputs = 0
         self.fit_budget()
 
     def expected_cost(self) -> dict[str, int]:
@@ -118,34 +132,49 @@ class SMC(InferenceTimeSteering):
             return 1.0 / (w**2).sum(1) < self.ess_frac * k
         return torch.full((lw.shape[0],), (i + 1) % self.resample == 0, dtype=torch.bool)
 
+    def extra_counts(self) -> dict[str, int]:
+        return {"smc_resamples": self.resamples, "smc_dead_particles": self.dead_particles,
+                "smc_all_dead_outputs": self.all_dead_outputs}
+
     def search(self, cond: Condition, rng: torch.Generator, select_rng: torch.Generator) -> torch.Tensor:
         g, k, lam = self.generator, self.num_particles, 1.0 / self.alpha
         c = cond.repeat_interleave(k)
         x = g.init_state(c, rng)
         out = g.model_output(x, 0, c)
         logw = torch.zeros(x.shape[0], dtype=torch.float64)
+        dead = torch.zeros(x.shape[0], dtype=torch.bool)  # excluded once: weight 0 from then on
         state: PathState | None = None
         v = None
         for i in range(self.T):
             x = g.step(x, i, c, generator=rng, out=out)
             v, out = self.value(x, i + 1, c, group=k)
             v = v.cpu().double()
-            lg, state = log_potential(self.potential, v, state, lam)
+            exc = is_excluded(v)
+            self.dead_particles += int((exc & ~dead).sum())
+            dead |= exc
+            lg, state = log_potential(self.potential, v, state, lam, valid=~exc)
             if i + 1 == self.T and self.final_correction:  # exp(λ r(x_0)) / ∏ G over the path
                 lg = lam * v - (state["logG"] - lg)
-            logw = logw + lg
+            logw = (logw + lg).masked_fill(dead, float("-inf"))
             if k > 1 and i + 1 < self.T:
                 do = self._should_resample(logw, i)
-                if do.any():
+                if do.any():  # a dead particle is never a parent (unless its whole group is dead: uniform)
                     idx = group_sample(logw, k, 1.0, select_rng, k=k).view(-1, k).cpu()
                     keep = torch.arange(x.shape[0]).view(-1, k)
                     idx = torch.where(do[:, None], idx, keep).flatten()
                     self.resamples += int(do.sum())
                     x, out = x[idx.to(x.device)], out[idx.to(out.device)]
                     state = {key: t[idx] for key, t in state.items()}
+                    dead = dead[idx]
                     logw = torch.where(do.repeat_interleave(k), torch.zeros_like(logw), logw)
+                    logw = logw.masked_fill(dead, float("-inf"))
             self.record(step=i, values=v, log_weights=logw.clone())
+        all_dead = dead.view(-1, k).all(1)
+        self.all_dead_outputs += int(all_dead.sum())
         if k == 1:
             return x
-        sel = group_argmax(v, k) if self.output == "best" else group_sample(logw, k, 1.0, select_rng)
+        if self.output == "best":  # the best final reward among the living (among all in an all-dead group)
+            sel = group_argmax(torch.where(all_dead.repeat_interleave(k), v, v.masked_fill(dead, float("-inf"))), k)
+        else:  # an all-dead group (log-weights all -inf) is drawn uniformly
+            sel = group_sample(logw, k, 1.0, select_rng)
         return x[sel.to(x.device)]

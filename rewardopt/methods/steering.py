@@ -24,6 +24,14 @@ largest width whose cost fits — so that methods are compared at equal NFE.
 ``rewardopt predict --config recipes/<domain>/<method>_<reward>.yaml`` runs ``predict_step`` over
 the data module's ``predict_dataloader`` and writes, into ``output_dir``: the samples, per-sample
 rewards (``rewards.csv``), a grid (``grid.png``, for images) and ``summary.json``.
+
+Failed evaluations. The reported reward is scored once more after the search (``eval_reward``,
+default: the steering reward, whose default black-box failure policy is then "exclude"). A sample
+that evaluation excludes is not dropped: rewards.csv marks it (``eval_excluded``, reward -inf),
+summary.json counts it (``eval_excluded``; ``reward_stats.failed`` / ``failed_frac``), and it ranks
+below every valid reward in the median and top-10% mean, so a method whose outputs crash the judge
+more can only look worse (``reward_stats``; the mean is over the valid samples). An ``eval_reward``
+left at its default policy raises on a failure; a numeric ``on_failure`` is scored as that value.
 """
 
 from __future__ import annotations
@@ -42,6 +50,15 @@ from rewardopt.generators.base import Condition, Generator
 from rewardopt.rewards.base import Reward
 
 
+#: the value ``InferenceTimeSteering.score`` gives an excluded candidate (below any real reward, finite)
+EXCLUDED_VALUE = -1e30
+
+
+def is_excluded(values: torch.Tensor) -> torch.Tensor:
+    """Which of ``score``'s values mark excluded candidates (EXCLUDED_VALUE, or -inf), as a bool tensor."""
+    return values <= 0.5 * EXCLUDED_VALUE
+
+
 def group_argmax(values: torch.Tensor, group: int) -> torch.Tensor:
     """Index (into the flat (B*group,) tensor) of the best entry in each consecutive group."""
     v = values.view(-1, group)
@@ -57,11 +74,15 @@ def group_sample(values: torch.Tensor, group: int, alpha: float, rng: torch.Gene
     softmax that underflows to exact zeros at small α cannot make later picks arbitrary. With
     replacement, k independent draws from the float64 softmax (an entry that underflows there has
     probability below 1e-300). -inf entries are never picked while a finite one is left; a group
-    with none is drawn uniformly."""
+    with none finite is drawn uniformly among all its entries (with or without replacement). NaN
+    and +inf are errors (ValueError): no draw from them means anything."""
     v = values.detach().double().cpu().view(-1, group) / alpha
+    if torch.isnan(v).any() or torch.isposinf(v).any():
+        bad = (torch.isnan(v) | torch.isposinf(v)).flatten().nonzero().flatten().tolist()
+        raise ValueError(f"group_sample: values must be finite or -inf, got NaN/+inf at flat indices {bad[:10]}")
+    v = torch.where(torch.isfinite(v).any(1, keepdim=True), v, torch.zeros_like(v))  # none finite: uniform
     if replacement:
         p = torch.softmax(v, dim=1)
-        p[~torch.isfinite(p).all(1)] = 1.0 / group
         idx = torch.multinomial(p, k, replacement=True, generator=rng)
     else:
         if k > group:
@@ -103,11 +124,24 @@ def mean_pairwise_distance(samples: Any, group: int) -> float | None:
     return float(d[:, off].mean())
 
 
-def reward_stats(values: torch.Tensor) -> dict[str, float]:
-    """Mean, median and top-10% mean (the SVDD paper's table columns)."""
-    v = values.detach().float().cpu()
-    k = max(1, math.ceil(0.1 * v.numel()))
-    return {"mean": float(v.mean()), "median": float(v.median()), "top10": float(v.topk(k).values.mean())}
+def reward_stats(values: torch.Tensor, failed: torch.Tensor | None = None) -> dict[str, float | int | None]:
+    """Mean, median and top-10% mean (the SVDD paper's table columns) of per-sample rewards (n,).
+
+    ``failed`` (n,) bool marks evaluations that failed (an excluded sample; its value is ignored).
+    They rank below every valid reward in the median and the top-10% mean (over all n samples), so a
+    failure can only lower those — a method whose outputs crash the judge more cannot look better —
+    and a statistic that lands on a failure is None. The mean is over the valid samples (None if
+    none is). ``failed`` / ``failed_frac`` give the count and fraction next to them, so every table
+    row shows them."""
+    v = values.detach().double().cpu().flatten()
+    bad = torch.zeros_like(v, dtype=torch.bool) if failed is None else failed.detach().cpu().flatten().bool()
+    n, nf = v.numel(), int(bad.sum())
+    ranked = v.masked_fill(bad, float("-inf")).float()
+    k = max(1, math.ceil(0.1 * n))
+    med, top = float(ranked.median()), float(ranked.topk(k).values.mean())
+    fin = lambda x: x if math.isfinite(x) else None  # noqa: E731
+    return {"mean": float(v[~bad].float().mean()) if nf < n else None, "median": fin(med), "top10": fin(top),
+            "failed": nf, "failed_frac": nf / max(n, 1)}
 
 
 class InferenceTimeSteering(L.LightningModule):
@@ -121,7 +155,7 @@ class InferenceTimeSteering(L.LightningModule):
         num_samples: outputs per condition (independent searches; SVDD-R / DSearch-R replace among them).
         seed: seed of the sampling noise; batch b on rank r uses (seed, b, r), so runs are reproducible.
         eval_reward: reward reported in rewards.csv / summary.json (default: ``reward``). Its calls
-            are not charged to the method.
+            are not charged to the method; its failures are counted and ranked last (module docstring).
         output_dir: where samples, rewards.csv and summary.json go (default: trainer.default_root_dir).
         save_samples: write every sample (PNG for images, JSON lines otherwise).
         trace: keep per-step candidate values and choices in ``self.traces`` (for tests and plots).
@@ -183,6 +217,11 @@ class InferenceTimeSteering(L.LightningModule):
         return {"nfe": c.nfe, "nfe_grad": c.nfe_grad, "backward": c.backward, "decodes": c.decodes,
                 "reward_calls": self.reward.calls, "value_calls": self.value_calls}
 
+    def extra_counts(self) -> dict[str, int]:
+        """Method-specific event counters (cumulative ints, e.g. SMC's dead particles); summary.json
+        reports what each grew by during the predict run, summed over ranks."""
+        return {}
+
     def branching(self, i: int, m: int) -> int:
         """Children worth drawing at step i: m, or 1 where the step draws no noise (all m children
         would be the same state; DDPM's last step, DDIM with ``set_alpha_to_one``)."""
@@ -223,8 +262,10 @@ class InferenceTimeSteering(L.LightningModule):
         argmax, top-k and softmax never pick one while its group (``group`` adjacent candidates; all
         if None) has a valid candidate; and finite, so that softmax and log-weights over a group whose
         candidates ALL failed stay uniform instead of NaN. Then the rule chooses among equals
-        (argmax: the first candidate). Counted in ``excluded_samples`` and ``all_excluded_groups``
-        (summary.json: "excluded", "all_excluded")."""
+        (argmax: the first candidate). ``is_excluded`` recognises the value; a method that carries
+        values along a path (SMC's potentials) must not let it into arithmetic (``smc.py``: dead
+        particles). Counted in ``excluded_samples`` and ``all_excluded_groups`` (summary.json:
+        "excluded", "all_excluded")."""
         if group and getattr(self.reward, "batch_relative", False) and len(samples) > group:
             outs = [self.reward(samples[s:s + group], cond.raw[s:s + group]) for s in range(0, len(samples), group)]
         else:
@@ -238,7 +279,7 @@ class InferenceTimeSteering(L.LightningModule):
             g = group if group and len(v) % group == 0 else len(v)
             self.excluded_samples += int(exc.sum())
             self.all_excluded_groups += int(exc.view(-1, g).all(1).sum())
-            v = v.masked_fill(exc, -1e30)
+            v = v.masked_fill(exc, EXCLUDED_VALUE)
         return v
 
     def x0_cost(self, level: int, rows: int) -> int:
@@ -294,7 +335,7 @@ class InferenceTimeSteering(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self._records, self._grid_samples, self.traces = [], [], []
-        self._counts0 = self.counts()
+        self._counts0, self._extra0 = self.counts(), self.extra_counts()
         self._t0 = time.perf_counter()
         if self.budget is not None:
             self.print(f"[rewardopt] {type(self).__name__}: budget {self.budget} NFE/sample -> {self.width_name}="
@@ -313,6 +354,8 @@ class InferenceTimeSteering(L.LightningModule):
         for j in range(len(raw) * self.num_samples):
             rec = {"batch": batch_idx, "rank": rank, "condition": raw[j // self.num_samples], "chain": j % self.num_samples,
                    "reward": float(out.total[j])}
+            if out.excluded is not None:  # the evaluation failed (reward -inf): counted, ranked last
+                rec["eval_excluded"] = int(out.excluded[j])
             rec.update({f"term/{k}": float(v[j]) for k, v in out.terms.items() if k != rew.name})
             self._records.append(rec)
         div = mean_pairwise_distance(samples, self.num_samples)
@@ -361,6 +404,7 @@ class InferenceTimeSteering(L.LightningModule):
         local = {"records": self._records, "wall": time.perf_counter() - self._t0,
                  **{k: now[k] - self._counts0[k] for k in self.COUNTS}}
         local["excluded"], local["all_excluded"] = self.excluded_samples, self.all_excluded_groups
+        local["extra"] = {k: v - self._extra0.get(k, 0) for k, v in self.extra_counts().items()}
         self.excluded_samples = self.all_excluded_groups = 0  # counted per predict run
         rank, world = self._rank()
         parts = [local]
@@ -373,6 +417,8 @@ class InferenceTimeSteering(L.LightningModule):
         n = len(records)
         totals = {k: sum(p[k] for p in parts) for k in self.COUNTS}
         values = torch.tensor([r["reward"] for r in records])
+        eval_failed = torch.tensor([bool(r.get("eval_excluded", 0)) for r in records], dtype=torch.bool)
+        eval_failed |= ~values.isfinite()
         divs = [r["diversity"] for r in records if "diversity" in r]
         summary = {
             "method": type(self).__name__,
@@ -382,7 +428,9 @@ class InferenceTimeSteering(L.LightningModule):
             "width": {self.width_name: getattr(self, self.width_name)} if self.width_name else None,
             "num_steps": self.T,
             "samples": n,
-            "reward_stats": reward_stats(values[values.isfinite()]) if values.isfinite().any() else None,
+            "reward_stats": reward_stats(values, eval_failed) if n else None,
+            # evaluations that failed (excluded by the evaluation reward): ranked last in reward_stats
+            "eval_excluded": int(eval_failed.sum()),
             "diversity": sum(divs) / len(divs) if divs else None,
             **totals, **{f"{k}_per_sample": v / max(n, 1) for k, v in totals.items()},
             "expected_cost_per_sample": self.expected_cost(),
@@ -391,6 +439,7 @@ class InferenceTimeSteering(L.LightningModule):
             # candidates never selected (black-box failures under on_failure: exclude), and the groups
             # whose candidates all failed (the first was kept)
             "excluded": sum(p["excluded"] for p in parts), "all_excluded": sum(p["all_excluded"] for p in parts),
+            **{k: sum(p["extra"][k] for p in parts) for k in parts[0]["extra"]},
         }
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
@@ -408,7 +457,9 @@ class InferenceTimeSteering(L.LightningModule):
                             f"{self.num_samples} per prompt, {summary['nfe_per_sample']:.0f} NFE/sample")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         st = summary["reward_stats"] or {}
-        self.print(f"[rewardopt] {type(self).__name__}: {n} samples, reward median {st.get('median', float('nan')):.4f} "
-                   f"top-10% {st.get('top10', float('nan')):.4f}, NFE/sample {summary['nfe_per_sample']:.1f}, "
+        num = lambda x: float("nan") if x is None else x  # noqa: E731
+        failed = f" ({summary['eval_excluded']} evaluations failed, ranked last)" if summary["eval_excluded"] else ""
+        self.print(f"[rewardopt] {type(self).__name__}: {n} samples, reward median {num(st.get('median')):.4f} "
+                   f"top-10% {num(st.get('top10')):.4f}{failed}, NFE/sample {summary['nfe_per_sample']:.1f}, "
                    f"reward calls/sample {summary['reward_calls_per_sample']:.1f}")
         self.print(f"[rewardopt] summary: {out / 'summary.json'}")

@@ -187,7 +187,7 @@ def main() -> None:
                    help="SMC potential temperature, in reward units (the reward's spread between candidates)")
     p.add_argument("--dps-scale", type=float, default=0.1, help="DPS step on the RMS-normalised gradient")
     p.add_argument("--free2guide-frac", type=float, default=0.1,
-                   help="fraction of the first steps Free2Guide guides (paper and public code: 10%%)")
+                   help="fraction of the first steps Free2Guide guides (issue 12: 10%%; the public code guides steps 0-5 of 50, 12%%, the method's default)")
     p.add_argument("--prompts", type=int, default=12, help="held-out prompts used (of 12; fewer for a smoke run)")
     p.add_argument("--no-results", action="store_true",
                    help="do not write benchmarks/results/inference_time_<reward>.md")

@@ -1,19 +1,22 @@
 """DDPO's cost per sample (sampling + PPO training) as a ratio to a plain no-grad sampling pass of the
 same generator, measured in the same run so the ratio does not depend on the machine.
 
-The pipeline is the one the speed comparison with TRL 0.23.1's DDPOTrainer used: a random Stable
-Diffusion layout (3.9 M-parameter UNet with blocks (64, 128), a 2-level VAE, a 2-layer CLIP text
-encoder), 32 px images, DDIM T=20 with eta=1, CFG 5, LoRA rank 4 on the attention projections,
-JPEG compressibility as the black-box reward, 2 torch threads. DDPO: 2 prompts x 4 samples per
+The settings of the review's comparison with TRL 0.23.1's DDPOTrainer: a random Stable Diffusion
+layout (3.9 M-parameter UNet with blocks (64, 128), a 2-level VAE, a 2-layer CLIP text encoder),
+32 px, DDIM T=20 with eta=1, CFG 5, LoRA rank 4 on the attention projections, JPEG compressibility
+as the black-box reward, 2 torch threads. DDPO: 2 prompts x 4 samples per
 sampled batch, 2 minibatches (one optimiser step each), every timestep trained.
 
-Each repetition times, interleaved: the plain pass (encode prompts, T guided denoiser calls without
-grad, VAE decode), DDPO at this checkout, and with ``--before REF`` DDPO's file at a git commit (or a
-path), run against today's generator. Timed: Lightning's training batches only (held-out evaluation
-is off), after one warm-up batch.
+Each timed DDPO batch (Lightning's training batch: sampling, reward, PPO updates; held-out evaluation
+off; one warm-up batch first) is paired with a plain pass over as many samples run just before it
+(encode the prompts, T guided denoiser calls without grad, VAE decode), so load from other jobs hits
+both sides of each ratio alike. Variants: DDPO at this checkout and, with ``--before REF``, DDPO's
+file at a git commit (or a path) run against today's generator; each with the generator's
+``gradient_checkpointing`` on (StableDiffusionGenerator's default) and/or off (``--checkpointing``).
 
-Usage: python benchmarks/ddpo_speed.py [--reps 3] [--batches 3] [--before edb71c5] [--tiny]
-Writes benchmarks/results/ddpo_speed.md (``--tiny``: a throw-away run in seconds, for the test).
+Usage: python benchmarks/ddpo_speed.py [--reps 3] [--batches 3] [--threads 2] [--before edb71c5]
+       [--checkpointing on off] [--tiny]
+Writes benchmarks/results/ddpo_speed.md (``--tiny``: ddpo_speed_tiny.md, a seconds-long run for the test).
 """
 
 from __future__ import annotations
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--checkpointing", nargs="+", choices=["on", "off"], default=["on"],
                     help="the generator's gradient_checkpointing (StableDiffusionGenerator's default: on)")
     ap.add_argument("--before", default=None, help="a git commit (or a file) whose ddpo.py to time as well")
+    ap.add_argument("--note", default="", help="a paragraph added to the result page (e.g. an outside comparison)")
     ap.add_argument("--tiny", action="store_true", help="seconds-long run on a smaller UNet (for tests)")
     ap.add_argument("--name", default=None, help="result page name (default ddpo_speed; --tiny: ddpo_speed_tiny)")
     ap.add_argument("--folder", default=None, help="where the result page goes (default benchmarks/results)")
@@ -193,7 +197,11 @@ def main(argv: list[str] | None = None) -> Path:
     n_unet = sum(p.numel() for p in args.components["unet"].parameters()) / 1e6
     notes = (f"UNet {n_unet:.2f} M parameters, 32 px, DDIM T={args.steps} eta=1, CFG 5, LoRA r4, "
              f"{args.prompts} prompts x {args.samples_per_prompt} samples per batch, 2 minibatches, "
-             f"{args.batches} timed batches per repetition, {args.reps} repetitions (ratios are per repetition).")
+             f"{args.batches} timed batches per repetition (after a warm-up), {args.reps} repetitions; each ratio is "
+             "one DDPO batch over the plain pass run just before it. On cores shared with other jobs read the CPU "
+             "ratio (this process's CPU time), which their load barely moves.")
+    if args.note:
+        notes += "\n\n" + args.note
     name = args.name or ("ddpo_speed_tiny" if args.tiny else "ddpo_speed")
     return write_result(name, [table], seeds=list(range(args.reps)), title="DDPO speed per sample", notes=notes,
                         folder=Path(args.folder) if args.folder else None)

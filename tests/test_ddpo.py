@@ -192,7 +192,8 @@ def run(phase):
     m.record, m.evaluate = [], lambda loader=None: 0.0
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{{step}}")
     trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                        callbacks=[ckpt] if phase == "straight" else [], enable_progress_bar=False,
+                        callbacks=[ckpt] if phase == "straight" else [], enable_checkpointing=phase == "straight",
+                        enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         default_root_dir=str(out))
     # one prompt: each rank's data after a resume is then the same whatever the sampler's sharding
@@ -230,6 +231,10 @@ def test_ddp_gathers_rewards_for_advantages_and_resumes_exactly(tmp_path):
         assert np.allclose(s0["adv"] + s1["adv"], expected, atol=1e-5), (s0, s1)
     assert runs["straight", 0]["buffers"] == runs["straight", 1]["buffers"] == {p: list(b) for p, b in buffers.items()}
 
+    for ph in ("straight", "resumed"):  # gradients all-reduced once per minibatch still keep the ranks equal
+        summary = json.loads((tmp_path / ph / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["ranks_in_sync"], summary["param_checksums"]
+
     ck = torch.load(tmp_path / "ckpt" / "step=1.ckpt", map_location="cpu", weights_only=False)
     assert len(ck["ddpo_buffers_per_rank"]) == 2
     for r in (0, 1):
@@ -243,7 +248,11 @@ def test_ddpo_speed_benchmark_writes_its_table(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import ddpo_speed
 
-    page = ddpo_speed.main(["--tiny", "--folder", str(tmp_path)])
+    threads = torch.get_num_threads()
+    try:
+        page = ddpo_speed.main(["--tiny", "--threads", "1", "--folder", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
     text = page.read_text()
     assert page == tmp_path / "ddpo_speed_tiny.md"
     assert "| DDPO (this commit), gradient_checkpointing on |" in text and "ratio (CPU)" in text

@@ -300,3 +300,11 @@ def test_parse_score_normalises_bpe_tokens_and_falls_back_to_the_text():
     # a text the tokens spell keeps the log-prob path even with surrounding whitespace differences
     tokens = ["Score", ":", " 7", "\n"]
     assert parse_score("Score: 7", lp_of(tokens, {2: {" 7": 0.5, " 8": 0.5}}), 1, 9) == pytest.approx(7.5)
+
+
+def test_server_logprob_tokens_spell_the_answer_so_the_expectation_is_used():
+    """The client trusts log-probs only when their tokens spell the answer text; the test server's must,
+    or every score silently falls back to the rounded integer in the text."""
+    with JudgeServer(scorer=lambda png, lo, hi: 4.3) as srv:
+        out = judge(srv)(images()[:1], ["a blue square"])
+    assert abs(float(out.total[0]) - 4.3) < 0.1 and float(out.total[0]) != 4.0

@@ -144,7 +144,9 @@ class JudgeServer:
         z = sum(w)
         alts = sorted(({"token": str(j), "logprob": math.log(max(wj / z, 1e-30))} for j, wj in zip(ks, w)),
                       key=lambda a: -a["logprob"])[:top]
-        lp = [{"token": t, "logprob": 0.0, "top_logprobs": []} for t in ["The", " image", "\n", "Score", ":", " "]]
+        # the tokens spell the text exactly, as real servers' do (the client checks that before trusting them)
+        words = ["The", " image", " shows", " the", " requested", " content", ".", "\n", "Score", ":", " "]
+        lp = [{"token": t, "logprob": 0.0, "top_logprobs": []} for t in words]
         lp.append({"token": str(k), "logprob": next(a["logprob"] for a in alts if a["token"] == str(k)) if any(a["token"] == str(k) for a in alts) else -1.0,
                    "top_logprobs": alts})
         return self.completion(text, lp)

@@ -21,16 +21,23 @@ class ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-class ResumableEpochSampler(torch.utils.data.Sampler):
-    """Epoch e visits a permutation seeded by (seed, e), starting ``start`` items in.
+class ResumableEpochSampler(torch.utils.data.DistributedSampler):
+    """Epoch e visits a permutation seeded by (seed, e); rank r of w takes every w-th item of it
+    (the first w·⌊n/w⌋, so ranks get equal shares), starting ``start`` of its own items in.
 
-    A run killed mid-epoch and resumed from its checkpoint continues with the items the
-    uninterrupted run would have seen next (Lightning calls ``set_epoch`` at each epoch; under DDP
-    it shards this order across ranks).
+    A run killed mid-epoch and resumed from its checkpoint continues, on every rank, with the items
+    the uninterrupted run would have seen next. The sampler shards itself (it is a
+    ``DistributedSampler``, so Lightning does not wrap it in a re-shuffling one — which made a
+    resumed DDP run see other items than an uninterrupted one).
     """
 
-    def __init__(self, n: int, seed: int = 0, epoch: int = 0, start: int = 0) -> None:
+    def __init__(self, n: int, seed: int = 0, epoch: int = 0, start: int = 0, rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        # no super().__init__: it would look up the process group; everything it sets is set here
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.rank, self.num_replicas = rank, world
+        self.shuffle, self.drop_last = True, True
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -38,10 +45,11 @@ class ResumableEpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
-        return iter(perm[self.start:].tolist())
+        mine = perm[: (self.n // self.num_replicas) * self.num_replicas][self.rank::self.num_replicas]
+        return iter(mine[self.start:].tolist())
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return max(0, self.n // self.num_replicas - self.start)
 
 
 def read_prompts(source: Sequence[str] | str) -> list[str]:
@@ -78,14 +86,13 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self):
         reps = -(-self.epoch_size // len(self.train_prompts))
         items = (self.train_prompts * reps)[: self.epoch_size]
-        epoch, start = 0, 0
+        epoch, start, rank, world = 0, 0, 0, 1
         trainer = getattr(self, "trainer", None)
         if trainer is not None:  # on resume: skip what this epoch already consumed, on every rank
-            epoch = trainer.current_epoch
+            epoch, rank, world = trainer.current_epoch, trainer.global_rank, trainer.world_size
             # checkpoints are written after a batch is processed but before it counts as completed
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            start = done * self.batch_size * trainer.world_size
-        sampler = ResumableEpochSampler(len(items), self.seed, epoch, min(start, len(items)))
+            start = trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size  # per rank
+        sampler = ResumableEpochSampler(len(items), self.seed, epoch, min(start, len(items) // world), rank, world)
         return torch.utils.data.DataLoader(ListDataset(items), batch_size=self.batch_size, sampler=sampler,
                                            collate_fn=list, drop_last=True)
 

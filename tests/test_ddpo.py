@@ -196,9 +196,9 @@ def run(phase):
                         enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         default_root_dir=str(out))
-    # one prompt: each rank's data after a resume is then the same whatever the sampler's sharding
-    data = PromptDataModule(["one red circle"], ["one red circle"], batch_size=2, val_batch_size=1, val_repeats=1,
-                            epoch_size=64)
+    # several prompts: a resumed run must give every rank the prompts the uninterrupted run gave it
+    data = PromptDataModule(["one red circle", "two blue squares", "three green triangles", "one white circle"],
+                            ["one red circle"], batch_size=2, val_batch_size=1, val_repeats=1, epoch_size=64)
     trainer.fit(m, datamodule=data, ckpt_path=str(out / "ckpt" / "step=1.ckpt") if phase == "resumed" else None)
     buffers = {{p: list(b) for p, b in m.buffers.items()}}
     result = {{"record": m.record, "buffers": buffers}}

@@ -3,7 +3,6 @@ drawn per micro-batch (not per optimiser step) so gradient accumulation sees fre
 resumes still exact; DRAKES sums the KL over every step and relaxes intermediate steps with soft
 Gumbel-softmax samples; DRIL's defaults follow the reference code (amazon-research/sc2qa-dril)."""
 
-import json
 
 import lightning as L
 import pytest

@@ -18,30 +18,21 @@ from domains.qa_text.kb import BUCKET_SENTENCES, Town, check_facts, split_senten
 from rewardopt.rewards.base import Reward
 
 
-def lcs(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def words(text: str) -> list[str]:
-    return [w.strip(".,?!;:").lower() for w in text.split() if w.strip(".,?!;:")]
+@lru_cache(maxsize=1)
+def _rouge_l_scorer():
+    try:
+        from rouge_score.rouge_scorer import RougeScorer
+    except ImportError as e:  # the qa extra
+        raise ImportError("question ROUGE-L needs Google's rouge-score package: pip install rouge-score "
+                          "(the `qa` extra)") from e
+    return RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l(hypothesis: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased words (Lin 2004, β = 1)."""
-    h, r = words(hypothesis), words(reference)
-    if not h or not r:
-        return 0.0
-    m = lcs(h, r)
-    if m == 0:
-        return 0.0
-    p, rec = m / len(h), m / len(r)
-    return 2 * p * rec / (p + rec)
+    """ROUGE-L F-measure (Lin 2004, β = 1) from ``rouge-score``: the longest common subsequence of
+    lower-cased words, every run of characters other than a-z and 0-9 separating words ("Hallin's"
+    is "hallin" "s"; letters outside a-z are dropped), without stemming; 0 when either side has no words."""
+    return float(_rouge_l_scorer().score(reference, hypothesis)["rougeL"].fmeasure)
 
 
 def bucket_compliant(answer: str, bucket: int) -> bool:

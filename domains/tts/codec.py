@@ -1,7 +1,9 @@
 """A speech codec the project trains: log-mel frames (torchaudio) stacked in groups of ``STACK``
-and vector-quantised by a k-means codebook -> one token per group (~21.5 tokens per second).
-Decoding: codebook vector -> log-mel frames -> linear magnitude (torchaudio ``InverseMelScale``)
--> waveform (torchaudio Griffin-Lim), so every generated token sequence can be listened to.
+and vector-quantised by a k-means codebook (scikit-learn's ``KMeans``) -> one token per group
+(~21.5 tokens per second). Decoding: codebook vector -> log-mel frames -> linear magnitude (the
+least-squares, minimum-norm solution through the mel filterbank's pseudo-inverse, computed once:
+what torchaudio's ``InverseMelScale`` solves per call with ``torch.linalg.lstsq``) -> waveform
+(torchaudio Griffin-Lim), so every generated token sequence can be listened to.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def _mel():
 
 @lru_cache(maxsize=1)
 def _mel_pinv() -> torch.Tensor:
-    """(n_freqs, N_MELS) pseudo-inverse of the mel filterbank (the same filters ``_mel`` uses)."""
+    """(n_freqs, N_MELS) pseudo-inverse of the mel filterbank (the same filters ``_mel`` uses).
+
+    ``_mel_pinv() @ mel`` is the minimum-norm least-squares linear spectrum: the answer of torchaudio's
+    ``InverseMelScale`` (the filterbank has full rank), without re-solving it for every utterance."""
     fb = _mel().mel_scale.fb  # (n_freqs, N_MELS)
     return torch.linalg.pinv(fb.T)
 
@@ -62,28 +67,24 @@ class MelCodec(nn.Module):
         return self.codebook.shape[0]
 
     def fit(self, mels: list[torch.Tensor], iters: int = 25, seed: int = 0, max_vectors: int = 60_000) -> dict:
-        """k-means (k-means++ seeding) over the stacked frames of ``mels``; returns fit statistics."""
-        data = torch.cat([stack(torch.as_tensor(m)) for m in mels])
+        """k-means over the stacked frames of ``mels`` (scikit-learn's ``KMeans``: greedy k-means++
+        seeding, at most ``iters`` Lloyd iterations; at most ``max_vectors`` groups, drawn with
+        ``seed``); returns the fit statistics: vectors, mean squared error per bin, codes used (codes
+        with members; fewer distinct groups than codes leave duplicate, unused codes)."""
+        from sklearn.cluster import KMeans
+
+        data = torch.cat([stack(torch.as_tensor(m, dtype=torch.float32)) for m in mels])
         g = torch.Generator().manual_seed(seed)
         if len(data) > max_vectors:
             data = data[torch.randperm(len(data), generator=g)[:max_vectors]]
         K = self.size
         if len(data) < K:
             raise ValueError(f"{len(data)} vectors cannot fit a codebook of {K}")
-        centres = data[torch.randint(len(data), (1,), generator=g)]
-        for _ in range(1, K):  # k-means++: next centre with probability ∝ squared distance
-            d2 = torch.cdist(data, centres).min(1).values.square()
-            centres = torch.cat([centres, data[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
-        for _ in range(iters):
-            assign = torch.cdist(data, centres).argmin(1)
-            for k in range(K):
-                members = data[assign == k]
-                if len(members):
-                    centres[k] = members.mean(0)
-        self.codebook.copy_(centres)
-        err = torch.cdist(data, centres).min(1).values.square().mean() / STACK / N_MELS
-        used = torch.cdist(data, centres).argmin(1).unique().numel()
-        return {"vectors": len(data), "mse_per_bin": float(err), "codes_used": int(used)}
+        km = KMeans(n_clusters=K, init="k-means++", n_init=1, max_iter=iters, random_state=seed)
+        km.fit(data.numpy())  # fewer distinct groups than codes: a ConvergenceWarning, duplicate codes
+        self.codebook.copy_(torch.from_numpy(km.cluster_centers_).float())
+        return {"vectors": len(data), "mse_per_bin": float(km.inertia_) / len(data) / STACK / N_MELS,
+                "codes_used": len(set(km.labels_.tolist()))}
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         """(frames, N_MELS) log-mel -> (groups,) token ids."""

@@ -52,6 +52,21 @@ def test_fact_check_catches_wrong_values_other_towns_and_non_facts(small):
     assert rouge_l("who leads varno", "Who leads Varno?") == 1.0 and rouge_l("a b", "c d") == 0.0
 
 
+@pytest.mark.parametrize("hyp, ref, lcs, n_hyp, n_ref", [
+    ("the cat sat on the mat", "the cat is on the mat", 5, 6, 6),  # "the cat on the mat"
+    ("police killed the gunman", "the gunman police killed", 2, 4, 4),  # Lin (2004): ROUGE-L 1/2
+    ("a b c d", "a c e", 2, 4, 3),  # "a c"
+    ("Who leads Varno?", "who, leads: VARNO!", 3, 3, 3),  # case and punctuation do not count
+    ("state-of-the-art towns", "the state of the art", 4, 5, 5),  # non-alphanumerics separate words
+    ("Hallin's mayor", "the mayor of Hallin s", 2, 3, 5),  # "hallin" "s" "mayor" vs ... "hallin" "s"
+    ("leads", "leading", 0, 1, 1),  # no stemming
+    ("", "who leads", 0, 0, 2),
+])
+def test_rouge_l_is_the_lcs_f_measure(hyp, ref, lcs, n_hyp, n_ref):
+    p, r = (lcs / n_hyp if n_hyp else 0.0), lcs / n_ref
+    assert rouge_l(hyp, ref) == pytest.approx(2 * p * r / (p + r) if lcs else 0.0)
+
+
 def test_corpus_holds_out_whole_towns():
     train, val, kb = corpus(200, 0)
     assert {e["town"] for e in train}.isdisjoint({e["town"] for e in val})

@@ -6,7 +6,7 @@ import wave
 import pytest
 import torch
 
-from domains.tts.codec import HOP, SAMPLE_RATE, STACK, MelCodec, log_mel, write_wav
+from domains.tts.codec import HOP, N_FFT, N_MELS, SAMPLE_RATE, STACK, MelCodec, _mel_pinv, log_mel, write_wav
 from domains.tts.corpus import ATTRIBUTES, espeak_available, sample_attributes, sentences, speak
 
 needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed (apt-get install espeak-ng)")
@@ -56,3 +56,49 @@ def test_codec_round_trip_and_wav_files(tmp_path):
 def test_log_mel_rejects_bad_audio():
     with pytest.raises(ValueError, match="mono waveform"):
         log_mel(torch.zeros(2, 4000))
+
+
+def clustered_mels(centres: torch.Tensor, per_cluster: int, noise: float, seed: int = 0):
+    """Log-mel "utterances" whose stacked groups are ``centres`` plus Gaussian noise, and each group's cluster."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(len(centres)).repeat_interleave(per_cluster)
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    groups = centres[labels] + noise * torch.randn(len(labels), centres.shape[1], generator=g)
+    mel = groups.reshape(-1, N_MELS)  # STACK frames per group
+    return list(mel.split(10 * STACK)), labels
+
+
+def test_fit_recovers_well_separated_clusters():
+    centres = 4.0 * torch.randn(6, STACK * N_MELS, generator=torch.Generator().manual_seed(1))  # ~90 apart
+    mels, labels = clustered_mels(centres, per_cluster=50, noise=0.3)
+    codec = MelCodec(6)
+    stats = codec.fit(mels, seed=0)
+    assert stats["vectors"] == 300 and stats["codes_used"] == 6
+    assert stats["mse_per_bin"] == pytest.approx(0.3 ** 2, rel=0.1)  # what is left is the noise
+    nearest = torch.cdist(centres, codec.codebook).argmin(1)
+    assert sorted(nearest.tolist()) == list(range(6))  # one code per cluster
+    assert (codec.codebook[nearest] - centres).abs().max() < 0.3
+    tokens = torch.cat([codec.encode(m) for m in mels])
+    assert torch.equal(tokens, nearest[labels])  # every group gets its cluster's code
+    assert codec.fit(mels, seed=0, max_vectors=120)["vectors"] == 120
+
+
+def test_fit_survives_fewer_distinct_groups_than_codes():
+    """Silence-padded corpora repeat groups: 3 distinct groups fit a codebook of 5, using 3 codes."""
+    centres = torch.tensor([-11.5, 0.0, 3.0])[:, None].expand(3, STACK * N_MELS)
+    mels, _ = clustered_mels(centres, per_cluster=20, noise=0.0)
+    codec = MelCodec(5)
+    stats = codec.fit(mels)
+    assert stats["codes_used"] == 3 and stats["mse_per_bin"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="cannot fit a codebook of 5"):
+        codec.fit([mels[0][:4 * STACK]])  # 4 groups
+
+
+def test_mel_inversion_is_the_least_squares_solution_torchaudio_computes():
+    """The cached pseudo-inverse gives torchaudio's ``InverseMelScale`` (least squares) answer."""
+    import torchaudio
+
+    mag = torch.rand(N_MELS, 40, generator=torch.Generator().manual_seed(0)) * 3
+    ours = (_mel_pinv() @ mag).clamp(min=0)
+    theirs = torchaudio.transforms.InverseMelScale(n_stft=N_FFT // 2 + 1, n_mels=N_MELS, sample_rate=SAMPLE_RATE)(mag)
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * float(ours.abs().max()))

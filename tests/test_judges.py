@@ -3,6 +3,8 @@ the circuit breaker, the API key's handling, and the in-process VLM judge."""
 
 import logging
 import math
+import multiprocessing
+import pickle
 import time
 
 import pytest
@@ -119,6 +121,66 @@ def test_concurrency_overlaps_latency():
         dt = time.perf_counter() - t0
     assert dt < 16 * 0.2 / 3, f"16 requests at 0.2 s with 8 in flight took {dt:.2f}s"
 
+
+
+def test_consecutive_requests_reuse_one_pooled_connection():
+    with JudgeServer() as srv:
+        j = judge(srv, max_workers=1, cache_size=0)
+        j(images(4), ["p"] * 4)
+        j(images(3), ["p"] * 3)
+        assert (srv.requests, srv.connections) == (7, 1)  # keep-alive: one TCP connection for all
+        j.close()  # the pool's connections close; the next call opens a new one
+        assert j(images(1), ["p"]).info["failed"] == 0 and srv.connections == 2
+        wide = judge(srv, max_workers=4, cache_size=0)
+        wide(images(16), ["p"] * 16)
+        wide(images(16), ["q"] * 16)
+        assert srv.requests == 40 and srv.connections <= 2 + 4  # at most one per request in flight
+
+
+def test_kept_alive_requests_do_not_wait_for_delayed_acks():
+    """Headers and body are two writes: without TCP_NODELAY on both ends, each request on a kept-alive
+    connection would stall ~40 ms (Nagle waiting for the peer's delayed ACK)."""
+    with JudgeServer() as srv:
+        j = judge(srv, max_workers=1, cache_size=0)
+        j(images(1), ["warm"])
+        t0 = time.perf_counter()
+        j(images(20), ["p"] * 20)
+        dt = time.perf_counter() - t0
+    assert srv.connections == 1 and dt < 20 * 0.025, f"20 sequential requests took {dt:.2f}s"
+
+def test_a_dropped_keep_alive_connection_is_retried_on_a_new_one():
+    with JudgeServer(faults={2: "drop"}) as srv:
+        j = judge(srv, max_workers=1, cache_size=0)
+        out = j(images(4), ["p"] * 4)
+    assert out.info["failed"] == 0 and j.stats["retries"] == 1 and srv.connections == 2
+
+
+def test_judge_pickles_and_forks_without_its_connections():
+    with JudgeServer() as srv:
+        j = judge(srv, max_workers=1, cache_size=0)
+        j(images(1), ["p"])
+        clone = pickle.loads(pickle.dumps(j))  # DDP spawn / checkpoint hparams
+        assert clone(images(2), ["p"] * 2).info["failed"] == 0 and srv.connections == 2
+        child = multiprocessing.get_context("fork").Process(target=_score_or_fail, args=(j,))
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0 and srv.connections == 3  # the child opened its own connection
+        assert j(images(2), ["q"] * 2).info["failed"] == 0 and srv.connections == 3  # the parent keeps its own
+
+
+def _score_or_fail(j):
+    raise SystemExit(0 if j(images(2), ["r"] * 2).info["failed"] == 0 else 1)
+
+
+def test_unreachable_server_fails_with_the_url_and_never_the_key(monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", "sk-very-secret")
+    with JudgeServer() as srv:
+        url = srv.base_url
+    j = OpenAIJudge(url, "m", api_key_env="JUDGE_TEST_KEY", retries=0, timeout_s=2.0, on_failure="raise")
+    with pytest.raises(RewardError, match="ConnectionError") as err:
+        j(images(1), ["p"])
+    assert url in str(err.value) and "sk-very-secret" not in str(err.value)
+    assert err.value.__cause__.__context__ is None  # the client's error (and its request's headers) is not kept
 
 def lp_of(tokens, alts=None):
     """OpenAI-format log-probs for ``tokens``; ``alts`` maps a token index -> {alternative: probability}."""

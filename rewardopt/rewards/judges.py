@@ -2,7 +2,9 @@
 
 ``OpenAIJudge`` sends the image (or, for a video, a labelled 2x2 grid of key frames) and a prompt
 template to an OpenAI-compatible ``/chat/completions`` endpoint — what vLLM, SGLang and hosted APIs
-serve — and turns the answer into a score in [score_min, score_max]:
+serve — over one pooled ``httpx2`` client per judge (keep-alive connections, at most one per
+request in flight; not pickled, and a forked process opens its own) — and turns the answer into a
+score in [score_min, score_max]:
 
 The answer is the integer right after the last answer marker (``score_marker``: exactly the
 marker(s) configured, default the "Score:" that the default template asks for; a template asking
@@ -36,11 +38,10 @@ import json
 import math
 import os
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
+import httpx2
 import numpy as np
 import torch
 
@@ -271,6 +272,9 @@ class OpenAIJudge(BlackBoxReward):
             ones the server still works on count against max_abandoned).
     """
 
+    _client: httpx2.Client | None = None  # the pooled client (``_http``) and the process it belongs to
+    _client_pid: int | None = None
+
     def __init__(self, base_url: str, model: str, prompt_template: str = DEFAULT_TEMPLATE, score_min: int = 1,
                  score_max: int = 9, api_key_env: str | None = "OPENAI_API_KEY",
                  score_marker: str | list[str] = "Score:",
@@ -300,6 +304,36 @@ class OpenAIJudge(BlackBoxReward):
         self.max_tokens, self.temperature, self.frames = max_tokens, temperature, frames
         self.extra_body = dict(extra_body or {})
 
+    def _http(self) -> httpx2.Client:
+        """The judge's pooled HTTP client, created on first use (again in a forked process: the
+        parent's connections are not shared). Room for every call the backend may see at once."""
+        if self._client is None or self._client_pid != os.getpid():
+            with self._lock:
+                if self._client is None or self._client_pid != os.getpid():
+                    places = self.max_workers + self.max_abandoned
+                    self._client = httpx2.Client(timeout=httpx2.Timeout(self.timeout_s),
+                                                 limits=httpx2.Limits(max_connections=places,
+                                                                      max_keepalive_connections=places))
+                    self._client_pid = os.getpid()
+        return self._client
+
+    def close(self) -> None:
+        """Close the pooled connections (a later call opens new ones)."""
+        client, self._client = self._client, None
+        if client is not None and self._client_pid == os.getpid():
+            client.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_client"], state["_client_pid"] = None, None  # connections stay with their process
+        return state
+
     def to_object(self, sample: Any) -> bytes:
         return to_png(sample, self.frames)
 
@@ -324,12 +358,19 @@ class OpenAIJudge(BlackBoxReward):
             key = os.environ.get(self.api_key_env)
             if key:
                 headers["Authorization"] = "Bearer " + key
-        req = urllib.request.Request(self.url, data=json.dumps(self.request_body(obj, cond)).encode(), headers=headers)
+        body = json.dumps(self.request_body(obj, cond)).encode()
+        failure: Exception | None = None
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                payload = json.loads(resp.read())
-        except urllib.error.HTTPError as e:  # the message holds the URL and status, never the headers
-            raise RuntimeError(f"{self.name}: HTTP {e.code} from {self.url}") from None
+            resp = self._http().post(self.url, content=body, headers=headers)
+        except httpx2.TimeoutException as e:
+            failure = TimeoutError(f"{self.name}: {type(e).__name__} ({e}) from {self.url}")
+        except httpx2.TransportError as e:  # connection refused / reset / dropped, protocol errors
+            failure = ConnectionError(f"{self.name}: {type(e).__name__} ({e}) from {self.url}")
+        if failure is not None:  # raised outside the handler: the client's error and its request (whose
+            raise failure  # headers hold the key) are not kept; the messages hold the URL, never the headers
+        if not resp.is_success:
+            raise RuntimeError(f"{self.name}: HTTP {resp.status_code} from {self.url}")
+        payload = json.loads(resp.content)
         try:
             choice = payload["choices"][0]
             text = choice["message"]["content"] or ""

@@ -12,6 +12,8 @@ probability over neighbouring integers. Faults can be injected per request index
 answer) | "slow" (sleep ``slow_s``) | "nologprobs" | "stray_digits" (an answer with digits but no
 "Score: N", without log-probs) | "malformed_logprobs" (the same malformed answer with log-probs for
 its tokens, the stray digit's spread over neighbours); or pass ``fault_fn(index) -> kind | None``.
+``requests`` counts the requests answered (or failed) and ``connections`` the TCP connections
+accepted, so a test can tell a client that keeps its connections alive from one that reconnects.
 
     python -m rewardopt.testing.judge_server --port 8000 --latency 0.2
 """
@@ -46,16 +48,25 @@ class JudgeServer:
                  scorer: Callable[[bytes, int, int], float] = blueness_score, score_min: int = 1, score_max: int = 9) -> None:
         self.latency_s, self.faults, self.fault_fn, self.slow_s = latency_s, dict(faults or {}), fault_fn, slow_s
         self.scorer, self.score_min, self.score_max = scorer, score_min, score_max
-        self.requests = 0
+        self.requests = self.connections = 0
         self.auth_headers: list[str | None] = []
         self.lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # TCP_NODELAY, as asyncio servers (uvicorn: vLLM, SGLang) set it: the headers and the body go
+            # out as two writes, and on a kept-alive connection Nagle would hold the body for the
+            # client's delayed ACK (~40 ms a request)
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):  # quiet
                 pass
+
+            def setup(self):  # once per TCP connection (HTTP/1.1 keep-alive serves many requests on it)
+                super().setup()
+                with server.lock:
+                    server.connections += 1
 
             def do_POST(self):  # noqa: N802
                 with server.lock:

@@ -16,9 +16,12 @@ samples each; diversity = mean RMS pixel distance between the samples of one pro
 
 Judge throughput: an ``OpenAIJudge`` scores ``--judge-requests`` distinct images against the local
 judge server answering in ``--judge-latency`` seconds, at several concurrencies; the target is at
-least 80% of concurrency / latency requests per second.
+least 80% of concurrency / latency requests per second. ``--judge-only`` runs just this and replaces
+only the judge section of benchmarks/results/inference_time_<reward>.md (with its own date, commit
+and command; the steering tables stay).
 
 Usage: python benchmarks/inference_time.py [--reward jpeg|colour] [--steps 10] [--multiples 4 8 16] [--seeds 0 1 2]
+       python benchmarks/inference_time.py --judge-only
 Prints markdown tables and writes them to benchmarks/results/inference_time_<reward>.md; also writes
 runs/inference_time.json and runs/inference_time.png.
 """
@@ -147,6 +150,30 @@ def judge_throughput(args) -> list[dict]:
     return out
 
 
+JUDGE_SECTION = "Judge throughput against the local judge server:"
+
+
+def judge_table(judge: list[dict], latency: float) -> str:
+    lines = ["| concurrency | requests | latency (s) | req/s | ideal req/s | ratio (target >= 0.8) |",
+             "|---|---|---|---|---|---|"]
+    for j in judge:
+        lines.append(f"| {j['concurrency']} | {j['requests']} | {latency} | {j['rps']:.1f} | "
+                     f"{j['ideal_rps']:.1f} | {j['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def replace_judge_section(page: Path, table: str, provenance: dict[str, str]) -> None:
+    """Put ``table`` (with this run's provenance) in place of the judge section at the end of ``page``,
+    keeping everything before it; a page without one gets it appended."""
+    text = page.read_text() if page.is_file() else ""
+    head = text.split(JUDGE_SECTION)[0].rstrip()
+    meta = "; ".join(f"{k} `{v}`" if k == "command" else f"{k} {v}" for k, v in provenance.items() if k != "seeds")
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text((head + "\n\n" if head else "") + f"{JUDGE_SECTION}\n\nMeasured separately ({meta}).\n\n"
+                    f"{table}\n")
+    print(f"[benchmark] judge section of {page} replaced")
+
+
 def plot(rows, path: Path, reward_name: str) -> None:
     import matplotlib
 
@@ -195,6 +222,8 @@ def main() -> None:
     p.add_argument("--judge-requests", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--skip-judge", action="store_true")
+    p.add_argument("--judge-only", action="store_true",
+                   help="only the judge throughput; replaces the judge section of the result page")
     p.add_argument("--out", default="runs/inference_time")
     p.add_argument("--replot", nargs="+", metavar="JSON",
                    help="only redraw the plot from earlier runs' JSON (later files replace a method's rows)")
@@ -208,6 +237,16 @@ def main() -> None:
             rows.update({(r["method"], r["multiple"]): r for r in data["steering"]})
         plot(list(rows.values()), Path(f"{args.out}.png"), data["args"]["reward"])
         print(f"wrote {args.out}.png")
+        return
+
+    if args.judge_only:
+        judge = judge_throughput(args)
+        table = judge_table(judge, args.judge_latency)
+        print("\n" + table)
+        if not args.no_results:
+            from results_md import RESULTS, provenance
+
+            replace_judge_section(RESULTS / f"inference_time_{args.reward}.md", table, provenance())
         return
 
     print(f"steering: T={args.steps}, budgets {[m * args.steps for m in args.multiples]} NFE/sample, seeds {args.seeds}")
@@ -244,12 +283,7 @@ def main() -> None:
                 verdicts.append(line)
         tables += ["\n".join(lines), "\n\n".join(verdicts)] if verdicts else ["\n".join(lines)]
     if judge:
-        lines = ["| concurrency | requests | latency (s) | req/s | ideal req/s | ratio (target >= 0.8) |",
-                 "|---|---|---|---|---|---|"]
-        for j in judge:
-            lines.append(f"| {j['concurrency']} | {j['requests']} | {args.judge_latency} | {j['rps']:.1f} | "
-                         f"{j['ideal_rps']:.1f} | {j['ratio']:.2f} |")
-        tables.append("Judge throughput against the local judge server:\n\n" + "\n".join(lines))
+        tables.append(f"{JUDGE_SECTION}\n\n{judge_table(judge, args.judge_latency)}")
     for t in tables:
         print("\n" + t)
     if tables and not args.no_results:

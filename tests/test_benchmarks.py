@@ -71,3 +71,22 @@ def test_record_stdout_tees_printed_tables(tmp_path, capsys):
         print("partial")
         raise RuntimeError("boom")
     assert not (tmp_path / "failed.md").exists()  # a failed run leaves no page
+
+
+def test_judge_only_run_replaces_only_the_judge_section(tmp_path):
+    from argparse import Namespace
+
+    import inference_time
+
+    rows = inference_time.judge_throughput(Namespace(judge_requests=8, concurrency=[2], judge_latency=0.02))
+    assert [(r["concurrency"], r["requests"], r["failed"]) for r in rows] == [(2, 8, 0)] and rows[0]["rps"] > 0
+    page = tmp_path / "inference_time_jpeg.md"
+    page.write_text("# Steering\n\n| method |\n|---|\n| SMC |\n\n" + inference_time.JUDGE_SECTION
+                    + "\n\n| concurrency |\n|---|\n| 999 |\n")
+    table = inference_time.judge_table(rows, 0.02)
+    for _ in range(2):  # a re-run replaces its own section again
+        inference_time.replace_judge_section(page, table, {"date": "D", "commit": "C", "command": "python x --judge-only"})
+    text = page.read_text()
+    assert text.startswith("# Steering\n\n| method |\n|---|\n| SMC |\n\n") and "| 999 |" not in text
+    assert text.count(inference_time.JUDGE_SECTION) == 1 and "| 2 | 8 | 0.02 |" in text
+    assert "date D; commit C; command `python x --judge-only`" in text

@@ -9,17 +9,17 @@ onto the final reward (the Monte-Carlo target SVDD-MC uses). The weights go to
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rewardopt.fitting import NetworkFit
 from rewardopt.generators.base import Condition, Generator
 from rewardopt.rewards.base import Reward
+from rewardopt.run import derived_seed
 
 
 class ValueFunction(nn.Module):
@@ -90,7 +90,7 @@ class ConvValue(ValueFunction):
         return self.head(h.mean((2, 3))).squeeze(1) * self.target_std + self.target_mean
 
 
-class ValueRegression(L.LightningModule):
+class ValueRegression(NetworkFit):
     """Fit a value network on Monte-Carlo rollouts of the frozen generator (SVDD-MC's value).
 
     Each training step draws ``batch`` trajectories, scores their final samples with ``reward``, and
@@ -102,25 +102,28 @@ class ValueRegression(L.LightningModule):
         reward: the reward to predict.
         value: the ``ValueFunction`` to train.
         levels_per_rollout: states per trajectory used as training inputs.
-        lr: AdamW learning rate.
+        lr, weight_decay: AdamW.
         seed: rollout noise seed (with the step, so resumes are exact).
-        output_dir: where value.pt and value_fit.json go (default: trainer.default_root_dir).
+        output_dir: where value.pt and value_fit.json (first and last MSE) go (default: the trainer's
+            log folder, ``default_root_dir`` without a logger).
     """
 
+    fit_name = "value"
+
     def __init__(self, generator: Generator, reward: Reward, value: ValueFunction, levels_per_rollout: int = 4,
-                 lr: float = 1e-3, seed: int = 0, output_dir: str | None = None) -> None:
-        super().__init__()
+                 lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0, output_dir: str | None = None) -> None:
+        super().__init__(lr, weight_decay, output_dir=output_dir)
         self.generator, self.reward, self.value = generator.requires_grad_(False), reward, value
-        self.levels_per_rollout, self.lr, self.seed, self._output_dir = levels_per_rollout, lr, seed, output_dir
+        self.levels_per_rollout, self.seed = levels_per_rollout, seed
         self.losses: list[float] = []
         self._scaled = False
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.value.parameters(), lr=self.lr)
+    def fit_parameters(self):
+        return self.value.parameters()
 
     def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
         g = self.generator
-        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        rng = torch.Generator().manual_seed(derived_seed(self.seed, self.global_step))
         with torch.no_grad():
             cond = g.encode_condition(list(batch))
             x0, traj = g.sample(cond, generator=rng, return_trajectory=True)
@@ -144,16 +147,14 @@ class ValueRegression(L.LightningModule):
         self.losses.append(float(loss.detach()))
         return loss
 
-    def on_train_end(self) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        out = Path(self._output_dir or self.trainer.default_root_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(self.value.state_dict(), out / "value.pt")
+    def fit_report(self) -> dict[str, float]:
+        """The mean training MSE over the first and the last tenth of the steps."""
+        if not self.losses:
+            return {}
         k = max(1, len(self.losses) // 10)
         first, last = self.losses[:k], self.losses[-k:]
-        (out / "value_fit.json").write_text(json.dumps({
-            "steps": int(self.global_step), "mse_first": sum(first) / len(first), "mse_last": sum(last) / len(last),
-            "value": str(out / "value.pt")}, indent=2))
-        self.print(f"[rewardopt] value MSE {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f}; "
-                   f"weights: {out / 'value.pt'}")
+        return {"mse_first": sum(first) / len(first), "mse_last": sum(last) / len(last)}
+
+    def save_weights(self, folder: Path) -> Path:
+        torch.save(self.value.state_dict(), folder / "value.pt")
+        return folder / "value.pt"

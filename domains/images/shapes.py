@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rewardopt.run import derived_seed
+
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.9, 0.1, 0.1),
     "green": (0.1, 0.8, 0.2),
@@ -110,7 +112,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict:
-        rng = random.Random(self.seed * 1_000_003 + i)
+        rng = random.Random(derived_seed(self.seed, i))
         spec = self.specs[rng.randrange(len(self.specs))]
         return {
             "image": render(spec, self.size, rng),

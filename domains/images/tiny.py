@@ -19,6 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from domains.images.shapes import COLOURS, COUNTS, SHAPES, ShapesDataset
 from domains.images.stable_diffusion import StableDiffusionGenerator
+from rewardopt.fitting import NetworkFit
 
 SPECIALS = ["<|pad|>", "<|unk|>", "<|startoftext|>", "<|endoftext|>"]
 MAX_TOKENS = 8
@@ -100,18 +101,22 @@ class ShapesDataModule(L.LightningDataModule):
         return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
-class TinyTextToImagePretraining(L.LightningModule):
+class TinyTextToImagePretraining(NetworkFit):
     """Pretrains the tiny text-to-image model (UNet + text encoder) with the ε-prediction loss.
 
     Args:
-        export_dir: where the diffusers-layout folder is written at the end of training.
+        output_dir: where the diffusers-layout folder and ``generator_fit.json`` (the last held-out
+            loss) are written at the end of training (default: the trainer's log folder).
         size: image size; channels: UNet block widths.
-        lr: AdamW learning rate; cond_dropout: probability of an empty prompt (enables CFG).
+        lr: peak AdamW learning rate of a one-cycle schedule; cond_dropout: probability of an empty
+            prompt (enables CFG).
     """
 
-    def __init__(self, export_dir: str = "domains/images/assets/tiny_shapes", size: int = 24,
-                 channels: list[int] = [16, 32, 64], lr: float = 1e-3, cond_dropout: float = 0.1, seed: int = 0):
-        super().__init__()
+    fit_name = "generator"
+
+    def __init__(self, output_dir: str | None = None, size: int = 24, channels: list[int] = [16, 32, 64],
+                 lr: float = 1e-3, cond_dropout: float = 0.1, seed: int = 0):
+        super().__init__(lr, weight_decay=0.0, output_dir=output_dir)
         self.save_hyperparameters()
         self.generator = build_tiny_generator(seed, size, tuple(channels), lora_rank=None, gradient_checkpointing=False)
         self.generator.denoiser.requires_grad_(True)
@@ -140,30 +145,33 @@ class TinyTextToImagePretraining(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", self._loss(batch), prog_bar=True)
 
-    def configure_optimizers(self):
-        params = [p for p in self.generator.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=0.0)
+    def fit_parameters(self):
+        return [p for p in self.generator.parameters() if p.requires_grad]
+
+    def lr_schedule(self, opt):
         steps = self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=steps, pct_start=0.05)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps, pct_start=0.05)
+        return {"scheduler": sched, "interval": "step"}
 
-    def on_train_end(self):
-        if self.trainer.is_global_zero:
-            out = Path(self.hparams.export_dir)
-            self.generator.save_pretrained(out)
-            print(f"[rewardopt] exported tiny text-to-image model to {out}")
+    def save_weights(self, folder: Path) -> Path:
+        self.generator.save_pretrained(folder)
+        return folder
 
 
-class ShapeClassifierTraining(L.LightningModule):
+class ShapeClassifierTraining(NetworkFit):
     """Trains ``ShapeClassifier`` (the differentiable reward model) on procedural shapes.
 
     Light Gaussian pixel noise is added so the classifier is not thrown by the small artefacts of
-    generated images. Exports to ``export_dir`` (config.json + model.safetensors) at the end.
+    generated images. Exports to ``output_dir`` (config.json + model.safetensors, and
+    ``classifier_fit.json`` with the last held-out loss and accuracies; default: the trainer's log
+    folder) at the end.
     """
 
-    def __init__(self, export_dir: str = "domains/images/assets/shape_classifier", width: int = 32, size: int = 24,
-                 lr: float = 2e-3, noise_std: float = 0.05):
-        super().__init__()
+    fit_name = "classifier"
+
+    def __init__(self, output_dir: str | None = None, width: int = 32, size: int = 24, lr: float = 2e-3,
+                 weight_decay: float = 0.01, noise_std: float = 0.05):
+        super().__init__(lr, weight_decay, output_dir=output_dir)
         from domains.images.rewards import ShapeClassifier
 
         self.save_hyperparameters()
@@ -187,10 +195,9 @@ class ShapeClassifierTraining(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.classifier.parameters(), lr=self.hparams.lr)
+    def fit_parameters(self):
+        return self.classifier.parameters()
 
-    def on_train_end(self):
-        if self.trainer.is_global_zero:
-            self.classifier.save_pretrained(self.hparams.export_dir)
-            print(f"[rewardopt] exported shape classifier to {self.hparams.export_dir}")
+    def save_weights(self, folder: Path) -> Path:
+        self.classifier.save_pretrained(folder)
+        return folder

@@ -15,17 +15,16 @@ independent evaluation path on audio.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from domains.tts.corpus import ATTRIBUTES
 from domains.tts.data import CHARS, TTSVocab
+from rewardopt.fitting import NetworkFit
 from rewardopt.rewards.base import Reward
 
 ASSETS = Path(__file__).parent / "assets"
@@ -194,34 +193,28 @@ class AttributeReward(Reward):
         return logp.gather(1, torch.tensor(wanted, device=logp.device)[:, None]).squeeze(1)
 
 
-class _SpeechModelFit(L.LightningModule):
-    """Shared by the two speech-model fits: on the train end, ``model.pt`` and ``fit.json`` (steps and
-    the last held-out scores) go to ``output_dir``."""
+class _SpeechModelFit(NetworkFit):
+    """Shared by the two speech-model fits (``self.model``, a ``CTCAttributeModel``): at the end,
+    ``model.pt`` and ``model_fit.json`` (steps and the last held-out scores) go to ``output_dir``
+    (default: the trainer's log folder)."""
 
-    label = "model"
+    def fit_parameters(self):
+        return self.model.parameters()
 
-    def on_train_end(self):
-        if not self.trainer.is_global_zero:
-            return
-        out = Path(self._output_dir or self.trainer.default_root_dir)
-        self.model.save(out / "model.pt")
-        (out / "fit.json").write_text(json.dumps({"steps": int(self.global_step), **getattr(self, "last_val", {})}, indent=2))
-        self.print(f"[rewardopt] {self.label}: {getattr(self, 'last_val', {})}; weights: {out / 'model.pt'}")
+    def save_weights(self, folder: Path) -> Path:
+        self.model.save(folder / "model.pt")
+        return folder / "model.pt"
 
 
 class TokenModelFit(_SpeechModelFit):
     """Train ``CodecTokenModel`` on corpus items (CTC + attribute cross-entropy); writes
-    ``model.pt`` and ``fit.json`` (held-out greedy CER and attribute accuracy) to ``output_dir``."""
+    ``model.pt`` and ``model_fit.json`` (held-out greedy CER and attribute accuracy) to ``output_dir``."""
 
-    label = "token model"
-
-    def __init__(self, codebook_size: int = 128, hidden: int = 128, lr: float = 2e-3, output_dir: str | None = None) -> None:
-        super().__init__()
-        self.model, self.lr, self._output_dir = CodecTokenModel(codebook_size, hidden), lr, output_dir
+    def __init__(self, codebook_size: int = 128, hidden: int = 128, lr: float = 2e-3, weight_decay: float = 0.01,
+                 output_dir: str | None = None) -> None:
+        super().__init__(lr, weight_decay, output_dir=output_dir)
+        self.model = CodecTokenModel(codebook_size, hidden)
         self.val: list[dict] = []
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr)
 
     def _batch(self, items: list[dict]) -> torch.Tensor:
         N = max(len(i["codes"]) for i in items)
@@ -300,14 +293,13 @@ class AudioRecogniser(CTCAttributeModel):
 class RecogniserFit(_SpeechModelFit):
     """Train the ``AudioRecogniser`` on (log-mel, corpus item) pairs (CTC on the text + attribute
     cross-entropy); a share of each batch goes through the codec (encode -> codebook mels) so it
-    also reads codec-quantised speech. Writes ``model.pt`` and ``fit.json`` (held-out CER and
+    also reads codec-quantised speech. Writes ``model.pt`` and ``model_fit.json`` (held-out CER and
     attribute accuracy on real and on codec-quantised mels)."""
 
-    label = "recogniser"
-
-    def __init__(self, hidden: int = 128, lr: float = 2e-3, codec_augment: float = 0.5, output_dir: str | None = None) -> None:
-        super().__init__()
-        self.model, self.lr, self.codec_augment, self._output_dir = AudioRecogniser(hidden=hidden), lr, codec_augment, output_dir
+    def __init__(self, hidden: int = 128, lr: float = 2e-3, weight_decay: float = 0.01, codec_augment: float = 0.5,
+                 output_dir: str | None = None) -> None:
+        super().__init__(lr, weight_decay, output_dir=output_dir)
+        self.model, self.codec_augment = AudioRecogniser(hidden=hidden), codec_augment
         self.val: list[tuple[list[str], list[str]]] = []
         self._codec = None
 
@@ -319,9 +311,6 @@ class RecogniserFit(_SpeechModelFit):
 
             self._codec = MelCodec.load(CODEC)
         return self._codec
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr)
 
     def _loss(self, items: list[tuple[torch.Tensor, dict]], quantise: bool):
         mels = [self.codec.decode_mel(self.codec.encode(m.float())) if quantise else m.float() for m, _ in items]

@@ -8,14 +8,13 @@ the oracle (and a separate evaluation oracle) next to the surrogate, as DRAKES d
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rewardopt.fitting import NetworkFit
 from rewardopt.rewards.base import Reward
 
 
@@ -57,15 +56,18 @@ class SequenceSurrogate(Reward):
         return self.head(self.features(samples)).squeeze(1) * self.target_std + self.target_mean
 
 
-class SurrogateFit(L.LightningModule):
+class SurrogateFit(NetworkFit):
     """Regress a ``SequenceSurrogate`` onto oracle labels. Batches are (token ids (B, L), labels (B,)).
     Targets are standardised with the training set's statistics (stored in the surrogate).
-    Writes ``surrogate.pt`` and ``surrogate_fit.json`` (validation MSE and Pearson r) to ``output_dir``."""
+    Writes ``surrogate.pt`` and ``surrogate_fit.json`` (validation MSE and Pearson r) to ``output_dir``
+    (default: the trainer's log folder)."""
+
+    fit_name = "surrogate"
 
     def __init__(self, surrogate: SequenceSurrogate, lr: float = 2e-3, weight_decay: float = 1e-4,
                  output_dir: str | None = None) -> None:
-        super().__init__()
-        self.surrogate, self.lr, self.weight_decay, self._output_dir = surrogate.requires_grad_(True), lr, weight_decay, output_dir
+        super().__init__(lr, weight_decay, output_dir=output_dir)
+        self.surrogate = surrogate.requires_grad_(True)
         self.val_pred: list[torch.Tensor] = []
         self.val_true: list[torch.Tensor] = []
 
@@ -74,8 +76,8 @@ class SurrogateFit(L.LightningModule):
         self.surrogate.target_mean.fill_(float(labels.mean()))
         self.surrogate.target_std.fill_(float(labels.std().clamp(min=1e-6)))
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.surrogate.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def fit_parameters(self):
+        return self.surrogate.parameters()
 
     def _pred(self, ids: torch.Tensor) -> torch.Tensor:
         return self.surrogate(F.one_hot(ids, self.surrogate.vocab_size).float()).total
@@ -100,12 +102,6 @@ class SurrogateFit(L.LightningModule):
         self.last_val = {"mse": float(F.mse_loss(p, t)), "pearson": float(torch.corrcoef(torch.stack([p, t]))[0, 1])}
         self.log("val/pearson", self.last_val["pearson"], prog_bar=True)
 
-    def on_train_end(self) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        out = Path(self._output_dir or self.trainer.default_root_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(self.surrogate.state_dict(), out / "surrogate.pt")
-        report = {"steps": int(self.global_step), **getattr(self, "last_val", {})}
-        (out / "surrogate_fit.json").write_text(json.dumps(report, indent=2))
-        self.print(f"[rewardopt] surrogate {report}; weights: {out / 'surrogate.pt'}")
+    def save_weights(self, folder: Path) -> Path:
+        torch.save(self.surrogate.state_dict(), folder / "surrogate.pt")
+        return folder / "surrogate.pt"

@@ -1,44 +1,52 @@
-"""What the pretraining modules share (masked diffusion, causal LMs): AdamW on all of the
-generator's network (``generator.denoiser``) with an optional warm-up / linear decay, the held-out
-metric printed at each validation, and ``generator.save_pretrained(output_dir)`` at the end.
+"""What the pretraining modules share (masked diffusion, causal LMs): a ``NetworkFit`` with AdamW on
+all of the generator's network (its ``network_attr``: ``denoiser``, ``lm``) and an optional warm-up /
+linear decay, the held-out metric printed at each validation, and at the end
+``generator.save_pretrained(output_dir)`` with ``generator_fit.json`` (steps, last held-out metric).
 Subclasses implement ``training_step`` / ``validation_step`` and name their metric."""
 
 from __future__ import annotations
 
-import lightning as L
-import torch
+from pathlib import Path
 
-from rewardopt.schedules import warmup_decay
+from torch import nn
+
+from rewardopt.fitting import NetworkFit
+from rewardopt.generators.capabilities import SavesPretrained
 
 
-class GeneratorPretraining(L.LightningModule):
-    """Args: generator; lr, weight_decay (AdamW); warmup_steps; decay (to 5% at max_steps);
-    output_dir (default: trainer.default_root_dir)."""
+class GeneratorPretraining(NetworkFit):
+    """Args: generator (a ``FullyTrainedGenerator``); lr, weight_decay (AdamW); warmup_steps; decay (to
+    5% at max_steps); output_dir (default: the trainer's log folder, ``default_root_dir`` without a logger)."""
 
+    fit_name = "generator"
     metric = "val/loss"
     unit = ""
 
     def __init__(self, generator, lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 0,
                  decay: bool = False, output_dir: str | None = None) -> None:
-        super().__init__()
-        self.generator, self.lr, self.weight_decay, self._output_dir = generator, lr, weight_decay, output_dir
-        self.warmup_steps, self.decay = warmup_steps, decay
-        generator.denoiser.requires_grad_(True).train()
+        super().__init__(lr, weight_decay, warmup_steps, decay, output_dir)
+        self.generator = generator
+        self.network.requires_grad_(True).train()
 
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.generator.denoiser.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = warmup_decay(opt, self.warmup_steps, int(self.trainer.max_steps) if self.decay else 0)
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+    @property
+    def network(self) -> nn.Module:
+        """The generator's whole network, the one pretraining trains."""
+        return getattr(self.generator, self.generator.network_attr)
+
+    def fit_parameters(self):
+        return self.network.parameters()
 
     def on_validation_epoch_end(self) -> None:
-        v = self.trainer.callback_metrics.get(self.metric)
+        super().on_validation_epoch_end()
+        v = self.last_val.get(self.metric)
         if v is not None and not self.trainer.sanity_checking:
-            self.print(f"[rewardopt] step {self.global_step}: {self.metric} {float(v):.4f}{self.unit}")
+            self.print(f"[rewardopt] step {self.global_step}: {self.metric} {v:.4f}{self.unit}")
 
-    def on_train_end(self) -> None:
-        save = getattr(self.generator, "save_pretrained", None)
-        if save is not None and self.trainer.is_global_zero:
-            out = self._output_dir or self.trainer.default_root_dir
-            self.generator.denoiser.eval()
-            save(out)
-            self.print(f"[rewardopt] saved the pretrained model to {out}")
+    def save_weights(self, folder: Path) -> Path | None:
+        """``generator.save_pretrained(folder)``; nothing for a generator that cannot save itself."""
+        if not isinstance(self.generator, SavesPretrained):
+            self.print(f"[rewardopt] {type(self.generator).__name__} is not SavesPretrained: the weights are not saved")
+            return None
+        self.network.eval()
+        self.generator.save_pretrained(folder)
+        return folder

@@ -222,6 +222,8 @@ def test_svdd_on_a_token_lm_raises_the_reward_over_plain_sampling():
 class TokenPreference(__import__("rewardopt.rewards.base", fromlist=["Reward"]).Reward):
     """Differentiable: mean over positions of a per-token score (token 3 scores 1, others 0)."""
 
+    differentiable = True
+
     def score(self, samples, cond):
         w = torch.zeros(V)
         w[3] = 1.0
@@ -259,7 +261,7 @@ def test_diffro_rejects_what_it_cannot_train():
     from rewardopt.methods.diffro import DiffRO
     from rewardopt.testing.toy import RandomWalkGenerator
 
-    with pytest.raises(TypeError, match="autoregressive"):
+    with pytest.raises(TypeError, match="DiffRO needs a Trainable generator"):
         DiffRO(RandomWalkGenerator(), TokenPreference("p"))
     with pytest.raises(ValueError, match="full_finetune"):
         DiffRO(make(), TokenPreference("p"))

@@ -115,6 +115,8 @@ def test_kl_to_base_is_zero_before_training_and_positive_after_a_change():
 class CountToken(__import__("rewardopt.rewards.base", fromlist=["Reward"]).Reward):
     """r = how many times token 3 occurs (on decoded token ids)."""
 
+    differentiable = True
+
     def score(self, samples, cond):
         return samples[..., 3].sum(1)
 
@@ -186,5 +188,5 @@ def test_drakes_rejects_black_box_rewards_and_continuous_generators():
 
     with pytest.raises(TypeError, match="DRAKES needs a differentiable reward"):
         DRAKES(make(full_finetune=True), BlackBox())
-    with pytest.raises(TypeError, match="masked discrete diffusion"):
+    with pytest.raises(TypeError, match="DRAKES needs a Trainable generator .*RandomWalkGenerator does not declare"):
         DRAKES(RandomWalkGenerator(), SumReward())

@@ -11,11 +11,13 @@ from rewardopt.rewards.blackbox import BlackBoxReward
 
 
 class MeanReward(Reward):
+    differentiable = True
     def score(self, samples, cond):
         return samples.flatten(1).mean(1)
 
 
 class ConstantShape(Reward):
+    differentiable = True
     def __init__(self, out):
         super().__init__("BrokenReward")
         self.out = out

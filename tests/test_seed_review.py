@@ -36,11 +36,11 @@ def tiny_fit(method, data, steps, accumulate, **kw):
 
 # ---------------------------------------------------------------------------------------- item 13: seeds
 def test_training_seed_is_distinct_per_micro_batch_and_rank():
-    from rewardopt.methods.base import training_seed
+    from rewardopt.run import derived_seed
 
-    seeds = {training_seed(7, b, r, 4) for b in range(50) for r in range(4)}
+    seeds = {derived_seed(7, b, r, 4) for b in range(50) for r in range(4)}
     assert len(seeds) == 200
-    assert training_seed(7, 3, 0, 1) == 7 * 1_000_003 + 3, "one process, no accumulation: the old global-step seeds"
+    assert derived_seed(7, 3, 0, 1) == 7 * 1_000_003 + 3, "one process, no accumulation: the old global-step seeds"
 
 
 def test_accumulated_micro_batches_draw_different_training_noise(tmp_path):
@@ -132,7 +132,9 @@ def test_drakes_kl_sums_every_step_like_the_reference_default(intermediate):
     nfe_grad = g.counter.nfe_grad
     x0, kl = m.rollout(cond, torch.Generator().manual_seed(5))
     hand_x0, per_step = hand_rollout(g, cond, 5)
-    assert torch.equal(x0.detach(), hand_x0), "the same sampled states"
+    # the same sampled states (straight-through one-hots equal the hand's up to float rounding of hard + soft - soft)
+    assert torch.equal(x0.detach().argmax(-1), hand_x0.argmax(-1)), "the same sampled states"
+    torch.testing.assert_close(x0.detach(), hand_x0)
     assert all((k > 0).any() for k in per_step[:-1]), "the early steps' KL is not zero on this model"
     assert torch.allclose(kl, sum(per_step), rtol=1e-5, atol=1e-7)
     assert g.counter.nfe_grad - nfe_grad == 4 * 3, "one forward with grad per step (for its KL)"

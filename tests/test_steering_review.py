@@ -256,18 +256,7 @@ def test_dsearch_lookahead_on_masked_diffusion_changes_the_values():
     assert not torch.equal(v0, v2)
 
 
-def test_dsearch_lookahead_needs_a_deterministic_step():
-    from rewardopt.methods.dsearch import DSearch
-    from rewardopt.testing.toy import RandomWalkGenerator, SumReward
-
-    from rewardopt.generators.base import Generator
-
-    class NoDeterministicStep(RandomWalkGenerator):
-        deterministic_step = Generator.deterministic_step
-
-    with pytest.raises(ValueError, match="lookahead"):
-        DSearch(NoDeterministicStep(), SumReward(), lookahead=1)
-    DSearch(NoDeterministicStep(), SumReward(), lookahead=0)  # no look-ahead: fine
+# (DSearch look-ahead without a DeterministicStep generator: tests/test_capabilities.py)
 
 
 # ---------------------------------------------------------------------------------- item 5

@@ -14,6 +14,7 @@ import torch
 
 from domains.dna.motifs import BASES
 from rewardopt.generators.base import resolve_local_pretrained
+from rewardopt.generators.capabilities import SavesPretrained, TextSerialisable
 from rewardopt.generators.masked import MaskedDiffusionGenerator, tiny_denoiser
 
 ASSETS = Path(__file__).parent / "assets"
@@ -25,7 +26,7 @@ def resolve_pretrained(pretrained: str) -> str:
     return resolve_local_pretrained(pretrained, EMBEDDED, "dna.json", "recipes/dna/pretrain_tiny.yaml")
 
 
-class DNAGenerator(MaskedDiffusionGenerator):
+class DNAGenerator(TextSerialisable, SavesPretrained, MaskedDiffusionGenerator):
     """Args:
         pretrained: "embedded:tiny-dna", a folder, or None (random model of ``seq_len``, for pretraining).
         num_steps: reverse steps (DRAKES: 128).

@@ -81,6 +81,8 @@ class MotifActivity(Reward):
         tau: softness of the maximum over positions (bits).
     """
 
+    differentiable = True
+
     def __init__(self, weights: dict[str, float] | None = None, tau: float = 1.0, name: str | None = None) -> None:
         super().__init__(name or "motif_activity")
         self.weights = dict(weights or {m: 1.0 for m in LIVER_TFS})
@@ -121,6 +123,8 @@ class MotifHitActivity(Reward):
 
 class GCContent(Reward):
     """Fraction of G or C (differentiable on one-hots)."""
+
+    differentiable = True
 
     def score(self, samples, cond):
         x = bases_of(samples)

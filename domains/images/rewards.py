@@ -96,6 +96,8 @@ class ShapeAttributeReward(Reward):
         classifier: folder of a trained ``ShapeClassifier`` or ``embedded:shape-classifier``.
     """
 
+    differentiable = True
+
     def __init__(self, attribute: str = "colour", target: str | None = None,
                  classifier: str = "embedded:shape-classifier", name: str | None = None) -> None:
         labels = {"colour": list(COLOURS), "shape": list(SHAPES), "count": ["one", "two", "three"]}
@@ -129,6 +131,8 @@ class ShapeAttributeReward(Reward):
 class ColourReward(Reward):
     """Analytic, differentiable: 1 - mean distance of pixels to ``colour`` (a name or RGB triple),
     so 1 means every pixel has that colour. A sanity reward for tests and demos."""
+
+    differentiable = True
 
     def __init__(self, colour: str | list[float] = "blue", name: str | None = None) -> None:
         super().__init__(name or f"colour_{colour if isinstance(colour, str) else 'rgb'}")
@@ -200,6 +204,8 @@ class AestheticReward(Reward):
         head: path to the MLP head weights (.pth via ``weights_only`` or .safetensors).
     """
 
+    differentiable = True
+
     def __init__(self, clip_model: str, head: str, name: str | None = None) -> None:
         from transformers import CLIPVisionModelWithProjection
 
@@ -224,6 +230,8 @@ class CLIPScoreReward(Reward):
         tokenizer: where its tokenizer lives, if not beside the model (PickScore uses the
             tokenizer of the CLIP ViT-H/14 it was fine-tuned from).
     """
+
+    differentiable = True
 
     def __init__(self, clip_model: str, tokenizer: str | None = None, name: str | None = None) -> None:
         from transformers import AutoTokenizer, CLIPModel

@@ -14,6 +14,7 @@ import torch
 
 from domains.molecules.chem import load_vocab
 from rewardopt.generators.base import resolve_local_pretrained
+from rewardopt.generators.capabilities import Renderable, SavesPretrained, TextSerialisable
 from rewardopt.generators.masked import MaskedDiffusionGenerator, tiny_denoiser
 
 ASSETS = Path(__file__).parent / "assets"
@@ -24,7 +25,7 @@ def resolve_pretrained(pretrained: str) -> str:
     return resolve_local_pretrained(pretrained, EMBEDDED, "vocab.json", "recipes/molecules/pretrain_tiny.yaml")
 
 
-class MoleculeGenerator(MaskedDiffusionGenerator):
+class MoleculeGenerator(TextSerialisable, Renderable, SavesPretrained, MaskedDiffusionGenerator):
     """Args:
         pretrained: "embedded:tiny-nci", or a folder from ``save_pretrained``; None with ``vocab``
             (a vocab.json path, e.g. ``domains/molecules/assets/nci_vocab.json``) and

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rewardopt.methods.dril import TwoStageSeq2Seq
+
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {"embedded:tiny-qa": ASSETS / "tiny_qa"}
 
@@ -47,7 +49,7 @@ def tiny_bart(vocab_size: int, d_model: int = 128, layers: int = 2, heads: int =
     return BartForConditionalGeneration(cfg)
 
 
-class TwoDecoderBart(nn.Module):
+class TwoDecoderBart(TwoStageSeq2Seq, nn.Module):
     """Args:
         pretrained: "embedded:tiny-qa", a folder (``save_pretrained`` output or a BART checkpoint
             with its tokenizer), or None: a random tiny BART and a BPE tokenizer trained on the

@@ -19,6 +19,7 @@ import torch
 from domains.tts.data import CODEC, TTSVocab
 from rewardopt.generators.autoregressive import AutoregressiveGenerator
 from rewardopt.generators.base import resolve_local_pretrained
+from rewardopt.generators.capabilities import SavesPretrained, TextSerialisable
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {"embedded:tiny-tts": ASSETS / "tiny_tts"}
@@ -33,7 +34,7 @@ def tiny_lm(vocab_size: int, max_len: int, hidden: int = 128, layers: int = 2, h
                                       n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
 
 
-class CodecLMGenerator(AutoregressiveGenerator):
+class CodecLMGenerator(TextSerialisable, SavesPretrained, AutoregressiveGenerator):
     """Args:
         pretrained: "embedded:tiny-tts", a folder, or None (random model; needs ``codebook_size``).
         max_new_tokens: codec tokens per utterance at most (~21.5 per second).

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewardopt.generators.base import Condition, FullyTrainedGenerator
+from rewardopt.generators.capabilities import DeterministicStep
 from rewardopt.pretraining import GeneratorPretraining
 
 
@@ -55,8 +56,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-class AutoregressiveGenerator(FullyTrainedGenerator):
-    """Args:
+class AutoregressiveGenerator(DeterministicStep, FullyTrainedGenerator):
+    """A token LM as a sequential sampler, one token per step: trained in full (``Trainable`` with
+    ``full_finetune``; the frozen copy of ``lm`` is the reference policy), greedy decoding as its
+    deterministic step.
+
+    Args:
         lm: a causal LM (``transformers`` ``*ForCausalLM``) reading ``inputs_embeds``.
         max_new_tokens: N, the number of steps.
         bos_token_id: prepended to every prompt.
@@ -67,11 +72,13 @@ class AutoregressiveGenerator(FullyTrainedGenerator):
             use the unfiltered policy.
         tau: Gumbel-softmax temperature of the relaxations (DiffRO: 1).
         forbidden_token_ids: never generated (e.g. text tokens in a codec LM's output).
-        full_finetune: train all LM weights, keeping a frozen copy as the reference policy.
+        full_finetune: keep a frozen copy of the LM as the reference policy (KL terms need it);
+            fine-tuning trains all LM weights either way (no adapters).
         x0_rollout: greedy tokens ``predict_x0`` adds after the next one (0: none, no NFE; None: to the end).
     """
 
     random_init = False  # x_T is the empty sequence
+    network_attr = "lm"  # the network trained in full (its frozen copy is the reference policy)
 
     def __init__(self, lm: nn.Module, max_new_tokens: int, bos_token_id: int, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -81,7 +88,7 @@ class AutoregressiveGenerator(FullyTrainedGenerator):
         if max_new_tokens < 1 or temperature < 0 or tau <= 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError("need max_new_tokens >= 1, temperature >= 0, tau > 0, 0 < top_p <= 1, top_k >= 0; got "
                              f"{max_new_tokens}, {temperature}, {tau}, {top_p}, {top_k}")
-        self.denoiser = lm  # the name the core's frozen-copy machinery uses for "the network"
+        self.lm = lm
         self.vocab_size = int(lm.get_input_embeddings().weight.shape[0])
         for name, t in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
             if t is not None and not 0 <= t < self.vocab_size:
@@ -93,11 +100,6 @@ class AutoregressiveGenerator(FullyTrainedGenerator):
         banned[list(forbidden_token_ids)] = True
         self.register_buffer("banned", banned, persistent=False)
         self.full_finetune, self.x0_rollout = full_finetune, x0_rollout
-        self._frozen: list[nn.Module] = []
-
-    @property
-    def lm(self) -> nn.Module:
-        return self.denoiser
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -305,10 +307,11 @@ class AutoregressiveGenerator(FullyTrainedGenerator):
 class CausalLMPretraining(GeneratorPretraining):
     """Teacher-forced maximum likelihood for an ``AutoregressiveGenerator``: batches are lists of
     ``(condition, target token ids)``; the loss is the mean per-token negative log-likelihood of
-    the targets followed by EOS. At the end ``generator.save_pretrained(output_dir)`` (if any).
+    the targets followed by EOS. At the end ``generator.save_pretrained(output_dir)`` (if any) and
+    ``generator_fit.json``.
 
     Args: generator; lr, weight_decay (AdamW); warmup_steps, decay (``rewardopt.schedules``);
-    output_dir (default: trainer.default_root_dir).
+    output_dir (default: the trainer's log folder).
     """
 
     metric, unit = "val/nll", " nats/token"

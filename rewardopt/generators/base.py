@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rewardopt.generators.capabilities import FrozenCopy, Trainable
+
 
 @dataclass
 class Condition:
@@ -81,7 +83,15 @@ class ComputeCounter:
 
 
 class Generator(nn.Module, ABC):
-    """A sequential sampler. Subclasses set ``self.counter`` users read for NFE.
+    """A sequential sampler: the core every method uses.
+
+    Required (abstract): ``timesteps``, ``encode_condition``, ``init_state``, ``model_output``,
+    ``step``, ``predict_x0``, ``decode``. Provided with defaults a subclass may override:
+    ``num_steps``, ``stochastic``, ``random_init``, ``step_is_deterministic``, ``x0_nfe``,
+    ``sample``, ``write_samples``, ``trainable_parameters`` and ``counter`` (the ``ComputeCounter``
+    users read for NFE). Everything else a method may need is a declared capability
+    (``rewardopt.generators.capabilities``: ``Trainable``, ``Renderable``, ``TextSerialisable``,
+    ``TransitionLogProbs``, ``DeterministicStep``, ``SavesPretrained``), checked when the method is built.
 
     Shapes: states are (B, ...) tensors; ``decode`` returns domain samples (images (B, C, H, W) in
     [0, 1] for image generators).
@@ -109,11 +119,11 @@ class Generator(nn.Module, ABC):
     def init_state(self, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
         """x_T for each condition in ``cond`` (one sample per row)."""
 
+    @abstractmethod
     def model_output(self, x_t: torch.Tensor, i: int, cond: Condition) -> torch.Tensor:
         """The network evaluation at step ``i`` that ``step`` and ``predict_x0`` share (one NFE per
         row; a (B, ...) tensor). Search methods compute it once per state and pass it back as
         ``out=`` so that scoring a candidate and stepping from it cost one evaluation, not two."""
-        raise NotImplementedError(f"{type(self).__name__} does not expose its per-step model output")
 
     @property
     def stochastic(self) -> bool:
@@ -129,15 +139,6 @@ class Generator(nn.Module, ABC):
         stochastic sampler's last step can be: DDPM, DDIM with ``set_alpha_to_one``). Search
         methods then value one child, not M."""
         return not self.stochastic
-
-    def deterministic_step(self, x_t: torch.Tensor, i: int, cond: Condition,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
-        """One step x_t -> x_{t-1} of the generator's deterministic sampler, for look-ahead values
-        (DSearch): DDIM with η = 0 for continuous diffusion, greedy unmasking for masked diffusion,
-        greedy decoding for token LMs. Not ``step`` with zero noise: for diffusion that is the mean
-        of the stochastic step (too little noise variance left), for masked diffusion it never unmasks.
-        ``out`` as in ``step``."""
-        raise NotImplementedError(f"{type(self).__name__} has no deterministic step (deterministic_step)")
 
     @abstractmethod
     def step(self, x_t: torch.Tensor, i: int, cond: Condition, noise: torch.Tensor | None = None,
@@ -160,24 +161,18 @@ class Generator(nn.Module, ABC):
     def decode(self, x0: torch.Tensor) -> Any:
         """Domain samples from final states."""
 
-    def render(self, samples: Any) -> torch.Tensor | None:
-        """Pictures of decoded samples for grids: (N, 3, H, W) in [0, 1], or None when the domain has
-        no picture (then outputs are text only). Images are their own picture; domains whose samples
-        are not images (molecules, DNA) override this."""
-        if isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[1] in (1, 3):
-            return samples.expand(-1, 3, -1, -1)
-        return None
-
     def write_samples(self, samples: Any, folder: str | os.PathLike, stem: str) -> list[Path]:
         """Save decoded samples under ``folder`` (files named from ``stem``) and return the paths:
-        images as one PNG each, domains with ``to_text`` (SMILES, DNA, codec codes) as one text
-        file with a line per sample, anything else as JSON lines. Domains with a medium of their
+        ``ImageSamples`` as one PNG each, ``TextSerialisable`` samples (SMILES, DNA, codec codes) as one
+        text file with a line per sample, anything else as JSON lines. Domains with a medium of their
         own (speech: WAVs) extend this."""
         import json
 
+        from rewardopt.generators.capabilities import ImageSamples, TextSerialisable
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        if isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[1] in (1, 3):
+        if isinstance(self, ImageSamples):
             from PIL import Image
 
             arr = (samples.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -185,7 +180,7 @@ class Generator(nn.Module, ABC):
             for a, path in zip(arr, paths):
                 Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a).save(path)
             return paths
-        if hasattr(self, "to_text"):
+        if isinstance(self, TextSerialisable):
             path = folder / f"{stem}.txt"
             path.write_text("".join(f"{t}\n" for t in self.to_text(samples)))
             return [path]
@@ -195,49 +190,10 @@ class Generator(nn.Module, ABC):
                 f.write(json.dumps(s.tolist() if isinstance(s, torch.Tensor) else s, default=str) + "\n")
         return [path]
 
-    def log_prob(self, x_t: torch.Tensor, i: int, x_prev: torch.Tensor, cond: Condition) -> torch.Tensor:
-        """log p(x_prev | x_t, c), shape (B,). Only stochastic samplers implement it."""
-        raise NotImplementedError(f"{type(self).__name__} does not define transition log-probabilities")
-
     # --- parameters -----------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters a fine-tuning method may train (LoRA adapters, or all of the denoiser)."""
         return [p for p in self.parameters() if p.requires_grad]
-
-    @contextmanager
-    def base_model(self) -> Iterator[None]:
-        """Context in which the generator behaves as the frozen pretrained model (for KL terms)."""
-        raise NotImplementedError(f"{type(self).__name__} has no frozen base model")
-        yield  # pragma: no cover
-
-    # --- full fine-tuning: a frozen copy of the denoiser as the pretrained model ------------------
-    # Generators with a ``denoiser`` module share this; the copy sits in a list so that it is not
-    # in state_dict (checkpoints stay small) yet follows .to()/.half() through ``_apply``.
-    def freeze_copy_of_denoiser(self) -> None:
-        import copy
-
-        self._frozen = [copy.deepcopy(self.denoiser).requires_grad_(False).eval()]
-        self.denoiser.requires_grad_(True)
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        for m in getattr(self, "_frozen", []):
-            m._apply(fn, recurse)
-        return out
-
-    @contextmanager
-    def frozen_denoiser(self) -> Iterator[None]:
-        """Swap the frozen copy in (no-op without one)."""
-        frozen = getattr(self, "_frozen", [])
-        if not frozen:
-            yield
-            return
-        live = self.denoiser
-        self.denoiser = frozen[0]
-        try:
-            yield
-        finally:
-            self.denoiser = live
 
     # --- sampling -------------------------------------------------------------------------
     def sample(
@@ -270,19 +226,33 @@ class Generator(nn.Module, ABC):
         return (x, traj) if return_trajectory else x
 
 
-class FullyTrainedGenerator(Generator):
-    """A generator whose whole ``denoiser`` is trained (no adapters): with ``full_finetune`` a frozen
-    copy is kept as the pretrained model for KL terms. Masked diffusion and token LMs use it."""
+class FullyTrainedGenerator(FrozenCopy, Trainable, Generator):
+    """A generator fine-tuned by training its whole network (``network_attr``; it has no adapters).
+    With ``full_finetune`` a frozen copy of the network is kept as the pretrained model (the KL anchor,
+    the reference policy); without it the network is trained with no copy (``has_base_model`` False,
+    so methods refuse KL terms). Masked diffusion and token LMs use it."""
 
     full_finetune: bool = False
 
     def setup_trainable(self) -> None:
+        if self.__dict__.get("_trainable_ready"):
+            return
         self.requires_grad_(False)
+        getattr(self, self.network_attr).requires_grad_(True)
         if self.full_finetune:
-            self.freeze_copy_of_denoiser()
+            self.freeze_copy()
+        self._trainable_ready = True
 
     def base_model(self):
-        return self.frozen_denoiser()
+        return self.frozen_network()
+
+    @property
+    def has_base_model(self) -> bool:
+        return self.has_frozen_copy
+
+    def save_trained(self, path: str | os.PathLike) -> Path | None:
+        """The whole trained model (``FrozenCopy.save_full``)."""
+        return self.save_full(path)
 
 
 def resolve_local_pretrained(pretrained: str, embedded: dict, marker: str, recipe: str) -> str:

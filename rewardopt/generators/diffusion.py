@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rewardopt.generators.base import Condition, Generator
+from rewardopt.generators.capabilities import DeterministicStep, FrozenCopy, Trainable, TransitionLogProbs
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's own file names
@@ -80,8 +81,10 @@ def set_lora_enabled(denoiser: nn.Module, enabled: bool) -> None:
             m.enable_adapters(enabled)
 
 
-class DiffusionGenerator(Generator):
-    """Generic continuous-diffusion sampler.
+class DiffusionGenerator(FrozenCopy, Trainable, TransitionLogProbs, DeterministicStep, Generator):
+    """Generic continuous-diffusion sampler: ``Trainable`` (LoRA or in full), with transition
+    log-probabilities (DDPO) and a deterministic DDIM step (look-ahead). Subclasses whose samples are
+    images also inherit ``ImageSamples``.
 
     Args:
         scheduler: a diffusers ``DDIMScheduler`` or ``DDPMScheduler``.
@@ -128,7 +131,6 @@ class DiffusionGenerator(Generator):
         self.lora_targets = list(lora_targets)
         self.full_finetune = full_finetune
         self.lora_scale = float(lora_scale)
-        self._frozen: list[nn.Module] = []  # a list hides the frozen copy from state_dict
         self.scheduler.set_timesteps(num_steps)
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.register_buffer("_timesteps", scheduler.timesteps.clone().long(), persistent=False)
@@ -146,7 +148,10 @@ class DiffusionGenerator(Generator):
 
     # ----------------------------------------------------------------------------- trainable parts
     def setup_trainable(self) -> None:
-        """Freeze everything, then open LoRA adapters or the full denoiser for training."""
+        """Freeze everything, then open LoRA adapters or the full denoiser for training (once)."""
+        if self.__dict__.get("_trainable_ready"):
+            return
+        self._trainable_ready = True
         self.requires_grad_(False)
         if self.lora_rank is not None:
             from peft import LoraConfig
@@ -154,7 +159,7 @@ class DiffusionGenerator(Generator):
             add_lora(self.denoiser, LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha or self.lora_rank,
                                                init_lora_weights="gaussian", target_modules=self.lora_targets))
         elif self.full_finetune:
-            self.freeze_copy_of_denoiser()
+            self.freeze_copy()
 
     @contextmanager
     def base_model(self) -> Iterator[None]:
@@ -166,8 +171,19 @@ class DiffusionGenerator(Generator):
             finally:
                 set_lora_enabled(self.denoiser, True)
         else:  # the frozen copy, or (nothing trained) the model itself
-            with self.frozen_denoiser():
+            with self.frozen_network():
                 yield
+
+    @property
+    def has_base_model(self) -> bool:
+        return self.lora_rank is not None or self.has_frozen_copy
+
+    def save_trained(self, path: str | os.PathLike) -> Path | None:
+        """The LoRA adapter (``save_lora``; returns the weights file), or, trained in full, the whole
+        model (``FrozenCopy.save_full``); None when nothing is trained."""
+        if self.lora_rank is not None:
+            return self.save_lora(path)
+        return self.save_full(path) if self.full_finetune else None
 
     # ----------------------------------------------------------------------------- LoRA files
     def save_lora(self, path: str | os.PathLike) -> Path:
@@ -246,10 +262,6 @@ class DiffusionGenerator(Generator):
     def timesteps(self) -> torch.Tensor:
         return self._timesteps
 
-    def set_num_steps(self, num_steps: int) -> None:
-        self.scheduler.set_timesteps(num_steps)
-        self._timesteps = self.scheduler.timesteps.clone().long().to(self.alphas_cumprod.device)
-
     def _alpha_prev(self, i: int) -> torch.Tensor:
         """ᾱ at the step after step i, exactly as diffusers' schedulers choose it."""
         t = int(self.timesteps[i])
@@ -301,12 +313,6 @@ class DiffusionGenerator(Generator):
         out = self._call_denoiser(torch.cat([x_t, x_t]), t, tensors)
         out_u, out_c = out.chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
-
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Condition) -> torch.Tensor:
-        """ε̂(x_t, t, c) with CFG, whatever the model's parameterisation (for SDS, DRaFT-LV, KL)."""
-        out = self.predict_noise_at(x_t, t, cond)
-        _, eps = self._split(x_t, out, torch.as_tensor(t).long())
-        return eps
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
         """Forward process q(x_t | x_0) = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε."""

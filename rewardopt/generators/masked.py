@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewardopt.generators.base import Condition, FullyTrainedGenerator
+from rewardopt.generators.capabilities import DeterministicStep
 from rewardopt.pretraining import GeneratorPretraining
 
 
@@ -60,8 +61,9 @@ def tiny_denoiser(vocab_size: int, seq_len: int, hidden: int = 64, layers: int =
     raise ValueError(f"arch must be 'bert' or 'roformer', got {arch!r}")
 
 
-class MaskedDiffusionGenerator(FullyTrainedGenerator):
-    """Absorbing-state discrete diffusion over sequences of length ``seq_len``.
+class MaskedDiffusionGenerator(DeterministicStep, FullyTrainedGenerator):
+    """Absorbing-state discrete diffusion over sequences of length ``seq_len``: trained in full
+    (``Trainable`` with ``full_finetune``), with greedy unmasking as its deterministic step.
 
     Args:
         denoiser: a transformers masked-LM (logits (B, L, V) from ``inputs_embeds``).
@@ -75,7 +77,8 @@ class MaskedDiffusionGenerator(FullyTrainedGenerator):
             of straight-through one-hots; x_0 is straight-through either way. DRAKES chooses its own
             relaxation (``intermediate``, soft by default) through ``relaxed_step``.
         forbidden_token_ids: tokens never sampled (padding, BOS/EOS, ...), besides [MASK].
-        full_finetune: train all denoiser weights, keeping a frozen copy as the pretrained model.
+        full_finetune: keep a frozen copy of the denoiser as the pretrained model (KL terms need it);
+            fine-tuning trains all denoiser weights either way (no adapters).
     """
 
     random_init = False  # x_T is all [MASK]
@@ -95,11 +98,10 @@ class MaskedDiffusionGenerator(FullyTrainedGenerator):
         banned[[mask_token_id, *forbidden_token_ids]] = True
         self.register_buffer("banned", banned, persistent=False)
         self.full_finetune, self.soft_steps = full_finetune, soft_steps
-        self._frozen: list[nn.Module] = []
-        self.set_num_steps(num_steps)
+        self._set_schedule(num_steps)
 
     # ------------------------------------------------------------------ schedule
-    def set_num_steps(self, num_steps: int) -> None:
+    def _set_schedule(self, num_steps: int) -> None:
         self._t = torch.linspace(1.0, 0.0, num_steps + 1)  # t_0 = 1 ... t_T = 0
 
     @property
@@ -251,13 +253,13 @@ class MaskedDiffusionPretraining(GeneratorPretraining):
     each token with probability 1 - α(t), and minimise (1/t)·Σ_masked -log x̂0(token) per sequence,
     averaged over tokens — for the log-linear schedule α'(t)/(1 - α(t)) = -1/t, so this is the
     NELBO's weighting. Batches are (B, L) token-id tensors. At the end the generator's
-    ``save_pretrained(output_dir)`` writes the weights (if it has one).
+    ``save_pretrained(output_dir)`` writes the weights (if it has one), with ``generator_fit.json``.
 
     Args:
         generator: the ``MaskedDiffusionGenerator`` to train (all denoiser weights).
         lr, weight_decay: AdamW.
         warmup_steps: linear learning-rate warm-up; decay: then decay linearly to 5% at max_steps.
-        output_dir: where the model is saved (default: trainer.default_root_dir).
+        output_dir: where the model is saved (default: the trainer's log folder).
     """
 
     metric, unit = "val/nelbo", " nats/token"

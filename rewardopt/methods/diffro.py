@@ -46,13 +46,11 @@ class DiffRO(RewardFineTuning):
             raise TypeError(f"DiffRO fine-tunes autoregressive token LMs; got {type(generator).__name__} "
                             "(masked diffusion: DRAKES; continuous diffusion: DRaFT / AlignProp)")
         self.grad_reward = require_gradient("DiffRO", reward)
-        if kl_weight > 0 and not generator.full_finetune:
+        if kl_weight > 0 and not generator.has_base_model:
             raise ValueError("kl_weight > 0 needs the frozen reference policy: set full_finetune: true on the generator")
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.kl_weight, self.tau, self.seed = kl_weight, tau, seed
-        if generator.full_finetune and not generator._frozen:
-            generator.setup_trainable()
 
     def targets(self, batch: list[tuple[Any, Any]]) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
         """Raw conditions, (B, N) target ids and (B, N) mask of real positions (``pad_targets``)."""

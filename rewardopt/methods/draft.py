@@ -65,7 +65,10 @@ class DRaFT(RewardFineTuning):
                 raise ValueError(f"DRaFT-LV (lv_samples={lv_samples}) is defined for k=1 only; got k={k}")
             if lv_samples < 1:
                 raise ValueError(f"lv_samples must be >= 1, got {lv_samples}")
-        if kl_weight > 0 and getattr(generator, "lora_rank", None) is None and not getattr(generator, "full_finetune", False):
+        if not isinstance(generator, DiffusionGenerator):
+            raise TypeError(f"{type(self).__name__} backpropagates through continuous diffusion (DiffusionGenerator); got "
+                            f"{type(generator).__name__} (masked diffusion: DRAKES; token LMs: DiffRO)")
+        if kl_weight > 0 and not generator.has_base_model:
             raise ValueError("kl_weight > 0 needs a frozen base model: enable LoRA or full_finetune on the generator")
         self.k, self.lv_samples, self.kl_weight = k, lv_samples, kl_weight
         self.samples_per_prompt, self.seed = samples_per_prompt, seed

@@ -71,12 +71,10 @@ class DRAKES(RewardFineTuning):
             raise ValueError(f"truncate must be >= 1 or None, got {truncate}")
         if intermediate not in self.INTERMEDIATE:
             raise ValueError(f"intermediate must be one of {self.INTERMEDIATE}, got {intermediate!r}")
-        if kl_weight > 0 and not generator.full_finetune:
+        if kl_weight > 0 and not generator.has_base_model:
             raise ValueError("kl_weight > 0 needs the frozen pretrained copy: set full_finetune: true on the generator")
         self.truncate, self.kl_weight, self.samples_per_prompt, self.seed = truncate, kl_weight, samples_per_prompt, seed
         self.truncate_kl, self.intermediate = truncate_kl, intermediate
-        if generator.full_finetune and not generator._frozen:
-            generator.setup_trainable()
 
     def rollout(self, cond: Condition, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """x_0 (straight-through one-hots, (B, L, V)) and the summed per-step KL, (B,)."""

@@ -9,7 +9,7 @@ Each output sample runs a beam search of total width W = beams × children:
   shrinks from W to 1 by a schedule — ``exponential`` W^(1-p), ``quadratic`` W-(W-1)p²,
   ``linear`` W-(W-1)p, ``sigmoid`` — while each beam grows c = ⌊W/b⌋ children, so b·c stays near W.
   Children are valued by a K-step look-ahead (``lookahead``): K steps of the generator's
-  deterministic sampler (``Generator.deterministic_step``: DDIM with η = 0 for continuous
+  deterministic sampler (``DeterministicStep.deterministic_step``: DDIM with η = 0 for continuous
   diffusion; greedy unmasking of the most confident positions for masked diffusion; greedy tokens
   for token LMs) followed by x̂0 (Tweedie), scored by the reward (K = 0: plain x̂0, as SVDD-PM).
   Our reading: "deterministic" is the η = 0 sampler, not the stochastic step with its noise set to
@@ -33,6 +33,7 @@ import math
 import torch
 
 from rewardopt.generators.base import Condition, Generator
+from rewardopt.generators.capabilities import DeterministicStep, require
 from rewardopt.methods.steering import InferenceTimeSteering, group_sample, group_topk, replace_worst
 from rewardopt.rewards.base import Reward
 
@@ -61,7 +62,7 @@ class DSearch(InferenceTimeSteering):
         schedule: how beams shrink (and children grow): exponential | quadratic | linear | sigmoid.
         search_start: fraction of T after which the search runs (0: from the first step).
         lookahead: K steps of the deterministic sampler before x̂0 when valuing a child (needs
-            ``Generator.deterministic_step``).
+            the ``DeterministicStep`` capability).
         alpha: 0 = keep the top beams; > 0 = draw them by exp(v/α) without replacement.
         replace_frac: DSearch-R replacement among a condition's ``num_samples`` searches (0: off).
         Other args: ``InferenceTimeSteering``.
@@ -78,9 +79,8 @@ class DSearch(InferenceTimeSteering):
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if width < 1 or not 0 <= search_start <= 1 or lookahead < 0 or alpha < 0 or not 0 <= replace_frac < 1:
             raise ValueError("need width >= 1, 0 <= search_start <= 1, lookahead >= 0, alpha >= 0, 0 <= replace_frac < 1")
-        if lookahead > 0 and type(generator).deterministic_step is Generator.deterministic_step:
-            raise ValueError(f"DSearch lookahead={lookahead} needs a deterministic sampler step, which "
-                             f"{type(generator).__name__} does not define (deterministic_step); set lookahead: 0")
+        if lookahead > 0:
+            require(generator, DeterministicStep, f"DSearch lookahead={lookahead} (set lookahead: 0 to search without it)")
         self.width, self.schedule, self.search_start = width, schedule, search_start
         self.lookahead, self.alpha, self.replace_frac = lookahead, alpha, replace_frac
         self.fit_budget()

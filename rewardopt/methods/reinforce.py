@@ -40,15 +40,13 @@ class Reinforce(RewardFineTuning):
         super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed, output_dir=output_dir)
         if not isinstance(generator, AutoregressiveGenerator):
             raise TypeError(f"Reinforce here trains autoregressive token LMs; got {type(generator).__name__} (diffusion: DDPO)")
-        if kl_weight > 0 and not generator.full_finetune:
+        if kl_weight > 0 and not generator.has_base_model:
             raise ValueError("kl_weight > 0 needs the frozen reference policy: set full_finetune: true on the generator")
         if not generator.stochastic:
             raise ValueError("REINFORCE learns from sampled sequences: set generator.temperature > 0 (got 0: greedy)")
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
         self.samples_per_prompt, self.kl_weight, self.seed = samples_per_prompt, kl_weight, seed
-        if generator.full_finetune and not generator._frozen:
-            generator.setup_trainable()
 
     def sequence_log_probs(self, cond, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One teacher-forced pass over sampled ``ids`` (B, N) with grad. Returns (Σ over ``mask`` of

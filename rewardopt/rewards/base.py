@@ -70,7 +70,7 @@ class Reward(nn.Module):
     the list of raw conditions (prompts), one per sample, or None.
     """
 
-    differentiable: bool = True
+    differentiable: bool = False  # opt in: only rewards declared differentiable reach gradient methods
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__()

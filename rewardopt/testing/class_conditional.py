@@ -13,10 +13,11 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from rewardopt.generators.base import Condition
+from rewardopt.generators.capabilities import ImageSamples
 from rewardopt.generators.diffusion import DiffusionGenerator
 
 
-class ClassConditionalUNetGenerator(DiffusionGenerator):
+class ClassConditionalUNetGenerator(ImageSamples, DiffusionGenerator):
     """Pixel-space images (B, C, H, W) in [0, 1] from class labels (conditions: ints, or strings like "3").
 
     Args:

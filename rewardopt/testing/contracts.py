@@ -14,6 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rewardopt.generators.capabilities import (DeterministicStep, Renderable, TextSerialisable, Trainable,
+                                               TransitionLogProbs)
 from rewardopt.rewards.base import RewardError, RewardOutput
 
 
@@ -80,6 +82,34 @@ class GeneratorContract:
         x = g.sample(cond, generator=torch.Generator().manual_seed(0), grad_last_k=1)
         x.float().square().mean().backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+    def test_declared_capabilities_behave(self, make_generator):
+        """Each capability the generator declares does what it says (shapes, determinism, idempotence)."""
+        g = make_generator()
+        cond = g.encode_condition(self.raw_conditions)
+        x = g.init_state(cond, torch.Generator().manual_seed(0))
+        B = len(self.raw_conditions)
+        with torch.no_grad():
+            if isinstance(g, DeterministicStep):
+                y = g.deterministic_step(x, 0, cond)
+                assert y.shape == x.shape and torch.equal(y, g.deterministic_step(x, 0, cond))
+            if isinstance(g, TransitionLogProbs):
+                lp = g.log_prob(x, 0, g.step(x, 0, cond, generator=torch.Generator().manual_seed(1)), cond)
+                assert lp.shape == (B,) and torch.isfinite(lp).all()
+            samples = g.decode(g.sample(cond, generator=torch.Generator().manual_seed(2)))
+            if isinstance(g, Renderable):
+                pics = g.render(samples)
+                assert pics.ndim == 4 and pics.shape[:2] == (B, 3) and 0 <= float(pics.min()) <= float(pics.max()) <= 1
+            if isinstance(g, TextSerialisable):
+                texts = g.to_text(samples)
+                assert len(texts) == B and all(isinstance(t, str) and "\n" not in t for t in texts)
+        if isinstance(g, Trainable):
+            g.setup_trainable()
+            first = [id(p) for p in g.trainable_parameters()]
+            g.setup_trainable()  # idempotent: a method calls it again
+            assert first and [id(p) for p in g.trainable_parameters()] == first
+            with g.base_model():
+                pass
 
 
 class RewardContract:

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from rewardopt.generators.base import Condition, Generator
+from rewardopt.generators.capabilities import DeterministicStep
 from rewardopt.rewards.base import Reward
 
 
-class RandomWalkGenerator(Generator):
+class RandomWalkGenerator(DeterministicStep, Generator):
     def __init__(self, num_steps: int = 4, dim: int = 2, std: float = 1.0) -> None:
         super().__init__()
         self.register_buffer("_t", torch.arange(num_steps, 0, -1), persistent=False)
@@ -65,6 +66,8 @@ class RandomWalkGenerator(Generator):
 
 class SumReward(Reward):
     """r(x) = sum of the state's entries (differentiable)."""
+
+    differentiable = True
 
     def score(self, samples, cond):
         return samples.sum(dim=tuple(range(1, samples.ndim)))

@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from results_md import record_stdout
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_md import record_stdout  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -136,7 +136,7 @@ def main() -> None:
                 out = subprocess.run([sys.executable, __file__, "--worker", json.dumps([T, K, ckpt]), "--batch",
                                       str(args.batch), "--repeats", str(args.repeats)],
                                      cwd=ROOT, capture_output=True, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536",
+                                     env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
                                           "MALLOC_TRIM_THRESHOLD_": "0"})
                 line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
                 if not line:

@@ -26,14 +26,11 @@ import importlib.util
 import itertools
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PROMPTS = ["one red circle", "two blue squares", "three green triangles", "one yellow square",
            "two white circles", "three red squares"]

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from results_md import record_stdout
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_md import record_stdout  # noqa: E402
-sys.path.insert(0, str(ROOT))
 
 
 def diversity(smiles: list[str | None]) -> float:

@@ -37,8 +37,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 METHODS = ["DRaFT-1", "DRaFT-LV", "DRaFT K=T", "AlignProp", "DDPO"]
 

@@ -31,13 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 #: counters reported per output sample (keys of InferenceTimeSteering.COUNTS)
 COUNTED = ("nfe", "nfe_grad", "backward", "decodes", "reward_calls")

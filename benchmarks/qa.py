@@ -15,14 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_md import record_stdout  # noqa: E402
-sys.path.insert(0, str(ROOT))
+from results_md import record_stdout
 
 
 def run(method: str, steps: int, batch: int, lr: float, seed: int, weight: float = 0.3,

@@ -6,7 +6,7 @@ the benchmark printed. The README links every page; re-running a benchmark overw
 
 Usage inside a benchmark::
 
-    from results_md import write_result   # benchmarks/ is on sys.path when a script runs
+    from results_md import write_result   # a sibling module: `python benchmarks/x.py` runs with benchmarks/ first on sys.path
     write_result("inference_time_jpeg", tables=[md_table, ...], seeds=[0, 1, 2], notes="...")
 """
 

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def make(method: str, seed: int):
@@ -182,7 +181,6 @@ def main() -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "sample_efficiency.png", dpi=110)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from results_md import write_result
 
     write_result("sample_efficiency", [text], seeds=args.seeds, title="Sample efficiency: held-out reward vs samples",

@@ -23,14 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_md import record_stdout  # noqa: E402
-sys.path.insert(0, str(ROOT))
+from results_md import record_stdout
 
 
 def evaluate(g, conds, recogniser, codec, t2t, head, seed: int, attribute: str = "pitch") -> dict:

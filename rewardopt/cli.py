@@ -420,10 +420,6 @@ def _debug_requested(argv: list[str]) -> bool:
 
 
 def main(args: list[str] | None = None) -> None:
-    # The repository root holds the `domains` package; make it importable when run from a clone.
-    cwd = os.getcwd()
-    if os.path.isdir(os.path.join(cwd, "domains")) and cwd not in sys.path:
-        sys.path.insert(0, cwd)
     argv = sys.argv[1:] if args is None else list(args)
     debug = _debug_requested(argv)
     if DEBUG_FLAG in argv:

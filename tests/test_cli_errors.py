@@ -71,6 +71,8 @@ def start_rewardopt_fit(config: Path, *extra: str, subcommand: str = "fit") -> s
     env = {k: v for k, v in os.environ.items() if not k.endswith("_VERBOSITY") and not k.startswith("REWARDOPT_")}
     # config-time output is held back up to this long; a loaded CI machine can take a while to import
     env.update(OMP_NUM_THREADS="1", REWARDOPT_HOLD_OUTPUT_S=str(RUN_TIMEOUT_S))
+    # CrashingReward (this file) is a user's own module: importable as a user makes it, on PYTHONPATH
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.Popen([str(exe), subcommand, "--config", str(config), *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 

@@ -1,6 +1,6 @@
 # rewardopt — the two first commands of the README work on a fresh clone:
 #   make demo   fine-tune the embedded tiny text-to-image model (DRaFT-LV), print before/after reward
-#   make test   the default test suite (< 10 minutes on 2 CPU cores)
+#   make test   `ruff check`, then the default test suite (< 10 minutes on 2 CPU cores)
 # Both create .venv and install pinned versions (constraints.txt) when missing.
 
 PYTHON ?= python3
@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all bench install clean pretrain-tiny tts-assets
+.PHONY: demo lint test test-all bench install clean pretrain-tiny tts-assets
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/rewardopt fit --config recipes/images/draft_lv_tiny.yaml
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)

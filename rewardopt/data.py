@@ -9,6 +9,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from rewardopt.run import seeded_generator
+
 
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence) -> None:
@@ -44,7 +46,7 @@ class ResumableEpochSampler(torch.utils.data.DistributedSampler):
             self.epoch, self.start = epoch, 0
 
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        perm = torch.randperm(self.n, generator=seeded_generator(self.seed, self.epoch))
         mine = perm[: (self.n // self.num_replicas) * self.num_replicas][self.rank::self.num_replicas]
         return iter(mine[self.start:].tolist())
 
@@ -108,7 +110,8 @@ class UnconditionalDataModule(PromptDataModule):
     """``None`` conditions: ``batch_size`` samples per training step, ``num_eval`` for evaluation
     and prediction (in batches of ``val_batch_size``)."""
 
-    def __init__(self, batch_size: int = 16, num_eval: int = 64, val_batch_size: int = 32, epoch_size: int = 1024) -> None:
+    def __init__(self, batch_size: int = 16, num_eval: int = 64, val_batch_size: int = 32,
+                 epoch_size: int = 1024) -> None:
         super().__init__([None], [None] * num_eval, batch_size=batch_size, val_batch_size=val_batch_size,
                          val_repeats=1, epoch_size=epoch_size)
 
@@ -125,7 +128,8 @@ class TokenDataModule(L.LightningDataModule):
     def __init__(self, data: torch.Tensor, batch_size: int = 64, val_fraction: float = 0.05, seed: int = 0,
                  permute: bool = True) -> None:
         super().__init__()
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)) if permute else torch.arange(len(data))
+        n = len(data)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if permute else torch.arange(n)
         n_val = max(1, int(val_fraction * len(data)))
         self.val, self.train = data[order[:n_val]], data[order[n_val:]]
         self.batch_size = batch_size

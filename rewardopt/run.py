@@ -46,20 +46,33 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 class RunMixin:
-    """Output folder, rank, per-rank RNG, gather and summary for a ``LightningModule``.
+    """Output folder, rank, per-rank RNG, gather and summary for a ``LightningModule`` (mix it in
+    first: ``class M(RunMixin, L.LightningModule)``).
 
-    The output folder is, in order: the module's ``output_dir`` argument (stored as ``_output_dir``);
-    the trainer's ``log_dir`` (the logger's folder, or ``default_root_dir`` without a logger);
-    ``default_output_dir``.
+    The output folder — summaries, samples, grids, exported weights — is, in order: the module's
+    ``output_dir`` argument (stored as ``_output_dir``); the trainer's ``log_dir``, which is the
+    logger's folder, or ``default_root_dir`` when there is no logger (``logger: false``, as in every
+    steering recipe); ``default_output_dir`` outside a trainer. ``trainer.log_dir`` is a collective
+    under DDP (a broadcast, so that every rank agrees on a logger's version folder), so the folder is
+    resolved on every rank in ``setup`` and kept: asking for it on rank 0 alone afterwards is safe.
+    A subclass that overrides ``setup`` calls ``super().setup(stage)``.
     """
 
     _output_dir: str | None = None
+    _resolved_output_dir: Path | None = None
     default_output_dir: str = "runs/unnamed"
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # type: ignore[misc]
+        self._resolved_output_dir = None
+        self._resolved_output_dir = self.output_dir
 
     @property
     def output_dir(self) -> Path:
         if self._output_dir:
             return Path(self._output_dir)
+        if self._resolved_output_dir is not None:
+            return self._resolved_output_dir
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and trainer.log_dir:
             return Path(trainer.log_dir)
@@ -79,11 +92,11 @@ class RunMixin:
         return seeded_generator(seed, index, rank, world)
 
     def gather(self, obj: Any) -> list[Any]:
-        """``obj`` from every rank, in rank order (``gather_objects``)."""
+        """``obj`` from every rank, in rank order (``gather_objects``). Every rank must call it."""
         return gather_objects(obj, self.rank_and_world()[1])
 
     def write_summary(self, summary: dict[str, Any], name: str = "summary.json") -> Path:
         """Write ``summary`` into the output folder and print where (call it on rank 0 only)."""
         path = write_json(self.output_dir / name, summary)
-        self.print(f"[rewardopt] summary: {path}")
+        self.print(f"[rewardopt] summary: {path}")  # type: ignore[attr-defined]
         return path

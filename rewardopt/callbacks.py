@@ -1,7 +1,9 @@
 """Callbacks that save what people would rather look at than read: sample grids at fixed seeds
 (before / during / after fine-tuning) and reward curves.
 
-They work with any ``RewardFineTuning`` whose generator decodes to images (B, 3, H, W) in [0, 1].
+They work with any ``RewardFineTuning``. Grids need a ``Renderable`` generator (one whose decoded samples
+have a picture: images, molecules); for the others (speech, DNA) ``SampleGrid`` writes the before/after
+samples themselves through ``generator.write_samples`` (WAVs, text).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+
+from rewardopt.generators.capabilities import Renderable
 
 
 def _plt():
@@ -80,9 +84,9 @@ class SampleGrid(L.Callback):
 
     def _grid(self, trainer, pl_module, name: str) -> None:
         prompts = self._prompts(trainer)
-        images = pl_module.generator.render(pl_module.sample_images(prompts, self.seed))
-        if images is None:
+        if not isinstance(pl_module.generator, Renderable):
             return
+        images = pl_module.generator.render(pl_module.sample_decoded(prompts, self.seed))
         p = save_image_grid([images], pl_module.output_dir / "grids" / f"{name}.png", col_labels=_labels(prompts),
                             title=f"{type(pl_module).__name__} step {trainer.global_step}")
         self.paths.append(p)
@@ -102,16 +106,16 @@ class SampleGrid(L.Callback):
         prompts = self._prompts(trainer)
         g = pl_module.generator
         with g.base_model():
-            before = pl_module.sample_images(prompts, self.seed)
-        after = pl_module.sample_images(prompts, self.seed)
-        pictures = [g.render(before), g.render(after)]
-        if pictures[0] is None:  # no picture (speech, DNA): the samples themselves, to listen to or read
+            before = pl_module.sample_decoded(prompts, self.seed)
+        after = pl_module.sample_decoded(prompts, self.seed)
+        if not isinstance(g, Renderable):  # no picture (speech, DNA): the samples themselves, to listen to or read
             folder = pl_module.output_dir / "before_after"
             g.write_samples(before, folder, "before")
             g.write_samples(after, folder, "after")
             (folder / "conditions.txt").write_text("".join(f"{p}\n" for p in _labels(prompts)))
             pl_module.print(f"[rewardopt] before/after samples: {folder}")
             return
+        pictures = [g.render(before), g.render(after)]
         reward = pl_module.reward
         calls = reward.calls  # display only: not charged to the method's compute
         with torch.no_grad():

@@ -1,5 +1,6 @@
 """What every reward fine-tuning method shares: held-out evaluation before/after, compute counters,
-small checkpoints (trainable weights only), the run summary and the adapter export.
+small checkpoints (trainable weights only), the run summary and the adapter export (the output
+folder, per-rank noise and the gather across ranks come from ``rewardopt.run.RunMixin``).
 
 A subclass implements ``training_step`` (or ``loss``) and sets its own knobs; see ``draft.py``.
 """
@@ -7,7 +8,6 @@ A subclass implements ``training_step`` (or ``loss``) and sets its own knobs; se
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,9 @@ import lightning as L
 import torch
 
 from rewardopt.generators.base import Generator
+from rewardopt.generators.capabilities import Trainable, require
 from rewardopt.rewards.base import Reward
+from rewardopt.run import RunMixin
 
 
 def params_checksum(params: list[torch.Tensor]) -> str:
@@ -25,11 +27,6 @@ def params_checksum(params: list[torch.Tensor]) -> str:
     for p in params:
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def training_seed(seed: int, micro_batch: int, rank: int = 0, world_size: int = 1) -> int:
-    """The seed of one training micro-batch on one rank: distinct for every (micro-batch, rank)."""
-    return seed * 1_000_003 + micro_batch * world_size + rank
 
 
 def micro_batch_index(module: L.LightningModule) -> int:
@@ -41,14 +38,7 @@ def micro_batch_index(module: L.LightningModule) -> int:
     return max(int(trainer.fit_loop.epoch_loop.total_batch_idx), 0) if trainer is not None else 0
 
 
-def training_generator(module: L.LightningModule, seed: int) -> torch.Generator:
-    """A CPU generator seeded with ``training_seed(seed, micro-batch index, rank, world size)``."""
-    trainer = module._trainer
-    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-    return torch.Generator().manual_seed(training_seed(seed, micro_batch_index(module), rank, world))
-
-
-class RewardFineTuning(L.LightningModule):
+class RewardFineTuning(RunMixin, L.LightningModule):
     """Base LightningModule for methods that fine-tune a generator toward a reward.
 
     Args:
@@ -56,15 +46,19 @@ class RewardFineTuning(L.LightningModule):
         reward: the reward to maximise.
         lr, weight_decay, betas: AdamW settings.
         eval_seed: seed of the fixed noise used for held-out evaluation and sample grids.
-        output_dir: where summary.json and the adapter go (default: the logger's folder).
+        output_dir: where summary.json and the adapter go (default: the trainer's ``log_dir``, the
+            logger's folder or ``default_root_dir`` without one; ``RunMixin``).
     """
 
     #: checkpoints hold only trainable weights, so they load non-strictly
     strict_loading = False
 
     def __init__(self, generator: Generator, reward: Reward, lr: float = 1e-4, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eval_seed: int = 1234, output_dir: str | None = None) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eval_seed: int = 1234,
+                 output_dir: str | None = None) -> None:
         super().__init__()
+        require(generator, Trainable, type(self).__name__)
+        generator.setup_trainable()  # the one place a fine-tuning run opens the trainable weights (idempotent)
         self.generator, self.reward = generator, reward
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.eval_seed, self._output_dir = eval_seed, output_dir
@@ -89,13 +83,15 @@ class RewardFineTuning(L.LightningModule):
                        "compute/wall_s": self.wall_time()}, on_step=True, on_epoch=False)
 
     def training_rng(self) -> torch.Generator:
-        """The noise of this micro-batch on this rank (``training_generator``): a resumed run draws
-        exactly what an uninterrupted one would, ranks and accumulated micro-batches draw different noise."""
-        return training_generator(self, getattr(self, "seed", 0))
+        """The noise of this micro-batch on this rank (``rank_generator`` of ``micro_batch_index``): a
+        resumed run draws exactly what an uninterrupted one would, ranks and accumulated micro-batches
+        draw different noise."""
+        return self.rank_generator(getattr(self, "seed", 0), micro_batch_index(self))
 
     # ------------------------------------------------------------------ evaluation
-    def sample_images(self, prompts: list[str], seed: int, grad: bool = False) -> torch.Tensor:
-        """Decoded samples for ``prompts`` from fixed noise; no compute is charged to training."""
+    def sample_decoded(self, prompts: list[Any], seed: int, grad: bool = False) -> Any:
+        """Decoded samples (images, molecules, speech, ...: ``generator.decode``) for ``prompts`` from
+        fixed noise; no compute is charged to training."""
         g = self.generator
         saved = g.counter.state_dict()
         try:
@@ -112,17 +108,17 @@ class RewardFineTuning(L.LightningModule):
         loader = loader if loader is not None else self.trainer.datamodule.val_dataloader()
         calls = self.reward.calls
         total, n = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        rank, world = self.rank_and_world()
         for b, prompts in enumerate(loader):
             if b % world != rank:  # ranks share the held-out batches; batch b keeps seed eval_seed + b
                 continue
-            images = self.sample_images(prompts, self.eval_seed + b)
-            r = self.reward(images, prompts).total
+            r = self.reward(self.sample_decoded(prompts, self.eval_seed + b), prompts).total
             total += r.sum()
             n += r.numel()
         self.reward.calls = calls
         if world > 1:
-            total, n = self.trainer.strategy.reduce(total, reduce_op="sum"), self.trainer.strategy.reduce(n, reduce_op="sum")
+            reduce = self.trainer.strategy.reduce
+            total, n = reduce(total, reduce_op="sum"), reduce(n, reduce_op="sum")
         return float(total / n.clamp(min=1))
 
     def on_train_start(self) -> None:
@@ -139,9 +135,9 @@ class RewardFineTuning(L.LightningModule):
 
     def validation_step(self, batch: list[str], batch_idx: int) -> None:
         with torch.no_grad():
-            images = self.sample_images(batch, self.eval_seed + batch_idx)
+            samples = self.sample_decoded(batch, self.eval_seed + batch_idx)
             calls = self.reward.calls
-            r = self.reward(images, batch).total
+            r = self.reward(samples, batch).total
             self.reward.calls = calls
         self.log("val/reward", r.mean(), sync_dist=True, batch_size=len(batch), prog_bar=True)
 
@@ -178,25 +174,26 @@ class RewardFineTuning(L.LightningModule):
             self._wall_offset = float(state["wall"])
 
     # ------------------------------------------------------------------ outputs
-    @property
-    def output_dir(self) -> Path:
-        if self._output_dir:
-            return Path(self._output_dir)
-        if self.trainer is not None and self.trainer.log_dir:
-            return Path(self.trainer.log_dir)
-        return Path("runs/unnamed")
-
     def on_train_end(self) -> None:
-        reward_after = self.evaluate()
-        ranks = [params_checksum(self.generator.trainable_parameters())]
-        rank_rewards = [self._last_train_reward]
-        if self.trainer.world_size > 1:
-            gathered = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, (ranks[0], self._last_train_reward))
-            ranks, rank_rewards = [g[0] for g in gathered], [g[1] for g in gathered]
+        reward_after = self.evaluate()  # on every rank (averaged across ranks)
+        per_rank = self.gather((params_checksum(self.generator.trainable_parameters()), self._last_train_reward))
+        if self.is_global_zero():
+            self.write_run_summary(reward_after, per_rank, self.export_trained())
+
+    def export_trained(self) -> Path | None:
+        """Write the trained weights in the model family's format (``save_trained``: a LoRA adapter, or
+        the whole model) to ``<output_dir>/adapter``; the path, or None when nothing was written."""
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        return self.generator.save_trained(out / "adapter")
+
+    def write_run_summary(self, reward_after: float, per_rank: list[tuple[str, float | None]],
+                          adapter: Path | None = None) -> Path:
+        """Write summary.json (rank 0): held-out reward before/after, the counters, and every rank's
+        weight checksum and last training reward (``per_rank``, gathered in rank order)."""
+        checksums, rank_rewards = [p[0] for p in per_rank], [p[1] for p in per_rank]
         reduced = self.trainer.callback_metrics.get("train/reward")
-        if not self.trainer.is_global_zero:
-            return
+        world = self.rank_and_world()[1]
         c = self.generator.counter
         summary = {
             "method": type(self).__name__,
@@ -204,38 +201,22 @@ class RewardFineTuning(L.LightningModule):
             "reward_before": self.reward_before,
             "reward_after": reward_after,
             "steps": int(self.global_step),
-            "world_size": int(self.trainer.world_size),
+            "world_size": int(world),
             # counters are per rank; multiply by world_size for the whole job
             # nfe_grad: denoiser evaluations with autograd (each backpropagated once); decodes: rows through
             # generator.decode (a VAE pass for latent diffusion), decodes_grad those with autograd
             "nfe": c.nfe, "nfe_grad": c.nfe_grad, "decodes": c.decodes, "decodes_grad": c.decodes_grad,
             "reward_calls": self.reward.calls, "samples": c.samples,
             "wall_time_s": round(self.wall_time(), 2),
-            "param_checksums": ranks,
-            "ranks_in_sync": len(set(ranks)) == 1,
+            "param_checksums": checksums,
+            "ranks_in_sync": len(set(checksums)) == 1,
             # last training batch: each rank's own mean reward, and the value logged (reduced over ranks)
             "last_train_reward_per_rank": rank_rewards,
             "last_train_reward_reduced": float(reduced) if reduced is not None else None,
-            "history": self.history + [{"samples": c.samples * self.trainer.world_size, "reward": reward_after}],
+            "history": self.history + [{"samples": c.samples * world, "reward": reward_after}],
         }
-        out = self.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        adapter = self.save_adapter(out / "adapter")
         if adapter is not None:
             summary["adapter"] = str(adapter)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.print(f"[rewardopt] held-out reward: before {self.reward_before:.4f} -> after {reward_after:.4f} "
                    f"({summary['steps']} steps, {c.samples} samples, NFE {c.nfe}, {summary['wall_time_s']} s)")
-        self.print(f"[rewardopt] summary: {out / 'summary.json'}")
-
-    def save_adapter(self, path: Path) -> Path | None:
-        """Save the trained weights in the model family's format: LoRA for diffusers; a generator
-        trained in full (``full_finetune``) with a ``save_pretrained`` saves the whole model."""
-        save = getattr(self.generator, "save_lora", None)
-        if save is not None and getattr(self.generator, "lora_rank", None) is not None:
-            return save(path)
-        save = getattr(self.generator, "save_pretrained", None)
-        if save is not None and getattr(self.generator, "full_finetune", False):
-            save(path)
-            return path
-        return None
+        return self.write_summary(summary)

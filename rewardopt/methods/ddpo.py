@@ -111,8 +111,10 @@ class DDPO(RewardFineTuning):
                  output_dir: str | None = None) -> None:
         super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed,
                          output_dir=output_dir)
-        stochastic = getattr(generator, "eta", 0.0) > 0 or type(generator.scheduler).__name__ == "DDPMScheduler"
-        if not stochastic:
+        if not isinstance(generator, DiffusionGenerator):
+            raise TypeError(f"DDPO's likelihood ratio needs Gaussian transitions (DiffusionGenerator); got "
+                            f"{type(generator).__name__} (token LMs: Reinforce)")
+        if not generator.stochastic:
             raise ValueError("DDPO needs a stochastic sampler: set generator eta > 0 (reference: eta=1) or "
                              "scheduler='ddpm'")
         if not 0.0 < timestep_fraction <= 1.0 or int(generator.num_steps * timestep_fraction) < 1:
@@ -145,19 +147,15 @@ class DDPO(RewardFineTuning):
             states.append(x)
         return states, logps
 
-    def _rank_world(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-
     def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
         """(B,) clipped advantages of this process's samples. Every process's (prompt, reward) pairs
         are gathered in rank order and normalised together (so every process updates the same
         buffers), and each keeps its own slice — as the reference's gather/ungather."""
         values = rewards.detach().float().cpu().numpy()  # float: bf16 has no numpy dtype
-        rank, world = self._rank_world()
+        rank, world = self.rank_and_world()
         all_prompts, all_values, start = list(prompts), values, 0
         if world > 1:
-            gathered: list = [None] * world
-            torch.distributed.all_gather_object(gathered, (list(prompts), values.tolist()))
+            gathered = self.gather((list(prompts), values.tolist()))
             all_prompts = [p for ps, _ in gathered for p in ps]
             all_values = np.concatenate([np.asarray(v, dtype=np.float64) for _, v in gathered])
             start = sum(len(ps) for ps, _ in gathered[:rank])
@@ -239,17 +237,12 @@ class DDPO(RewardFineTuning):
         resumes from its own), so a multi-process resume continues exactly."""
         super().on_save_checkpoint(checkpoint)
         own = {p: list(b) for p, b in self.buffers.items()}
-        _, world = self._rank_world()
-        per_rank = [own]
-        if world > 1:
-            per_rank = [None] * world
-            torch.distributed.all_gather_object(per_rank, own)
         checkpoint["ddpo_buffers"] = own
-        checkpoint["ddpo_buffers_per_rank"] = per_rank
+        checkpoint["ddpo_buffers_per_rank"] = self.gather(own)
 
     def on_load_checkpoint(self, checkpoint) -> None:
         super().on_load_checkpoint(checkpoint)
-        rank, _ = self._rank_world()
+        rank, _ = self.rank_and_world()
         per_rank = checkpoint.get("ddpo_buffers_per_rank") or [checkpoint.get("ddpo_buffers", {})]
         self.buffers.clear()
         for p, values in per_rank[rank if rank < len(per_rank) else 0].items():

@@ -19,7 +19,7 @@ question's NLL to gold steps. Pretraining (``sample_prob: 0``, ``question_mle: t
 of both decoders. The rollouts' sampling constraints (no_repeat_ngram_size=3, min_length=10 in the
 reference) are the model's (``TwoDecoderBart``). Losses are per-token means over the batch.
 
-The model implements three methods (``domains/qa_text/model.py: TwoDecoderBart`` does):
+The model is a ``TwoStageSeq2Seq`` (``domains/qa_text/model.py: TwoDecoderBart`` is):
 ``mle_terms(batch)`` -> {answer_nll, question_nll, answer_tokens, question_tokens} per example;
 ``sample_answers(batch, generator)`` -> (B, L) ids; ``reconstruction_nll(batch, answer_ids)`` ->
 per-example NLL of the gold question given those answers; and ``save_pretrained(path)``.
@@ -27,20 +27,40 @@ per-example NLL of the gold question given those answers; and ``save_pretrained(
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
+from abc import ABC, abstractmethod
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from rewardopt.methods.base import training_generator
+from rewardopt.methods.base import micro_batch_index
+from rewardopt.run import RunMixin
 from rewardopt.schedules import warmup_decay
 
 
-class DRIL(L.LightningModule):
+class TwoStageSeq2Seq(ABC):
+    """What DRIL trains: decoder 1 writes an answer from the source, decoder 2 the question from it."""
+
+    @abstractmethod
+    def mle_terms(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Per-example {answer_nll, question_nll, answer_tokens, question_tokens} of the gold pair."""
+
+    @abstractmethod
+    def sample_answers(self, batch: list[dict[str, Any]], generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, L) answer token ids drawn from decoder 1."""
+
+    @abstractmethod
+    def reconstruction_nll(self, batch: list[dict[str, Any]], answer_ids: torch.Tensor) -> torch.Tensor:
+        """Per-example NLL of the gold question given ``answer_ids``, (B,)."""
+
+    @abstractmethod
+    def save_pretrained(self, path: str) -> None:
+        """Write the model under ``path``."""
+
+
+class DRIL(RunMixin, L.LightningModule):
     """Args:
         model: the two-stage seq2seq model (see the module docstring).
         sample_prob: probability that a step trains on the model's own answers (paper 0.5; 0: MLE).
@@ -49,8 +69,11 @@ class DRIL(L.LightningModule):
         question_mle: also add the gold question's NLL to gold steps (ours, and pretraining; reference: no).
         lr, weight_decay, warmup_steps, decay: AdamW with linear warm-up and optional linear decay.
         seed: the branch draws and answer sampling (with the micro-batch index and rank: exact resumes).
-        output_dir: where the trained model (``save_pretrained``) and ``summary.json`` go.
+        output_dir: where the trained model (``save_pretrained``) and ``summary.json`` go (default: the
+            trainer's ``log_dir``, ``default_root_dir`` without a logger; ``RunMixin``).
     """
+
+    default_output_dir = "runs/dril"
 
     def __init__(self, model: nn.Module, sample_prob: float = 0.5, reconstruction_weight: float = 0.3,
                  mle_in_sample_branch: bool = False, question_mle: bool = False, lr: float = 1e-4,
@@ -58,29 +81,25 @@ class DRIL(L.LightningModule):
                  decay: bool = False, seed: int = 0, output_dir: str | None = None) -> None:
         super().__init__()
         if not 0 <= sample_prob <= 1 or reconstruction_weight < 0:
-            raise ValueError(f"need 0 <= sample_prob <= 1 and reconstruction_weight >= 0; got {sample_prob}, {reconstruction_weight}")
-        missing = [m for m in ("mle_terms", "sample_answers", "reconstruction_nll", "save_pretrained") if not hasattr(model, m)]
-        if missing:
-            raise TypeError(f"DRIL needs a two-stage seq2seq model with {missing} (e.g. domains.qa_text.model.TwoDecoderBart); "
+            raise ValueError("need 0 <= sample_prob <= 1 and reconstruction_weight >= 0; "
+                             f"got {sample_prob}, {reconstruction_weight}")
+        if not isinstance(model, TwoStageSeq2Seq):
+            raise TypeError(f"DRIL needs a TwoStageSeq2Seq model (rewardopt.methods.dril: mle_terms, sample_answers, "
+                            f"reconstruction_nll, save_pretrained; e.g. domains.qa_text.model.TwoDecoderBart); "
                             f"got {type(model).__name__}")
         self.model = model
         self.sample_prob, self.reconstruction_weight = sample_prob, reconstruction_weight
         self.mle_in_sample_branch, self.question_mle = mle_in_sample_branch, question_mle
-        self.lr, self.weight_decay, self.warmup_steps, self.decay, self.seed = lr, weight_decay, warmup_steps, decay, seed
+        self.lr, self.weight_decay, self.warmup_steps, self.decay = lr, weight_decay, warmup_steps, decay
+        self.seed = seed
         self._output_dir = output_dir
         self.sampled_steps = 0
         self.val_history: list[dict[str, float]] = []
         self._t0 = time.perf_counter()
 
-    @property
-    def output_dir(self) -> Path:
-        if self._output_dir:
-            return Path(self._output_dir)
-        return Path(self.trainer.default_root_dir if self._trainer is not None else "runs/dril")
-
     def training_rng(self) -> torch.Generator:
         """The branch draw and answer samples of this micro-batch on this rank (exact resumes)."""
-        return training_generator(self, self.seed)
+        return self.rank_generator(self.seed, micro_batch_index(self))
 
     def loss_terms(self, batch: list[dict[str, Any]], rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         rng = rng or torch.Generator().manual_seed(self.seed)
@@ -89,7 +108,8 @@ class DRIL(L.LightningModule):
             t = self.model.mle_terms(batch)  # only logged in a reference-mixture sampled step
         answer = t["answer_nll"].sum() / t["answer_tokens"].sum()
         question = t["question_nll"].sum() / t["question_tokens"].sum()
-        out = {"answer_nll": answer.detach(), "question_nll": question.detach(), "sampled": torch.tensor(float(sampled))}
+        out = {"answer_nll": answer.detach(), "question_nll": question.detach(),
+               "sampled": torch.tensor(float(sampled))}
         if sampled:
             ids = self.model.sample_answers(batch, generator=rng)
             rec = self.model.reconstruction_nll(batch, ids).sum() / t["question_tokens"].sum()
@@ -125,7 +145,8 @@ class DRIL(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         v = self._val
-        metrics = {"val/answer_nll": v["answer"] / max(v["a_tok"], 1), "val/question_nll": v["question"] / max(v["q_tok"], 1)}
+        metrics = {"val/answer_nll": v["answer"] / max(v["a_tok"], 1),
+                   "val/question_nll": v["question"] / max(v["q_tok"], 1)}
         self.log_dict(metrics, sync_dist=True)
         self.val_history.append({"step": self.global_step, **metrics})
         self.print(f"[rewardopt] step {self.global_step}: held-out answer NLL {metrics['val/answer_nll']:.4f}, "
@@ -147,7 +168,7 @@ class DRIL(L.LightningModule):
         self.val_history = list(state.get("val_history", []))
 
     def on_fit_end(self) -> None:
-        if self._trainer is not None and not self.trainer.is_global_zero:
+        if not self.is_global_zero():
             return
         out = self.output_dir
         self.model.save_pretrained(out)
@@ -157,5 +178,5 @@ class DRIL(L.LightningModule):
                    "steps": self.global_step,
                    "sampled_steps": self.sampled_steps, "validation": self.val_history,
                    "wall_time_s": round(time.perf_counter() - self._t0, 1)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.print(f"[rewardopt] model: {out} ({self.global_step} steps, {self.sampled_steps} on own samples)")
+        self.write_summary(summary)

@@ -9,10 +9,11 @@ from rewardopt.methods.dps import DPS
 from rewardopt.methods.dsearch import DSearch, beam_width
 from rewardopt.methods.free2guide import Free2Guide
 from rewardopt.methods.smc import SMC
-from rewardopt.methods.steering import mean_pairwise_distance, replace_worst, reward_stats
+from rewardopt.methods.steering import mean_pairwise_distance, replace_worst
 from rewardopt.methods.svdd import SVDD
 from rewardopt.rewards.ensembles import MinMaxSum, RankConsensus
 from rewardopt.testing.toy import RandomWalkGenerator, SumReward
+from rewardopt.writers import reward_stats
 from tests.conftest import tiny_generator
 
 PROMPTS = ["a red circle", "two blue squares", "three green triangles"]

@@ -22,25 +22,24 @@ counters against it, and ``budget`` (NFE per output sample) picks the method's w
 largest width whose cost fits — so that methods are compared at equal NFE.
 
 ``rewardopt predict --config recipes/<domain>/<method>_<reward>.yaml`` runs ``predict_step`` over
-the data module's ``predict_dataloader`` and writes, into ``output_dir``: the samples, per-sample
-rewards (``rewards.csv``), a grid (``grid.png``, for images) and ``summary.json``.
+the data module's ``predict_dataloader``; the method holds the search and the counting only. Its
+outputs — the samples, per-sample rewards (``rewards.csv``), a grid (``grid.png``) and
+``summary.json`` in ``output_dir`` — are written, and gathered across DDP ranks, by the prediction
+writer it installs (``rewardopt.writers.SteeringOutputWriter``).
 
 Failed evaluations. The reported reward is scored once more after the search (``eval_reward``,
 default: the steering reward, whose default black-box failure policy is then "exclude"). A sample
 that evaluation excludes is not dropped: rewards.csv marks it (``eval_excluded``, reward -inf),
 summary.json counts it (``eval_excluded``; ``reward_stats.failed`` / ``failed_frac``), and it ranks
 below every valid reward in the median and top-10% mean, so a method whose outputs crash the judge
-more can only look worse (``reward_stats``; the mean is over the valid samples). An ``eval_reward``
-left at its default policy raises on a failure; a numeric ``on_failure`` is scored as that value.
+more can only look worse (``rewardopt.writers.reward_stats``; the mean is over the valid
+samples). An ``eval_reward`` left at its default policy raises on a failure; a numeric
+``on_failure`` is scored as that value.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import time
-from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -48,7 +47,8 @@ import torch
 
 from rewardopt.generators.base import Condition, Generator
 from rewardopt.rewards.base import Reward
-
+from rewardopt.run import RunMixin
+from rewardopt.writers import SteeringOutputWriter
 
 #: the value ``InferenceTimeSteering.score`` gives an excluded candidate (below any real reward, finite)
 EXCLUDED_VALUE = -1e30
@@ -108,7 +108,8 @@ def replace_worst(values: torch.Tensor, group: int, frac: float) -> torch.Tensor
     r = min(math.ceil(frac * group), group // 2) if frac > 0 else 0
     if r == 0:
         return idx
-    order = values.view(-1, group).argsort(dim=1, descending=True) + torch.arange(n // group, device=values.device).unsqueeze(1) * group
+    offsets = torch.arange(n // group, device=values.device).unsqueeze(1) * group
+    order = values.view(-1, group).argsort(dim=1, descending=True) + offsets
     idx[order[:, group - r:].flip(1).flatten()] = order[:, :r].flatten()
     return idx
 
@@ -124,27 +125,7 @@ def mean_pairwise_distance(samples: Any, group: int) -> float | None:
     return float(d[:, off].mean())
 
 
-def reward_stats(values: torch.Tensor, failed: torch.Tensor | None = None) -> dict[str, float | int | None]:
-    """Mean, median and top-10% mean (the SVDD paper's table columns) of per-sample rewards (n,).
-
-    ``failed`` (n,) bool marks evaluations that failed (an excluded sample; its value is ignored).
-    They rank below every valid reward in the median and the top-10% mean (over all n samples), so a
-    failure can only lower those — a method whose outputs crash the judge more cannot look better —
-    and a statistic that lands on a failure is None. The mean is over the valid samples (None if
-    none is). ``failed`` / ``failed_frac`` give the count and fraction next to them, so every table
-    row shows them."""
-    v = values.detach().double().cpu().flatten()
-    bad = torch.zeros_like(v, dtype=torch.bool) if failed is None else failed.detach().cpu().flatten().bool()
-    n, nf = v.numel(), int(bad.sum())
-    ranked = v.masked_fill(bad, float("-inf")).float()
-    k = max(1, math.ceil(0.1 * n))
-    med, top = float(ranked.median()), float(ranked.topk(k).values.mean())
-    fin = lambda x: x if math.isfinite(x) else None  # noqa: E731
-    return {"mean": float(v[~bad].float().mean()) if nf < n else None, "median": fin(med), "top10": fin(top),
-            "failed": nf, "failed_frac": nf / max(n, 1)}
-
-
-class InferenceTimeSteering(L.LightningModule):
+class InferenceTimeSteering(RunMixin, L.LightningModule):
     """Base LightningModule for inference-time methods (``predict_step`` only).
 
     Args:
@@ -156,8 +137,10 @@ class InferenceTimeSteering(L.LightningModule):
         seed: seed of the sampling noise; batch b on rank r uses (seed, b, r), so runs are reproducible.
         eval_reward: reward reported in rewards.csv / summary.json (default: ``reward``). Its calls
             are not charged to the method; its failures are counted and ranked last (module docstring).
-        output_dir: where samples, rewards.csv and summary.json go (default: trainer.default_root_dir).
-        save_samples: write every sample (PNG for images, JSON lines otherwise).
+        output_dir: where samples, rewards.csv, grid.png and summary.json go (default: the trainer's
+            ``log_dir``: ``default_root_dir`` without a logger; ``RunMixin``).
+        save_samples: write every sample (``generator.write_samples``: PNGs for images, SMILES or DNA
+            as text, WAVs for speech, else JSON lines) and the grid.
         trace: keep per-step candidate values and choices in ``self.traces`` (for tests and plots).
     """
 
@@ -166,9 +149,9 @@ class InferenceTimeSteering(L.LightningModule):
     #: needs distinct children from ``step`` (a stochastic sampler)
     needs_stochastic: ClassVar[bool] = True
 
-    def __init__(self, generator: Generator, reward: Reward, budget: int | None = None, num_samples: int = 1, seed: int = 0,
-                 eval_reward: Reward | None = None, output_dir: str | None = None, save_samples: bool = True,
-                 trace: bool = False) -> None:
+    def __init__(self, generator: Generator, reward: Reward, budget: int | None = None, num_samples: int = 1,
+                 seed: int = 0, eval_reward: Reward | None = None, output_dir: str | None = None,
+                 save_samples: bool = True, trace: bool = False) -> None:
         super().__init__()
         self.generator, self.reward = generator, reward
         if isinstance(reward, Reward):  # a black-box reward's default failure policy becomes "exclude"
@@ -186,9 +169,6 @@ class InferenceTimeSteering(L.LightningModule):
         self._output_dir, self.save_samples, self.trace = output_dir, save_samples, trace
         self.traces: list[dict[str, Any]] = []
         self.value_calls = 0
-        self._records: list[dict[str, Any]] = []
-        self._grid_samples: list[Any] = []
-        self._wall = 0.0
 
     # ------------------------------------------------------------------ subclass API
     def search(self, cond: Condition, rng: torch.Generator, select_rng: torch.Generator) -> torch.Tensor:
@@ -313,16 +293,21 @@ class InferenceTimeSteering(L.LightningModule):
 
     def record(self, **kw: Any) -> None:
         if self.trace:
-            self.traces.append({k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+            self.traces.append({k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+                                for k, v in kw.items()})
+
+    def tally(self) -> dict[str, int]:
+        """Every counter, cumulative: ``counts()``, the candidates ``score`` excluded ("excluded") and
+        the groups where all were ("all_excluded"), then ``extra_counts()``. A predict run reports
+        what each grew by (``SteeringOutputWriter``)."""
+        return {**self.counts(), "excluded": self.excluded_samples, "all_excluded": self.all_excluded_groups,
+                **self.extra_counts()}
 
     # ------------------------------------------------------------------ Lightning
-    def _rank(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-
     def rngs(self, batch_idx: int) -> tuple[torch.Generator, torch.Generator]:
-        rank, world = self._rank()
-        s = self.seed * 1_000_003 + batch_idx * world + rank
-        return torch.Generator().manual_seed(s), torch.Generator().manual_seed(s + 2**40)
+        """(sampler noise, the method's own choices) of predict batch ``batch_idx`` on this rank."""
+        rng = self.rank_generator(self.seed, batch_idx)
+        return rng, torch.Generator().manual_seed(rng.initial_seed() + 2**40)
 
     @torch.no_grad()
     def generate(self, raw: list[Any], batch_idx: int = 0) -> tuple[Any, torch.Tensor]:
@@ -333,15 +318,23 @@ class InferenceTimeSteering(L.LightningModule):
         x = self.search(cond, rng, select_rng)
         return g.decode(x), x
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The output writer, unless the trainer has one already (a user's, with its own settings)."""
+        if self._trainer is not None and any(isinstance(c, SteeringOutputWriter) for c in self.trainer.callbacks):
+            return []
+        return [SteeringOutputWriter()]
+
     def on_predict_start(self) -> None:
-        self._records, self._grid_samples, self.traces = [], [], []
-        self._counts0, self._extra0 = self.counts(), self.extra_counts()
-        self._t0 = time.perf_counter()
+        self.traces = []
         if self.budget is not None:
             self.print(f"[rewardopt] {type(self).__name__}: budget {self.budget} NFE/sample -> {self.width_name}="
                        f"{getattr(self, self.width_name)} (expected {self.expected_cost()})")
 
     def predict_step(self, batch: list[Any], batch_idx: int) -> dict[str, Any]:
+        """Steer ``num_samples`` samples per condition and score them with the evaluation reward (not
+        charged to the method). Returns ``records`` (a dict per sample: batch, rank, condition, chain,
+        reward, ``eval_excluded`` when the evaluation can fail, ``term/<name>``, and ``diversity`` on
+        the first), ``conditions`` (the batch) and ``samples`` (the writer saves, then drops them)."""
         raw = list(batch)
         samples, _ = self.generate(raw, batch_idx)
         rew = self.eval_reward if self.eval_reward is not None else self.reward
@@ -349,117 +342,16 @@ class InferenceTimeSteering(L.LightningModule):
         with torch.no_grad():
             out = rew(samples, [r for r in raw for _ in range(self.num_samples)])
         rew.calls = calls  # reporting is not charged to the method
-        rank, world = self._rank()
-        base = len(self._records)
+        rank, _ = self.rank_and_world()
+        records = []
         for j in range(len(raw) * self.num_samples):
-            rec = {"batch": batch_idx, "rank": rank, "condition": raw[j // self.num_samples], "chain": j % self.num_samples,
-                   "reward": float(out.total[j])}
+            rec = {"batch": batch_idx, "rank": rank, "condition": raw[j // self.num_samples],
+                   "chain": j % self.num_samples, "reward": float(out.total[j])}
             if out.excluded is not None:  # the evaluation failed (reward -inf): counted, ranked last
                 rec["eval_excluded"] = int(out.excluded[j])
             rec.update({f"term/{k}": float(v[j]) for k, v in out.terms.items() if k != rew.name})
-            self._records.append(rec)
+            records.append(rec)
         div = mean_pairwise_distance(samples, self.num_samples)
         if div is not None:
-            self._records[base]["diversity"] = div
-        if self.save_samples:
-            self._save(samples, batch_idx, rank)
-            self._collect_grid(raw, samples, out.total.tolist())
-        return out.total.detach().cpu()  # small: samples are on disk, not held in memory
-
-    def _collect_grid(self, raw: list[Any], samples: Any, totals: list[float], rows: int = 6) -> None:
-        """Keep up to ``rows`` grid rows of pictures (``generator.render``): one row per condition, or
-        for unconditional samples rows of up to 6 samples."""
-        n = self.num_samples
-        if all(r is None for r in raw):
-            start = 0
-            if self._grid_samples and len(self._grid_samples[-1][1]) < 6:  # top up the last row first
-                label, pics, vals = self._grid_samples[-1]
-                start = 6 - len(pics)
-                more = self.generator.render(samples[:start])
-                if more is None:
-                    return
-                self._grid_samples[-1] = (label, torch.cat([pics, more.cpu()]), vals + totals[:start])
-            groups = [("", slice(k, min(k + 6, len(totals)))) for k in range(start, len(totals), 6)]
-        else:
-            groups = [(str(raw[j]), slice(j * n, (j + 1) * n)) for j in range(len(raw))]
-        for label, sl in groups[: max(0, rows - len(self._grid_samples))]:
-            pictures = self.generator.render(samples[sl])
-            if pictures is None:
-                return
-            self._grid_samples.append((label, pictures.cpu(), totals[sl]))
-
-    def _save(self, samples: Any, batch_idx: int, rank: int) -> None:
-        self.generator.write_samples(samples, self.output_dir / "samples", f"r{rank}_b{batch_idx:05d}")
-
-    @property
-    def output_dir(self) -> Path:
-        if self._output_dir:
-            return Path(self._output_dir)
-        if self._trainer is not None and self.trainer.default_root_dir:
-            return Path(self.trainer.default_root_dir)
-        return Path("runs/unnamed")
-
-    def on_predict_end(self) -> None:
-        now = self.counts()
-        local = {"records": self._records, "wall": time.perf_counter() - self._t0,
-                 **{k: now[k] - self._counts0[k] for k in self.COUNTS}}
-        local["excluded"], local["all_excluded"] = self.excluded_samples, self.all_excluded_groups
-        local["extra"] = {k: v - self._extra0.get(k, 0) for k, v in self.extra_counts().items()}
-        self.excluded_samples = self.all_excluded_groups = 0  # counted per predict run
-        rank, world = self._rank()
-        parts = [local]
-        if world > 1:
-            parts = [None] * world
-            torch.distributed.all_gather_object(parts, local)
-        if rank != 0:
-            return
-        records = [r for p in parts for r in p["records"]]
-        n = len(records)
-        totals = {k: sum(p[k] for p in parts) for k in self.COUNTS}
-        values = torch.tensor([r["reward"] for r in records])
-        eval_failed = torch.tensor([bool(r.get("eval_excluded", 0)) for r in records], dtype=torch.bool)
-        eval_failed |= ~values.isfinite()
-        divs = [r["diversity"] for r in records if "diversity" in r]
-        summary = {
-            "method": type(self).__name__,
-            "reward": (self.eval_reward or self.reward).name,
-            "steered_by": self.reward.name,
-            "budget": self.budget,
-            "width": {self.width_name: getattr(self, self.width_name)} if self.width_name else None,
-            "num_steps": self.T,
-            "samples": n,
-            "reward_stats": reward_stats(values, eval_failed) if n else None,
-            # evaluations that failed (excluded by the evaluation reward): ranked last in reward_stats
-            "eval_excluded": int(eval_failed.sum()),
-            "diversity": sum(divs) / len(divs) if divs else None,
-            **totals, **{f"{k}_per_sample": v / max(n, 1) for k, v in totals.items()},
-            "expected_cost_per_sample": self.expected_cost(),
-            "wall_time_s": round(max(p["wall"] for p in parts), 2),
-            "world_size": world,
-            # candidates never selected (black-box failures under on_failure: exclude), and the groups
-            # whose candidates all failed (the first was kept)
-            "excluded": sum(p["excluded"] for p in parts), "all_excluded": sum(p["all_excluded"] for p in parts),
-            **{k: sum(p["extra"][k] for p in parts) for k in parts[0]["extra"]},
-        }
-        out = self.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        keys = sorted({k for r in records for k in r}, key=lambda k: (k not in ("rank", "batch", "chain", "condition", "reward"), k))
-        with open(out / "rewards.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(records)
-        if self._grid_samples:
-            from rewardopt.callbacks import save_image_grid
-
-            rows = [s for _, s, _ in self._grid_samples]
-            save_image_grid(rows, out / "grid.png", row_labels=[p for p, _, _ in self._grid_samples],
-                            cell_labels=[[f"{v:.2f}" for v in r] for _, _, r in self._grid_samples], title=f"{type(self).__name__} ({self.reward.name}), "
-                            f"{self.num_samples} per prompt, {summary['nfe_per_sample']:.0f} NFE/sample")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        st = summary["reward_stats"] or {}
-        num = lambda x: float("nan") if x is None else x  # noqa: E731
-        failed = f" ({summary['eval_excluded']} evaluations failed, ranked last)" if summary["eval_excluded"] else ""
-        self.print(f"[rewardopt] {type(self).__name__}: {n} samples, reward median {num(st.get('median')):.4f} "
-                   f"top-10% {num(st.get('top10')):.4f}{failed}, NFE/sample {summary['nfe_per_sample']:.1f}, "
-                   f"reward calls/sample {summary['reward_calls_per_sample']:.1f}")
-        self.print(f"[rewardopt] summary: {out / 'summary.json'}")
+            records[0]["diversity"] = div
+        return {"records": records, "conditions": raw, "samples": samples}

@@ -117,7 +117,8 @@ class ShapeAttributeReward(Reward):
         out = []
         for p in cond:
             spec = ShapeSpec.from_prompt(p)
-            value = {"colour": spec.colour, "shape": spec.shape, "count": ["one", "two", "three"][spec.count - 1]}[self.attribute]
+            value = {"colour": spec.colour, "shape": spec.shape,
+                     "count": ["one", "two", "three"][spec.count - 1]}[self.attribute]
             out.append(self.labels.index(value))
         return out
 
@@ -245,7 +246,8 @@ class CLIPScoreReward(Reward):
         if cond is None:
             raise ValueError(f"{self.name} scores text-image agreement and needs the prompts")
         tok = self.tokenizer(list(cond), padding=True, truncation=True, return_tensors="pt").to(samples.device)
-        img = self.clip.get_image_features(pixel_values=clip_preprocess(samples, self.clip.config.vision_config.image_size))
+        pixels = clip_preprocess(samples, self.clip.config.vision_config.image_size)
+        img = self.clip.get_image_features(pixel_values=pixels)
         txt = self.clip.get_text_features(**tok)
         img = img.pooler_output if hasattr(img, "pooler_output") else img
         txt = txt.pooler_output if hasattr(txt, "pooler_output") else txt

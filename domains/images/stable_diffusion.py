@@ -81,7 +81,8 @@ class StableDiffusionGenerator(ImageSamples, SavesPretrained, DiffusionGenerator
         revision: str | None = None,
         _components: dict | None = None,
     ) -> None:
-        comps = _components if _components is not None else self.load_components(resolve_pretrained(pretrained), revision)
+        comps = (_components if _components is not None
+                 else self.load_components(resolve_pretrained(pretrained), revision))
         super().__init__(
             make_scheduler(sampler, comps["scheduler"].config),
             num_steps=num_steps,
@@ -107,7 +108,8 @@ class StableDiffusionGenerator(ImageSamples, SavesPretrained, DiffusionGenerator
             self.vae.eval()
 
     @classmethod
-    def from_components(cls, unet, text_encoder, tokenizer, scheduler, vae=None, **kwargs) -> "StableDiffusionGenerator":
+    def from_components(cls, unet, text_encoder, tokenizer, scheduler, vae=None,
+                        **kwargs) -> "StableDiffusionGenerator":
         """Build from in-memory components (tests, custom models)."""
         comps = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler, "vae": vae}
         return cls(pretrained=kwargs.pop("pretrained", "<in-memory>"), _components=comps, **kwargs)
@@ -142,7 +144,8 @@ class StableDiffusionGenerator(ImageSamples, SavesPretrained, DiffusionGenerator
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the diffusers folder layout of the base model (LoRA adapters: see ``save_lora``)."""
         if self.lora_rank is not None:
-            raise ValueError("save_pretrained writes base weights only; this generator has LoRA adapters — use save_lora")
+            raise ValueError("save_pretrained writes base weights only; this generator has LoRA adapters "
+                             "— use save_lora")
         path = Path(path)
         self.denoiser.save_pretrained(path / "unet")
         self.text_encoder.save_pretrained(path / "text_encoder")
@@ -203,7 +206,8 @@ class StableDiffusionGenerator(ImageSamples, SavesPretrained, DiffusionGenerator
         return cond
 
     def _uncond_tensors(self, cond: Condition) -> dict[str, torch.Tensor]:
-        if getattr(self, "_uncond_cache", None) is None or self._uncond_cache.device != cond.tensors["encoder_hidden_states"].device:
+        device = cond.tensors["encoder_hidden_states"].device
+        if getattr(self, "_uncond_cache", None) is None or self._uncond_cache.device != device:
             self._uncond_cache = self._embed([""])
         return {"encoder_hidden_states": self._uncond_cache.expand(len(cond), -1, -1)}
 

@@ -87,9 +87,11 @@ def build_tiny_generator(seed: int = 0, size: int = 24, channels: tuple[int, ...
 class ShapesDataModule(L.LightningDataModule):
     """Procedural (image, prompt, labels) batches for pretraining and the classifier."""
 
-    def __init__(self, batch_size: int = 64, length: int = 100_000, size: int = 24, seed: int = 0, num_workers: int = 0):
+    def __init__(self, batch_size: int = 64, length: int = 100_000, size: int = 24, seed: int = 0,
+                 num_workers: int = 0):
         super().__init__()
-        self.batch_size, self.length, self.size, self.seed, self.num_workers = batch_size, length, size, seed, num_workers
+        self.batch_size, self.length, self.size = batch_size, length, size
+        self.seed, self.num_workers = seed, num_workers
 
     def train_dataloader(self):
         ds = ShapesDataset(self.length, self.size, self.seed)
@@ -180,7 +182,8 @@ class ShapeClassifierTraining(NetworkFit):
     def _step(self, batch, stage: str):
         x = batch["image"]
         if stage == "train":
-            x = (x + self.hparams.noise_std * torch.rand(x.shape[0], 1, 1, 1, device=x.device) * torch.randn_like(x)).clamp(0, 1)
+            noise = self.hparams.noise_std * torch.rand(x.shape[0], 1, 1, 1, device=x.device) * torch.randn_like(x)
+            x = (x + noise).clamp(0, 1)
         logits = self.classifier(x)
         loss = sum(F.cross_entropy(logits[k], batch[k]) for k in logits)
         acc = {k: (logits[k].argmax(-1) == batch[k]).float().mean() for k in logits}

@@ -39,7 +39,8 @@ class MoleculeDataModule(TokenDataModule):
         batch_size: sequences per step. val_fraction: held-out share. seed: split seed.
     """
 
-    def __init__(self, vocab: str = str(VOCAB), batch_size: int = 64, val_fraction: float = 0.05, seed: int = 0) -> None:
+    def __init__(self, vocab: str = str(VOCAB), batch_size: int = 64, val_fraction: float = 0.05,
+                 seed: int = 0) -> None:
         self.vocab = load_vocab(vocab)
         super().__init__(encode_corpus(self.vocab), batch_size, val_fraction, seed)
 
@@ -52,7 +53,8 @@ class OracleLabelledDataModule(L.LightningDataModule):
         vocab: vocab.json path. batch_size, val_fraction, seed: as ``MoleculeDataModule``.
     """
 
-    def __init__(self, oracle, vocab: str = str(VOCAB), batch_size: int = 128, val_fraction: float = 0.1, seed: int = 0) -> None:
+    def __init__(self, oracle, vocab: str = str(VOCAB), batch_size: int = 128, val_fraction: float = 0.1,
+                 seed: int = 0) -> None:
         super().__init__()
         self.vocab = load_vocab(vocab)
         ids = encode_corpus(self.vocab)

@@ -19,7 +19,8 @@ SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..4
 
 
 @lru_cache(maxsize=4)
-def corpus(n_towns: int = 3000, seed: int = 0, val_fraction: float = 0.1) -> tuple[list[dict], list[dict], dict[str, Town]]:
+def corpus(n_towns: int = 3000, seed: int = 0,
+           val_fraction: float = 0.1) -> tuple[list[dict], list[dict], dict[str, Town]]:
     """(train examples, held-out examples, knowledge base by town name)."""
     towns = make_towns(n_towns, seed)
     n_val = max(1, int(round(val_fraction * n_towns)))

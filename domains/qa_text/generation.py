@@ -56,11 +56,14 @@ class QAGeneration(L.LightningModule):
     def __init__(self, model: TwoDecoderBart, greedy: bool = True, centricity: bool = True, seed: int = 0,
                  output_dir: str | None = None) -> None:
         super().__init__()
-        self.model, self.greedy, self.centricity, self.seed, self._output_dir = model.eval(), greedy, centricity, seed, output_dir
+        self.model, self.greedy, self.centricity = model.eval(), greedy, centricity
+        self.seed, self._output_dir = seed, output_dir
 
     @property
     def output_dir(self) -> Path:
-        return Path(self._output_dir or (self.trainer.default_root_dir if self._trainer is not None else "runs/qa_text/generate"))
+        if self._output_dir:
+            return Path(self._output_dir)
+        return Path(self.trainer.default_root_dir if self._trainer is not None else "runs/qa_text/generate")
 
     def on_predict_start(self) -> None:
         self._rows: list[dict[str, Any]] = []

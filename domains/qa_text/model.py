@@ -103,7 +103,8 @@ class TwoDecoderBart(TwoStageSeq2Seq, nn.Module):
         if qd_state is not None:
             missing, unexpected = self.question_decoder.load_state_dict(qd_state, strict=False)
             if unexpected or any(not k.startswith("embed_tokens") for k in missing):
-                raise ValueError(f"{pretrained}: question decoder weights do not match: missing {missing}, unexpected {unexpected}")
+                raise ValueError(f"{pretrained}: question decoder weights do not match: missing {missing}, "
+                                 f"unexpected {unexpected}")
         self.max_answer_tokens, self.max_question_tokens = max_answer_tokens, max_question_tokens
         self.question_memory = question_memory or saved.get("question_memory", "answer")
         if self.question_memory not in self.MEMORIES:
@@ -122,7 +123,8 @@ class TwoDecoderBart(TwoStageSeq2Seq, nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.bart.save_pretrained(path / "bart")
         self.tokenizer.save_pretrained(path / "tokenizer")
-        state = {k: v.contiguous() for k, v in self.question_decoder.state_dict().items() if not k.startswith("embed_tokens")}
+        state = {k: v.contiguous() for k, v in self.question_decoder.state_dict().items()
+                 if not k.startswith("embed_tokens")}
         save_file(state, path / "question_decoder.safetensors")
         (path / "qa.json").write_text(json.dumps({"question_memory": self.question_memory}))
 
@@ -159,13 +161,15 @@ class TwoDecoderBart(TwoStageSeq2Seq, nn.Module):
 
     # ------------------------------------------------------------------ passes
     def encode(self, src: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.bart.model.encoder(input_ids=src["input_ids"], attention_mask=src["attention_mask"]).last_hidden_state
+        out = self.bart.model.encoder(input_ids=src["input_ids"], attention_mask=src["attention_mask"])
+        return out.last_hidden_state
 
     def _shift(self, labels: torch.Tensor) -> torch.Tensor:
         start = torch.full_like(labels[:, :1], self.start)
         return torch.cat([start, labels[:, :-1]], 1)
 
-    def answer_pass(self, enc: torch.Tensor, src_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def answer_pass(self, enc: torch.Tensor, src_mask: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced decoder 1 on ``labels`` (B, L): (per-example summed NLL, last hidden states)."""
         out = self.bart.model.decoder(input_ids=self._shift(labels), attention_mask=None, encoder_hidden_states=enc,
                                       encoder_attention_mask=src_mask)
@@ -173,8 +177,8 @@ class TwoDecoderBart(TwoStageSeq2Seq, nn.Module):
         logits = self.bart.lm_head(h) + self.bart.final_logits_bias
         return self._nll(logits, labels), h
 
-    def question_pass(self, enc: torch.Tensor, src_mask: torch.Tensor, answer_h: torch.Tensor, answer_mask: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor:
+    def question_pass(self, enc: torch.Tensor, src_mask: torch.Tensor, answer_h: torch.Tensor,
+                      answer_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced decoder 2 on question ``labels``, attending to ``_memory``: per-example
         summed NLL (differentiable into decoder 1, and the encoder)."""
         memory, mask = self._memory(enc, src_mask, answer_h, answer_mask)
@@ -217,7 +221,8 @@ class TwoDecoderBart(TwoStageSeq2Seq, nn.Module):
             if seed is not None:
                 torch.manual_seed(seed)
             ys = self.bart.generate(**src, do_sample=not greedy, temperature=temperature if not greedy else None,
-                                    top_k=0 if not greedy else None, top_p=None, num_beams=1, max_new_tokens=self.max_answer_tokens,
+                                    top_k=0 if not greedy else None, top_p=None, num_beams=1,
+                                    max_new_tokens=self.max_answer_tokens,
                                     min_length=0 if greedy else self.min_answer_length,
                                     no_repeat_ngram_size=0 if greedy else self.no_repeat_ngram_size,
                                     decoder_start_token_id=self.start,
@@ -240,7 +245,8 @@ class TwoDecoderBart(TwoStageSeq2Seq, nn.Module):
         return self.question_pass(enc, src["attention_mask"], h, answer_ids != self.pad, q)
 
     @torch.no_grad()
-    def generate(self, examples: list[dict], generator: torch.Generator | None = None, greedy: bool = True) -> list[dict]:
+    def generate(self, examples: list[dict], generator: torch.Generator | None = None,
+                 greedy: bool = True) -> list[dict]:
         """Answer, then question (greedy, attending to the generated answer): [{"answer", "question"}]."""
         a = self.sample_answers(examples, generator, greedy=greedy)
         src = self.source(examples)
@@ -251,7 +257,8 @@ class TwoDecoderBart(TwoStageSeq2Seq, nn.Module):
         ys = torch.full((B, 1), self.start, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         for _ in range(self.max_question_tokens):
-            hq = self.question_decoder(input_ids=ys, encoder_hidden_states=memory, encoder_attention_mask=mask).last_hidden_state[:, -1]
+            hq = self.question_decoder(input_ids=ys, encoder_hidden_states=memory,
+                                       encoder_attention_mask=mask).last_hidden_state[:, -1]
             nxt = (self.bart.lm_head(hq) + self.bart.final_logits_bias).argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
             ys = torch.cat([ys, nxt[:, None]], 1)

@@ -46,8 +46,8 @@ class LengthBucketReward(Reward):
     differentiable = False
 
     def score(self, samples, cond):
-        return torch.tensor([-abs(len(split_sentences(a)) - BUCKET_SENTENCES[c["bucket"]]) for a, c in zip(samples, cond)],
-                            dtype=torch.float32)
+        return torch.tensor([-abs(len(split_sentences(a)) - BUCKET_SENTENCES[c["bucket"]])
+                             for a, c in zip(samples, cond)], dtype=torch.float32)
 
 
 class FactAccuracyReward(Reward):

@@ -112,8 +112,8 @@ class MelCodec(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         torch.save(self.codebook.clone(), path / "codebook.pt")
-        (path / "codec.json").write_text(json.dumps({"codebook_size": self.size, "sample_rate": SAMPLE_RATE, "n_fft": N_FFT,
-                                                     "hop": HOP, "n_mels": N_MELS, "stack": STACK}))
+        (path / "codec.json").write_text(json.dumps({"codebook_size": self.size, "sample_rate": SAMPLE_RATE,
+                                                     "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS, "stack": STACK}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MelCodec":

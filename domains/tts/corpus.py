@@ -50,8 +50,8 @@ def speak(text: str, voice: str = "m3", pitch: int = 50, rate: int = 175) -> np.
                                 "or use the shipped corpus tokens (domains/tts/assets)")
     if not text.strip():
         raise ValueError("speak() needs non-empty text")
-    out = subprocess.run(["espeak-ng", "-v", f"en+{voice}", "-p", str(int(pitch)), "-s", str(int(rate)), "--stdout", text],
-                         check=True, capture_output=True, timeout=60).stdout
+    cmd = ["espeak-ng", "-v", f"en+{voice}", "-p", str(int(pitch)), "-s", str(int(rate)), "--stdout", text]
+    out = subprocess.run(cmd, check=True, capture_output=True, timeout=60).stdout
     # --stdout writes a streaming WAV header (44 bytes, unknown length): the samples follow it
     pcm = np.frombuffer(out[44:len(out) - (len(out) - 44) % 2], dtype="<i2")
     return pcm.astype(np.float32) / 32768.0

@@ -141,9 +141,10 @@ class TTSDataModule(PromptDataModule):
             rewards following the tag rather than copying the target's.
     """
 
-    def __init__(self, corpus: str = str(CORPUS), attributes: bool = True, batch_size: int = 16, val_batch_size: int = 32,
-                 val_fraction: float = 0.1, max_val: int | None = 64, val_targets: bool = False, epoch_size: int = 1024,
-                 random_attributes: list[str] | None = None, seed: int = 0) -> None:
+    def __init__(self, corpus: str = str(CORPUS), attributes: bool = True, batch_size: int = 16,
+                 val_batch_size: int = 32, val_fraction: float = 0.1, max_val: int | None = 64,
+                 val_targets: bool = False, epoch_size: int = 1024, random_attributes: list[str] | None = None,
+                 seed: int = 0) -> None:
         data = load_corpus(corpus)
         vocab = TTSVocab(data["codebook_size"])
         train, val = split(data["items"], val_fraction)
@@ -155,8 +156,8 @@ class TTSDataModule(PromptDataModule):
                                  f"got {random_attributes} (attributes={attributes})")
             rnd = random.Random(seed)
             pairs = [({**c, **{k: rnd.choice(ATTRIBUTES[k]) for k in random_attributes}}, t) for c, t in pairs]
-        conds = [(condition_of(i, attributes), vocab.codec_ids(i["codes"])) if val_targets else condition_of(i, attributes)
-                 for i in val][:max_val]
+        conds = [(condition_of(i, attributes), vocab.codec_ids(i["codes"])) if val_targets
+                 else condition_of(i, attributes) for i in val][:max_val]
         super().__init__(pairs, conds, batch_size=batch_size, val_batch_size=val_batch_size, val_repeats=1,
                          epoch_size=epoch_size, seed=seed)
         self.val_items = val[:max_val]
@@ -177,8 +178,8 @@ class MelTextDataModule(PromptDataModule):
     """(log-mel, corpus item) pairs of the corpus recordings (``runs/tts/mels.pt`` from ``build``), for the
     evaluation recogniser; the same held-out split as the token data."""
 
-    def __init__(self, mels: str = str(MELS), corpus: str = str(CORPUS), batch_size: int = 32, val_batch_size: int = 100,
-                 val_fraction: float = 0.1, epoch_size: int = 2048, seed: int = 0) -> None:
+    def __init__(self, mels: str = str(MELS), corpus: str = str(CORPUS), batch_size: int = 32,
+                 val_batch_size: int = 100, val_fraction: float = 0.1, epoch_size: int = 2048, seed: int = 0) -> None:
         if not Path(mels).is_file():
             raise FileNotFoundError(f"{mels} is missing: run `python -m domains.tts.data` (needs espeak-ng)")
         feats = torch.load(mels, weights_only=True)

@@ -44,7 +44,8 @@ class CodecLMGenerator(TextSerialisable, SavesPretrained, AutoregressiveGenerato
 
     def __init__(self, pretrained: str | None = "embedded:tiny-tts", max_new_tokens: int = 80, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, tau: float = 1.0, full_finetune: bool = False,
-                 x0_rollout: int | None = 0, codebook_size: int = 128, hidden: int = 128, layers: int = 2, max_prompt: int = 64, seed: int = 0) -> None:
+                 x0_rollout: int | None = 0, codebook_size: int = 128, hidden: int = 128, layers: int = 2,
+                 max_prompt: int = 64, seed: int = 0) -> None:
         if pretrained is not None:
             from transformers import AutoModelForCausalLM
 

@@ -227,7 +227,8 @@ class TokenModelFit(_SpeechModelFit):
         log_probs, lengths, logits = self.model(self._batch(items))
         targets, target_lengths = char_targets([i["text"] for i in items])
         ctc = F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=BLANK, zero_infinity=True)
-        ce = sum(F.cross_entropy(logits[k], torch.tensor([ATTRIBUTES[k].index(i[k]) for i in items])) for k in ATTRIBUTES)
+        ce = sum(F.cross_entropy(logits[k], torch.tensor([ATTRIBUTES[k].index(i[k]) for i in items]))
+                 for k in ATTRIBUTES)
         return ctc + ce, {"log_probs": log_probs, "lengths": lengths, "logits": logits}
 
     def training_step(self, items, batch_idx):
@@ -238,7 +239,8 @@ class TokenModelFit(_SpeechModelFit):
     def validation_step(self, items, batch_idx):
         _, out = self.losses(items)
         hyp = greedy_ctc(out["log_probs"], out["lengths"])
-        acc = {k: (out["logits"][k].argmax(-1) == torch.tensor([ATTRIBUTES[k].index(i[k]) for i in items])).float().tolist()
+        acc = {k: (out["logits"][k].argmax(-1)
+                   == torch.tensor([ATTRIBUTES[k].index(i[k]) for i in items])).float().tolist()
                for k in ATTRIBUTES}
         self.val.append({"hyp": hyp, "ref": [i["text"] for i in items], "acc": acc})
 
@@ -267,7 +269,8 @@ class AudioRecogniser(CTCAttributeModel):
         super().__init__(2 * n_mels, hidden, up=1, n_mels=n_mels)
         self.n_mels = n_mels
 
-    def forward(self, mels: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, mels: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         T = mels.shape[1] - mels.shape[1] % 2
         x = mels[:, :T].reshape(mels.shape[0], T // 2, 2 * self.n_mels)
         x = (x + 6.0) / 4.0  # log-mel magnitudes are about -11..2: centre and scale
@@ -315,9 +318,11 @@ class RecogniserFit(_SpeechModelFit):
     def _loss(self, items: list[tuple[torch.Tensor, dict]], quantise: bool):
         mels = [self.codec.decode_mel(self.codec.encode(m.float())) if quantise else m.float() for m, _ in items]
         lengths = torch.tensor([len(m) for m in mels])
-        log_probs, out_lengths, logits = self.model(nn.utils.rnn.pad_sequence(mels, batch_first=True, padding_value=-11.5), lengths)
+        padded = nn.utils.rnn.pad_sequence(mels, batch_first=True, padding_value=-11.5)
+        log_probs, out_lengths, logits = self.model(padded, lengths)
         targets, target_lengths = char_targets([i["text"] for _, i in items])
-        loss = F.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, target_lengths, blank=BLANK, zero_infinity=True)
+        loss = F.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, target_lengths, blank=BLANK,
+                          zero_infinity=True)
         labels = {k: torch.tensor([ATTRIBUTES[k].index(i[k]) for _, i in items]) for k in ATTRIBUTES}
         loss = loss + sum(F.cross_entropy(logits[k], labels[k]) for k in ATTRIBUTES)
         acc = {k: (logits[k].argmax(-1) == labels[k]).float().tolist() for k in ATTRIBUTES}

@@ -94,7 +94,8 @@ class AutoregressiveGenerator(DeterministicStep, FullyTrainedGenerator):
             if t is not None and not 0 <= t < self.vocab_size:
                 raise ValueError(f"{name}={t} is outside the vocabulary (size {self.vocab_size})")
         self.max_new_tokens, self.bos_token_id, self.eos_token_id = max_new_tokens, bos_token_id, eos_token_id
-        self.pad_token_id = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else bos_token_id)
+        self.pad_token_id = (pad_token_id if pad_token_id is not None
+                             else eos_token_id if eos_token_id is not None else bos_token_id)
         self.temperature, self.top_k, self.top_p, self.tau = temperature, top_k, top_p, tau
         banned = torch.zeros(self.vocab_size, dtype=torch.bool)
         banned[list(forbidden_token_ids)] = True
@@ -215,7 +216,8 @@ class AutoregressiveGenerator(DeterministicStep, FullyTrainedGenerator):
             y = self._draw(logp, None)
             done = self.finished(x, j)
             if done.any():
-                y = torch.where(done[:, None], F.one_hot(torch.tensor(self.pad_token_id, device=y.device), self.vocab_size).to(y), y)
+                pad = F.one_hot(torch.tensor(self.pad_token_id, device=y.device), self.vocab_size).to(y)
+                y = torch.where(done[:, None], pad, y)
             x = torch.cat([x[:, :j], y[:, None], x[:, j + 1:]], dim=1)
         return x
 
@@ -240,7 +242,8 @@ class AutoregressiveGenerator(DeterministicStep, FullyTrainedGenerator):
         ids = x.detach().argmax(-1)
         return ids.masked_fill(x.detach().sum(-1) == 0, -1)
 
-    def pad_targets(self, targets: Sequence[Sequence[int]], append_eos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad_targets(self, targets: Sequence[Sequence[int]],
+                    append_eos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-id lists -> (B, N) ids padded with ``pad_token_id`` and (B, N) float mask of real
         positions; ``append_eos`` ends each with EOS (what a model must learn to stop). Too-long
         targets are cut at N; ids outside the vocabulary raise."""
@@ -298,7 +301,8 @@ class AutoregressiveGenerator(DeterministicStep, FullyTrainedGenerator):
         prefixes; ``logp`` from ``teacher_forced``; ``mask`` (B, N) selects positions (default all)."""
         N = targets.shape[1]
         with torch.no_grad(), self.base_model():
-            logp_ref = self.policy_log_probs(self._forward(cond, self.from_tokens(targets[:, :-1]).to(logp.device))[:, -N:])
+            ref_logits = self._forward(cond, self.from_tokens(targets[:, :-1]).to(logp.device))
+            logp_ref = self.policy_log_probs(ref_logits[:, -N:])
         diff = (logp - logp_ref).masked_fill(self.banned, 0.0)  # -inf - -inf on forbidden tokens
         kl = (logp.exp() * diff).sum(-1)
         return (kl * mask).sum(-1) if mask is not None else kl.sum(-1)

@@ -8,10 +8,8 @@ value (a diffusion timestep, an unmasking step, a token position).
 from __future__ import annotations
 
 import os
-
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,5 +264,6 @@ def resolve_local_pretrained(pretrained: str, embedded: dict, marker: str, recip
             raise FileNotFoundError(f"{pretrained} is not built: run `rewardopt fit --config {recipe}`")
         return str(path)
     if not os.path.isdir(pretrained):
-        raise FileNotFoundError(f"pretrained={pretrained!r} is neither an embedded model ({sorted(embedded)}) nor a folder")
+        raise FileNotFoundError(f"pretrained={pretrained!r} is neither an embedded model ({sorted(embedded)}) "
+                                "nor a folder")
     return pretrained

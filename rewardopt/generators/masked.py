@@ -88,7 +88,8 @@ class MaskedDiffusionGenerator(DeterministicStep, FullyTrainedGenerator):
                  soft_steps: bool = False) -> None:
         super().__init__()
         if num_steps < 1 or seq_len < 1 or tau <= 0 or not 0 < eps < 1:
-            raise ValueError(f"need num_steps >= 1, seq_len >= 1, tau > 0, 0 < eps < 1; got {num_steps}, {seq_len}, {tau}, {eps}")
+            raise ValueError(f"need num_steps >= 1, seq_len >= 1, tau > 0, 0 < eps < 1; "
+                             f"got {num_steps}, {seq_len}, {tau}, {eps}")
         self.denoiser = denoiser
         self.vocab_size = int(denoiser.get_input_embeddings().weight.shape[0])
         if not 0 <= mask_token_id < self.vocab_size:

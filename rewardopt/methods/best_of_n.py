@@ -17,8 +17,8 @@ class BestOfN(InferenceTimeSteering):
     width_name = "n"
     needs_stochastic = False  # independent x_T draws differ even for a deterministic sampler
 
-    def __init__(self, generator: Generator, reward: Reward, n: int = 4, budget: int | None = None, num_samples: int = 1,
-                 seed: int = 0, eval_reward: Reward | None = None, output_dir: str | None = None,
+    def __init__(self, generator: Generator, reward: Reward, n: int = 4, budget: int | None = None,
+                 num_samples: int = 1, seed: int = 0, eval_reward: Reward | None = None, output_dir: str | None = None,
                  save_samples: bool = True, trace: bool = False) -> None:
         super().__init__(generator, reward, budget, num_samples, seed, eval_reward, output_dir, save_samples, trace)
         if n < 1:

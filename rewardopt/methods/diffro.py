@@ -41,13 +41,15 @@ class DiffRO(RewardFineTuning):
     def __init__(self, generator: AutoregressiveGenerator, reward: Reward, kl_weight: float = 0.1, tau: float = 1.0,
                  seed: int = 0, lr: float = 1e-5, weight_decay: float = 0.0, eval_seed: int = 1234,
                  output_dir: str | None = None) -> None:
-        super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed, output_dir=output_dir)
+        super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed,
+                         output_dir=output_dir)
         if not isinstance(generator, AutoregressiveGenerator):
             raise TypeError(f"DiffRO fine-tunes autoregressive token LMs; got {type(generator).__name__} "
                             "(masked diffusion: DRAKES; continuous diffusion: DRaFT / AlignProp)")
         self.grad_reward = require_gradient("DiffRO", reward)
         if kl_weight > 0 and not generator.has_base_model:
-            raise ValueError("kl_weight > 0 needs the frozen reference policy: set full_finetune: true on the generator")
+            raise ValueError("kl_weight > 0 needs the frozen reference policy: "
+                             "set full_finetune: true on the generator")
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self.kl_weight, self.tau, self.seed = kl_weight, tau, seed

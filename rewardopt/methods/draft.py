@@ -56,7 +56,8 @@ class DRaFT(RewardFineTuning):
     def __init__(self, generator: DiffusionGenerator, reward: Reward, k: int | None = 1, lv_samples: int | None = None,
                  kl_weight: float = 0.0, samples_per_prompt: int = 1, seed: int = 0, lr: float = 4e-4,
                  weight_decay: float = 0.1, eval_seed: int = 1234, output_dir: str | None = None) -> None:
-        super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed, output_dir=output_dir)
+        super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed,
+                         output_dir=output_dir)
         self.grad_reward = require_gradient(type(self).__name__, reward)
         if k is not None and not 1 <= k <= generator.num_steps:
             raise ValueError(f"k must be in [1, {generator.num_steps}] (the number of sampling steps) or None, got {k}")
@@ -66,8 +67,8 @@ class DRaFT(RewardFineTuning):
             if lv_samples < 1:
                 raise ValueError(f"lv_samples must be >= 1, got {lv_samples}")
         if not isinstance(generator, DiffusionGenerator):
-            raise TypeError(f"{type(self).__name__} backpropagates through continuous diffusion (DiffusionGenerator); got "
-                            f"{type(generator).__name__} (masked diffusion: DRAKES; token LMs: DiffRO)")
+            raise TypeError(f"{type(self).__name__} backpropagates through continuous diffusion (DiffusionGenerator); "
+                            f"got {type(generator).__name__} (masked diffusion: DRAKES; token LMs: DiffRO)")
         if kl_weight > 0 and not generator.has_base_model:
             raise ValueError("kl_weight > 0 needs a frozen base model: enable LoRA or full_finetune on the generator")
         self.k, self.lv_samples, self.kl_weight = k, lv_samples, kl_weight
@@ -97,7 +98,8 @@ class DRaFT(RewardFineTuning):
                 kl = kl + eps_penalty(g, x_in, i, out, g.base_model_output(x_in, i, cond))
         return x, kl
 
-    def lv_rewards(self, cond: Condition, prompts: list[str], rng: torch.Generator) -> tuple[RewardOutput, torch.Tensor]:
+    def lv_rewards(self, cond: Condition, prompts: list[str],
+                   rng: torch.Generator) -> tuple[RewardOutput, torch.Tensor]:
         """DRaFT-LV: n one-step re-noised reconstructions of a no-grad x_0, rewards averaged."""
         g = self.generator
         with torch.no_grad():

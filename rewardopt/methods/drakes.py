@@ -62,7 +62,8 @@ class DRAKES(RewardFineTuning):
                  kl_weight: float = 1e-3, truncate_kl: bool = False, intermediate: str = "soft",
                  samples_per_prompt: int = 1, seed: int = 0, lr: float = 1e-4, weight_decay: float = 0.0,
                  eval_seed: int = 1234, output_dir: str | None = None) -> None:
-        super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed, output_dir=output_dir)
+        super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed,
+                         output_dir=output_dir)
         self.grad_reward = require_gradient("DRAKES", reward)
         if not isinstance(generator, MaskedDiffusionGenerator):
             raise TypeError(f"DRAKES fine-tunes masked discrete diffusion; got {type(generator).__name__} "
@@ -73,7 +74,8 @@ class DRAKES(RewardFineTuning):
             raise ValueError(f"intermediate must be one of {self.INTERMEDIATE}, got {intermediate!r}")
         if kl_weight > 0 and not generator.has_base_model:
             raise ValueError("kl_weight > 0 needs the frozen pretrained copy: set full_finetune: true on the generator")
-        self.truncate, self.kl_weight, self.samples_per_prompt, self.seed = truncate, kl_weight, samples_per_prompt, seed
+        self.truncate, self.kl_weight = truncate, kl_weight
+        self.samples_per_prompt, self.seed = samples_per_prompt, seed
         self.truncate_kl, self.intermediate = truncate_kl, intermediate
 
     def rollout(self, cond: Condition, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

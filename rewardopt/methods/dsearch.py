@@ -78,9 +78,11 @@ class DSearch(InferenceTimeSteering):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if width < 1 or not 0 <= search_start <= 1 or lookahead < 0 or alpha < 0 or not 0 <= replace_frac < 1:
-            raise ValueError("need width >= 1, 0 <= search_start <= 1, lookahead >= 0, alpha >= 0, 0 <= replace_frac < 1")
+            raise ValueError("need width >= 1, 0 <= search_start <= 1, lookahead >= 0, alpha >= 0, "
+                             "0 <= replace_frac < 1")
         if lookahead > 0:
-            require(generator, DeterministicStep, f"DSearch lookahead={lookahead} (set lookahead: 0 to search without it)")
+            require(generator, DeterministicStep,
+                    f"DSearch lookahead={lookahead} (set lookahead: 0 to search without it)")
         self.width, self.schedule, self.search_start = width, schedule, search_start
         self.lookahead, self.alpha, self.replace_frac = lookahead, alpha, replace_frac
         self.fit_budget()

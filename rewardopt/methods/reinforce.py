@@ -37,11 +37,14 @@ class Reinforce(RewardFineTuning):
     def __init__(self, generator: AutoregressiveGenerator, reward: Reward, samples_per_prompt: int = 2,
                  kl_weight: float = 0.1, seed: int = 0, lr: float = 1e-5, weight_decay: float = 0.0,
                  eval_seed: int = 1234, output_dir: str | None = None) -> None:
-        super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed, output_dir=output_dir)
+        super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed,
+                         output_dir=output_dir)
         if not isinstance(generator, AutoregressiveGenerator):
-            raise TypeError(f"Reinforce here trains autoregressive token LMs; got {type(generator).__name__} (diffusion: DDPO)")
+            raise TypeError(f"Reinforce here trains autoregressive token LMs; got {type(generator).__name__} "
+                            "(diffusion: DDPO)")
         if kl_weight > 0 and not generator.has_base_model:
-            raise ValueError("kl_weight > 0 needs the frozen reference policy: set full_finetune: true on the generator")
+            raise ValueError("kl_weight > 0 needs the frozen reference policy: "
+                             "set full_finetune: true on the generator")
         if not generator.stochastic:
             raise ValueError("REINFORCE learns from sampled sequences: set generator.temperature > 0 (got 0: greedy)")
         if samples_per_prompt < 1:

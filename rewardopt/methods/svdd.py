@@ -46,7 +46,8 @@ class SVDD(InferenceTimeSteering):
                  save_samples: bool = True, trace: bool = False) -> None:
         super().__init__(generator, reward, budget, num_samples, seed, eval_reward, output_dir, save_samples, trace)
         if num_children < 1 or alpha < 0 or not 0 <= replace_frac < 1:
-            raise ValueError(f"need num_children >= 1, alpha >= 0, 0 <= replace_frac < 1; got {num_children}, {alpha}, {replace_frac}")
+            raise ValueError(f"need num_children >= 1, alpha >= 0, 0 <= replace_frac < 1; "
+                             f"got {num_children}, {alpha}, {replace_frac}")
         if isinstance(value, str) and value != "posterior_mean":
             raise ValueError(f"value must be 'posterior_mean' or a ValueFunction, got {value!r}")
         self.num_children, self.alpha, self.value_fn, self.replace_frac = num_children, alpha, value, replace_frac

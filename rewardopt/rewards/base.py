@@ -112,8 +112,8 @@ class WeightedSum(Reward):
     value/search methods use the whole sum. Terms are logged unweighted under member names.
     """
 
-    def __init__(self, rewards: Mapping[str, Reward] | Sequence[Reward], weights: Mapping[str, float] | Sequence[float] | None = None,
-                 name: str | None = None) -> None:
+    def __init__(self, rewards: Mapping[str, Reward] | Sequence[Reward],
+                 weights: Mapping[str, float] | Sequence[float] | None = None, name: str | None = None) -> None:
         super().__init__(name or "WeightedSum")
         if not isinstance(rewards, Mapping):
             rewards = {r.name: r for r in rewards}

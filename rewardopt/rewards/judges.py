@@ -60,7 +60,10 @@ def to_png(sample: Any, frames: int = 4) -> bytes:
     of ``frames`` evenly spaced key frames."""
     from PIL import Image, ImageDraw
 
-    t = sample.detach().float().cpu() if isinstance(sample, torch.Tensor) else torch.as_tensor(np.asarray(sample)).float()
+    if isinstance(sample, torch.Tensor):
+        t = sample.detach().float().cpu()
+    else:
+        t = torch.as_tensor(np.asarray(sample)).float()
     if t.ndim == 4:
         idx = torch.linspace(0, t.shape[0] - 1, min(frames, t.shape[0])).round().long()
         tiles = [to_pil(t[i]) for i in idx]
@@ -338,7 +341,8 @@ class OpenAIJudge(BlackBoxReward):
         return to_png(sample, self.frames)
 
     def request_body(self, png: bytes, prompt: Any) -> dict:
-        text = self.prompt_template.format(prompt=prompt if prompt is not None else "", min=self.score_min, max=self.score_max)
+        text = self.prompt_template.format(prompt=prompt if prompt is not None else "", min=self.score_min,
+                                           max=self.score_max)
         url = "data:image/png;base64," + base64.b64encode(png).decode()
         body = {
             "model": self.model,
@@ -414,7 +418,8 @@ class TransformersJudge(BlackBoxReward):
         self.processor = AutoProcessor.from_pretrained(processor or model)
         self.vlm = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype)).to(device).eval()
         self.vlm.requires_grad_(False)
-        self.prompt_template, self.score_min, self.score_max, self.frames = prompt_template, score_min, score_max, frames
+        self.prompt_template, self.frames = prompt_template, frames
+        self.score_min, self.score_max = score_min, score_max
         tok = self.processor.tokenizer
         self.digit_ids = []
         for k in range(score_min, score_max + 1):
@@ -427,7 +432,8 @@ class TransformersJudge(BlackBoxReward):
         return to_png(sample, self.frames)
 
     def messages(self, prompt: Any) -> list[dict]:
-        text = self.prompt_template.format(prompt=prompt if prompt is not None else "", min=self.score_min, max=self.score_max)
+        text = self.prompt_template.format(prompt=prompt if prompt is not None else "", min=self.score_min,
+                                           max=self.score_max)
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
     @torch.no_grad()

@@ -40,7 +40,8 @@ class SequenceSurrogate(Reward):
         if checkpoint is not None:
             path = Path(checkpoint)
             if not path.is_file():
-                raise FileNotFoundError(f"surrogate checkpoint {path} does not exist; train one with a SurrogateFit recipe")
+                raise FileNotFoundError(f"surrogate checkpoint {path} does not exist; "
+                                        "train one with a SurrogateFit recipe")
             self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.requires_grad_(False)
 

@@ -14,8 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rewardopt.generators.capabilities import (DeterministicStep, Renderable, TextSerialisable, Trainable,
-                                               TransitionLogProbs)
+from rewardopt.generators.capabilities import (
+    DeterministicStep,
+    Renderable,
+    TextSerialisable,
+    Trainable,
+    TransitionLogProbs,
+)
 from rewardopt.rewards.base import RewardError, RewardOutput
 
 
@@ -144,6 +149,7 @@ class RewardContract:
         r = make_reward()
         samples, cond = make_samples()
         original = r.score
-        r.score = lambda s, c: original(s, c)[:-1] if isinstance(original(s, c), torch.Tensor) else original(s, c).total[:-1]
+        r.score = lambda s, c: (original(s, c)[:-1] if isinstance(original(s, c), torch.Tensor)
+                                else original(s, c).total[:-1])
         with pytest.raises(RewardError, match=r.name):
             r(samples, cond)

@@ -43,9 +43,10 @@ def blueness_score(png: bytes, lo: int = 1, hi: int = 9) -> float:
 
 
 class JudgeServer:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0, faults: dict[int, str] | None = None,
-                 fault_fn: Callable[[int], str | None] | None = None, slow_s: float = 5.0,
-                 scorer: Callable[[bytes, int, int], float] = blueness_score, score_min: int = 1, score_max: int = 9) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0,
+                 faults: dict[int, str] | None = None, fault_fn: Callable[[int], str | None] | None = None,
+                 slow_s: float = 5.0, scorer: Callable[[bytes, int, int], float] = blueness_score,
+                 score_min: int = 1, score_max: int = 9) -> None:
         self.latency_s, self.faults, self.fault_fn, self.slow_s = latency_s, dict(faults or {}), fault_fn, slow_s
         self.scorer, self.score_min, self.score_max = scorer, score_min, score_max
         self.requests = self.connections = 0
@@ -158,7 +159,7 @@ class JudgeServer:
         # the tokens spell the text exactly, as real servers' do (the client checks that before trusting them)
         words = ["The", " image", " shows", " the", " requested", " content", ".", "\n", "Score", ":", " "]
         lp = [{"token": t, "logprob": 0.0, "top_logprobs": []} for t in words]
-        lp.append({"token": str(k), "logprob": next(a["logprob"] for a in alts if a["token"] == str(k)) if any(a["token"] == str(k) for a in alts) else -1.0,
+        lp.append({"token": str(k), "logprob": next((a["logprob"] for a in alts if a["token"] == str(k)), -1.0),
                    "top_logprobs": alts})
         return self.completion(text, lp)
 

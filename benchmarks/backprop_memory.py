@@ -108,8 +108,12 @@ def worker(T: int, K: int, ckpt: bool, batch: int, repeats: int) -> dict:
     peak = poll_peak_rss(draft_step)
     t_plain, t_step = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter(); plain(); t_plain.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); draft_step(); t_step.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        plain()
+        t_plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        draft_step()
+        t_step.append(time.perf_counter() - t0)
     t_plain_m, t_step_m = sorted(t_plain)[len(t_plain) // 2], sorted(t_step)[len(t_step) // 2]
     ideal = (T - K) + K + (K if ckpt else 0) + 2 * K
     measured = t_step_m / (t_plain_m / T)
@@ -138,7 +142,7 @@ def main() -> None:
                                      cwd=ROOT, capture_output=True, text=True,
                                      env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
                                           "MALLOC_TRIM_THRESHOLD_": "0"})
-                line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+                line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
                 if not line:
                     print(out.stderr[-2000:], file=sys.stderr)
                     raise SystemExit(f"worker T={T} K={K} ckpt={ckpt} failed")
@@ -158,8 +162,8 @@ def main() -> None:
         ratio = full["peak_above_idle_mb"] / max(one["peak_above_idle_mb"], 1e-9)
         print(f"\nCheckpointing on: peak memory at K=T={Tmax} is {ratio:.2f}x that at K=1 (target <= 1.5).")
         worst = max((r for r in rows if r["ckpt"]), key=lambda r: r["ratio_to_ideal"])
-        print(f"Worst DRaFT-K step / ideal with checkpointing: {worst['ratio_to_ideal']:.2f} at T={worst['T']} K={worst['K']} "
-              f"(target <= 1.15).")
+        print(f"Worst DRaFT-K step / ideal with checkpointing: {worst['ratio_to_ideal']:.2f} "
+              f"at T={worst['T']} K={worst['K']} (target <= 1.15).")
     (ROOT / "runs").mkdir(exist_ok=True)
     (ROOT / "runs" / "backprop_memory.json").write_text(json.dumps(rows, indent=2))
 

@@ -47,7 +47,9 @@ def molecule_surrogate(oracle: str):
     from rewardopt.rewards.surrogate import SequenceSurrogate
 
     path = ROOT / "domains/molecules/assets" / SURROGATES[oracle] / "surrogate.pt"
-    return SequenceSurrogate(97, 48, 64, checkpoint=str(path), name=f"{oracle.lower()}_surrogate") if path.exists() else None
+    if not path.exists():
+        return None
+    return SequenceSurrogate(97, 48, 64, checkpoint=str(path), name=f"{oracle.lower()}_surrogate")
 
 
 def molecule_tasks() -> list[dict]:
@@ -64,15 +66,17 @@ def molecule_tasks() -> list[dict]:
             vals = oracle(smiles).total.tolist()
             sec = second(x).total.mean().item() if second is not None else None
         valid = [s for s in smiles if s]
-        return {**top_stats(vals), "validity": len(valid) / len(smiles), "uniqueness": len(set(valid)) / max(1, len(valid)),
-                "diversity": diversity(valid), "second": sec}
+        return {**top_stats(vals), "validity": len(valid) / len(smiles),
+                "uniqueness": len(set(valid)) / max(1, len(valid)), "diversity": diversity(valid), "second": sec}
 
     tasks = []
     for name, oracle in (("QED", QEDReward()), ("SA", SAReward())):
         sur = molecule_surrogate(name)
-        tasks.append({"name": name, "generator": lambda T, ft=False: MoleculeGenerator("embedded:tiny-nci", num_steps=T, full_finetune=ft),
-                      "oracle": oracle, "second": sur, "drakes_reward": sur, "drakes_label": f"DRAKES ({name} surrogate)",
-                      "evaluate": evaluate})
+        tasks.append({"name": name,
+                      "generator": lambda T, ft=False: MoleculeGenerator("embedded:tiny-nci", num_steps=T,
+                                                                         full_finetune=ft),
+                      "oracle": oracle, "second": sur, "drakes_reward": sur,
+                      "drakes_label": f"DRAKES ({name} surrogate)", "evaluate": evaluate})
     return tasks
 
 
@@ -95,7 +99,8 @@ def dna_tasks() -> list[dict]:
                 "diversity": float(ham.sum() / (n * (n - 1))), "second": sec}
 
     oracle = MotifActivity()
-    return [{"name": "DNA motif activity", "generator": lambda T, ft=False: DNAGenerator("embedded:tiny-dna", num_steps=T, full_finetune=ft),
+    return [{"name": "DNA motif activity",
+             "generator": lambda T, ft=False: DNAGenerator("embedded:tiny-dna", num_steps=T, full_finetune=ft),
              "oracle": oracle, "second": MotifHitActivity(), "drakes_reward": oracle,
              "drakes_label": "DRAKES (training oracle)", "evaluate": evaluate, "dna": True}]
 
@@ -149,7 +154,8 @@ def run_task(task: dict, args) -> list[dict]:
             with torch.no_grad():
                 rng, srng = m.rngs(0)
                 x = m.search(gen.encode_condition([None] * args.n), rng, srng)
-            per.append(measured(task, gen, x, nfe=(gen.counter.nfe - n0) / args.n, reward_calls=(oracle.calls - c0) / args.n))
+            per.append(measured(task, gen, x, nfe=(gen.counter.nfe - n0) / args.n,
+                                reward_calls=(oracle.calls - c0) / args.n))
         results.append(summarise(task["name"], name, per))
     if task["drakes_reward"] is None or args.drakes_steps <= 0 or "DRAKES" not in args.methods:
         return results
@@ -161,7 +167,8 @@ def run_task(task: dict, args) -> list[dict]:
                    lr=args.drakes_lr, seed=s, output_dir=f"{args.out}/drakes_{task['name'].replace(' ', '_')}_{s}")
         t0 = time.perf_counter()
         L.Trainer(max_steps=args.drakes_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0).fit(
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                  gradient_clip_val=1.0).fit(
             m, datamodule=UnconditionalDataModule(batch_size=args.drakes_batch, num_eval=16, val_batch_size=16))
         info = {"train_nfe": g.counter.nfe, "train_nfe_grad": g.counter.nfe_grad, "train_s": time.perf_counter() - t0}
         with torch.no_grad():
@@ -198,18 +205,21 @@ def main() -> None:
     with record_stdout("discrete", seeds=args.seeds, title="Discrete steering and DRAKES: molecules and DNA"):
         print(f"\nTiny masked-diffusion models, T={args.steps}; budget {args.multiple * args.steps} NFE/sample "
               f"({args.multiple}x); {args.n} samples x {len(args.seeds)} seeds; mean over seeds (± sd).\n")
-        print("| oracle | method | NFE/sample | oracle calls/sample | median | top-10% | validity | uniqueness | diversity | second score |")
+        print("| oracle | method | NFE/sample | oracle calls/sample | median | top-10% "
+              "| validity | uniqueness | diversity | second score |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             sec = f"{r['second']:.3f}" if "second" in r else "-"
-            print(f"| {r['oracle']} | {r['method']} | {r['nfe']:.0f} | {r['reward_calls']:.0f} | {r['median']:.3f} ± {r['median_sd']:.3f} | "
-                  f"{r['top10']:.3f} ± {r['top10_sd']:.3f} | {r['validity']:.2f} | {r['uniqueness']:.2f} | {r['diversity']:.3f} | {sec} |")
-        print("\nsecond score: molecules — the differentiable surrogate of that oracle (what DRAKES trains on); DNA — the "
-              "separate evaluation oracle (motif hit counts with other weights). Molecule diversity: 1 - mean pairwise "
-              "Tanimoto (Morgan r=2); DNA diversity: mean pairwise Hamming distance / L.")
+            print(f"| {r['oracle']} | {r['method']} | {r['nfe']:.0f} | {r['reward_calls']:.0f} "
+                  f"| {r['median']:.3f} ± {r['median_sd']:.3f} | {r['top10']:.3f} ± {r['top10_sd']:.3f} "
+                  f"| {r['validity']:.2f} | {r['uniqueness']:.2f} | {r['diversity']:.3f} | {sec} |")
+        print("\nsecond score: molecules — the differentiable surrogate of that oracle (what DRAKES trains on); "
+              "DNA — the separate evaluation oracle (motif hit counts with other weights). Molecule diversity: "
+              "1 - mean pairwise Tanimoto (Morgan r=2); DNA diversity: mean pairwise Hamming distance / L.")
         for d in (r for r in results if r["method"].startswith("DRAKES")):
-            print(f"{d['method']} on {d['oracle']}: {d.get('train_nfe', 0):.0f} training NFE ({d.get('train_nfe_grad', 0):.0f} with grad), "
-                  f"{d.get('train_s', 0):.0f} s per seed, {args.drakes_steps} steps of {args.drakes_batch} sequences, lr {args.drakes_lr}.")
+            print(f"{d['method']} on {d['oracle']}: {d.get('train_nfe', 0):.0f} training NFE "
+                  f"({d.get('train_nfe_grad', 0):.0f} with grad), {d.get('train_s', 0):.0f} s per seed, "
+                  f"{args.drakes_steps} steps of {args.drakes_batch} sequences, lr {args.drakes_lr}.")
         print(f"wrote {out}.json")
 
 

@@ -74,8 +74,8 @@ def run_methods(args) -> list[dict]:
     from rewardopt.methods.steering import mean_pairwise_distance
 
     torch.set_num_threads(2)
-    gen = StableDiffusionGenerator("embedded:tiny-shapes", height=24, width=24, num_steps=args.steps, guidance_scale=3.0,
-                                   eta=1.0, gradient_checkpointing=False)
+    gen = StableDiffusionGenerator("embedded:tiny-shapes", height=24, width=24, num_steps=args.steps,
+                                   guidance_scale=3.0, eta=1.0, gradient_checkpointing=False)
     reward = {"jpeg": lambda: JpegCompressibilityReward(max_workers=2),
               "colour": lambda: ColourReward("blue"),
               "classifier": lambda: ShapeAttributeReward("colour", target="blue")}[args.reward]()
@@ -181,8 +181,8 @@ def plot(rows, path: Path, reward_name: str) -> None:
     for key, ax in zip(("median", "top10"), axes):
         for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "pretrained"):
             rs = [r for r in rows if r["method"] == method]
-            ax.errorbar([r["multiple"] for r in rs], [r[key] for r in rs], yerr=[r[f"{key}_sd"] for r in rs], marker="o",
-                        capsize=2, label=method, color=colours.get(method))
+            ax.errorbar([r["multiple"] for r in rs], [r[key] for r in rs], yerr=[r[f"{key}_sd"] for r in rs],
+                        marker="o", capsize=2, label=method, color=colours.get(method))
         if base:
             ax.axhline(base[0][key], color="k", ls="--", lw=1, label="pretrained")
         mults = sorted({r["multiple"] for r in rows if r["method"] != "pretrained"})
@@ -209,7 +209,8 @@ def main() -> None:
                    help="SMC potential temperature, in reward units (the reward's spread between candidates)")
     p.add_argument("--dps-scale", type=float, default=0.1, help="DPS step on the RMS-normalised gradient")
     p.add_argument("--free2guide-frac", type=float, default=0.1,
-                   help="fraction of the first steps Free2Guide guides (issue 12: 10%%; the public code guides steps 0-5 of 50, 12%%, the method's default)")
+                   help="fraction of the first steps Free2Guide guides (issue 12: 10%%; the public code guides "
+                        "steps 0-5 of 50, 12%%, the method's default)")
     p.add_argument("--prompts", type=int, default=12, help="held-out prompts used (of 12; fewer for a smoke run)")
     p.add_argument("--no-results", action="store_true",
                    help="do not write benchmarks/results/inference_time_<reward>.md")
@@ -244,7 +245,8 @@ def main() -> None:
             replace_judge_section(RESULTS / f"inference_time_{args.reward}.md", table, provenance())
         return
 
-    print(f"steering: T={args.steps}, budgets {[m * args.steps for m in args.multiples]} NFE/sample, seeds {args.seeds}")
+    print(f"steering: T={args.steps}, budgets {[m * args.steps for m in args.multiples]} NFE/sample, "
+          f"seeds {args.seeds}")
     rows = run_methods(args) if args.methods else []
     judge = [] if args.skip_judge else judge_throughput(args)
     out = Path(args.out)

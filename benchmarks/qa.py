@@ -51,8 +51,8 @@ def print_table(results: dict[str, list[dict]], times: dict[str, list[float]], a
         return f"{statistics.mean(vals):.3f}" + (f" ± {statistics.pstdev(vals):.3f}" if len(vals) > 1 else "")
 
     print(f"\nTiny two-decoder BART, {args.n} held-out examples ({args.n // 4} per bucket) x {len(args.seeds)} seeds; "
-          f"{args.steps} steps of {args.batch}, lr {args.lr}, DRIL weight {getattr(args, 'weight', 0.3)}; greedy decoding; "
-          "mean ± sd over seeds.\n")
+          f"{args.steps} steps of {args.batch}, lr {args.lr}, DRIL weight {getattr(args, 'weight', 0.3)}; "
+          "greedy decoding; mean ± sd over seeds.\n")
     names = {"fact_accuracy": "fact accuracy", "bucket_compliance": "bucket compliance",
              "question_rouge_l": "question ROUGE-L", "centricity": "centricity"}
     print("| bucket (sentences) | method | " + " | ".join(names[m] for m in METRICS) + " |")
@@ -104,9 +104,11 @@ def main() -> None:
             results.setdefault(method, []).append(summ)
             times.setdefault(method, []).append(secs)
             a = summ["all"]
-            print(f"  {method:10s} seed {s}: " + " ".join(f"{m} {a[m]:.3f}" for m in METRICS) + f" ({secs:.0f} s)", flush=True)
+            print(f"  {method:10s} seed {s}: " + " ".join(f"{m} {a[m]:.3f}" for m in METRICS) + f" ({secs:.0f} s)",
+                  flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "qa.json").write_text(json.dumps({"args": vars(args), "results": results, "train_s": times}, indent=2))
+    Path(args.out, "qa.json").write_text(json.dumps({"args": vars(args), "results": results, "train_s": times},
+                                                    indent=2))
 
     with record_stdout("qa", seeds=args.seeds, title="QA text: DRIL vs MLE"):
         print_table(results, times, args)

@@ -6,7 +6,8 @@ the benchmark printed. The README links every page; re-running a benchmark overw
 
 Usage inside a benchmark::
 
-    from results_md import write_result   # a sibling module: `python benchmarks/x.py` runs with benchmarks/ first on sys.path
+    # a sibling module: `python benchmarks/x.py` runs with benchmarks/ first on sys.path
+    from results_md import write_result
     write_result("inference_time_jpeg", tables=[md_table, ...], seeds=[0, 1, 2], notes="...")
 """
 

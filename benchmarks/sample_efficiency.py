@@ -133,8 +133,10 @@ def main() -> None:
         g, arr = grids[method], curves[method]
         wall = np.mean([r["wall_s"] for r in results if r["method"] == method])
         rows = ["| samples | " + " | ".join(str(s) for s in g) + " |", "|---|" + "---|" * len(g),
-                "| held-out reward | " + " | ".join(f"{m:.2f}±{sd:.2f}" for m, sd in zip(arr.mean(0), arr.std(0))) + " |"]
-        tables.append(f"**{method}** (mean ± sd over {len(args.seeds)} seeds; {wall:.0f} s per run)\n\n" + "\n".join(rows))
+                "| held-out reward | "
+                + " | ".join(f"{m:.2f}±{sd:.2f}" for m, sd in zip(arr.mean(0), arr.std(0))) + " |"]
+        tables.append(f"**{method}** (mean ± sd over {len(args.seeds)} seeds; {wall:.0f} s per run)\n\n"
+                      + "\n".join(rows))
     summary = []
     if "DDPO" in curves:
         ddpo = curves["DDPO"].mean(0)
@@ -148,7 +150,8 @@ def main() -> None:
         else:
             curves_to_rank = [m for m in args.methods if m != "DDPO"]
         summary.append("")
-        summary.append("| method | samples to reach DDPO's final reward (bracket) | interpolated | DDPO samples / method samples |")
+        summary.append("| method | samples to reach DDPO's final reward (bracket) | interpolated "
+                       "| DDPO samples / method samples |")
         summary.append("|---|---|---|---|")
         for method in curves_to_rank:
             lo, hi, est = crossing(grids[method], curves[method].mean(0), target)
@@ -185,9 +188,10 @@ def main() -> None:
 
     write_result("sample_efficiency", [text], seeds=args.seeds, title="Sample efficiency: held-out reward vs samples",
                  notes="Embedded tiny text-to-image default (24 px, DDIM T=20, CFG 3, LoRA r4); reward "
-                       "ShapeAttributeReward(colour, target=blue), differentiable; held-out: 12 prompts x 2 fixed-noise "
-                       "samples. Each method at its tiny recipe's settings (DRaFT-1/LV, AlignProp: lr 1e-3, 4 prompts "
-                       "per step; DDPO: eta=1, lr 3e-4, 2 prompts x 4 samples, 2 minibatches, PPO clip 1e-4).")
+                       "ShapeAttributeReward(colour, target=blue), differentiable; held-out: 12 prompts x 2 "
+                       "fixed-noise samples. Each method at its tiny recipe's settings (DRaFT-1/LV, AlignProp: lr "
+                       "1e-3, 4 prompts per step; DDPO: eta=1, lr 3e-4, 2 prompts x 4 samples, 2 minibatches, PPO "
+                       "clip 1e-4).")
     print(f"\nplot: {out / 'sample_efficiency.png'}")
 
 

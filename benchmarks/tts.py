@@ -50,7 +50,8 @@ def evaluate(g, conds, recogniser, codec, t2t, head, seed: int, attribute: str =
     values = ATTRIBUTES[attribute]
     return {"cer": cer(hyp, [c["text"] for c in conds]),
             "attr_acc_audio": sum(a == w for a, w in zip(attrs[attribute], wanted)) / len(conds),
-            "attr_acc_tokens": sum(values[i] == w for i, w in zip(logits[attribute].argmax(-1).tolist(), wanted)) / len(conds),
+            "attr_acc_tokens": sum(values[i] == w for i, w in zip(logits[attribute].argmax(-1).tolist(), wanted))
+            / len(conds),
             "token2text": reward, "kl": float((logp - logp_ref).mean()), "tokens": float(mask.sum(1).mean())}
 
 
@@ -69,7 +70,8 @@ def train(method: str, reward, steps: int, batch: int, seed: int, lr: float, kl:
         m = DiffRO(g, reward, kl_weight=kl, lr=lr, seed=seed, output_dir=f"runs/tts_bench/{method}_{seed}")
         dm = TTSDataModule(batch_size=batch, max_val=8, random_attributes=rand)
     else:
-        m = Reinforce(g, reward, samples_per_prompt=2, kl_weight=kl, lr=lr, seed=seed, output_dir=f"runs/tts_bench/{method}_{seed}")
+        m = Reinforce(g, reward, samples_per_prompt=2, kl_weight=kl, lr=lr, seed=seed,
+                      output_dir=f"runs/tts_bench/{method}_{seed}")
         dm = TTSDataModule(batch_size=batch // 2, max_val=8, random_attributes=rand)
     t0 = time.perf_counter()
     L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -114,7 +116,8 @@ def main() -> None:
     base = CodecLMGenerator("embedded:tiny-tts", full_finetune=True)
     base.setup_trainable()
     record("pretrained", [evaluate(base, conds, recogniser, codec, t2t, pitch, s) for s in args.seeds])
-    for method, reward, flip, label in (("DiffRO", t2t, False, "DiffRO-ASR"), ("Reinforce", t2t, False, "REINFORCE-ASR"),
+    for method, reward, flip, label in (("DiffRO", t2t, False, "DiffRO-ASR"),
+                                        ("Reinforce", t2t, False, "REINFORCE-ASR"),
                                         ("DiffRO", mtr, True, "DiffRO-MTR")):
         if label not in args.runs:
             continue
@@ -126,13 +129,15 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "tts.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     with record_stdout("tts", seeds=args.seeds, title="TTS codec LM: DiffRO vs REINFORCE"):
-        print(f"\nTiny codec LM (GPT-2, 2 layers), {args.n} held-out texts x {len(args.seeds)} seeds; {args.steps} steps of "
-              f"{args.batch} sequences, lr {args.lr}, beta {args.kl}; mean over seeds (± sd).\n")
-        print("| method | CER (audio, recogniser) | pitch acc (audio) | pitch acc (reward head) | Token2Text reward (median) | KL to pretrained | tokens |")
+        print(f"\nTiny codec LM (GPT-2, 2 layers), {args.n} held-out texts x {len(args.seeds)} seeds; "
+              f"{args.steps} steps of {args.batch} sequences, lr {args.lr}, beta {args.kl}; mean over seeds (± sd).\n")
+        print("| method | CER (audio, recogniser) | pitch acc (audio) | pitch acc (reward head) "
+              "| Token2Text reward (median) | KL to pretrained | tokens |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['method']} | {r['cer']:.3f} ± {r['cer_sd']:.3f} | {r['attr_acc_audio']:.3f} ± {r['attr_acc_audio_sd']:.3f} | "
-                  f"{r['attr_acc_tokens']:.3f} | {r['token2text']:.3f} | {r['kl']:.2f} | {r['tokens']:.1f} |")
+            print(f"| {r['method']} | {r['cer']:.3f} ± {r['cer_sd']:.3f} "
+                  f"| {r['attr_acc_audio']:.3f} ± {r['attr_acc_audio_sd']:.3f} "
+                  f"| {r['attr_acc_tokens']:.3f} | {r['token2text']:.3f} | {r['kl']:.2f} | {r['tokens']:.1f} |")
         for r in rows:
             if "train_s" in r:
                 print(f"{r['method']}: {r['train_s']:.0f} s training per seed, {r['train_nfe']:.0f} LM passes")

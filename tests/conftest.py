@@ -77,8 +77,15 @@ def tiny_vlm_dir(tmp_path_factory):
     """A tiny random LLaVA (CLIP vision tower + Llama text model) and its processor, saved to a
     folder: the in-process judge loads it with AutoModelForImageTextToText / AutoProcessor."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     words = ["<unk>", "<pad>", "<s>", "</s>", "<image>", *map(str, range(10)),
              *"score : a the of image prompt you are judging generated for blue red circle square . , \"".split()]
@@ -88,8 +95,9 @@ def tiny_vlm_dir(tmp_path_factory):
                                                 pre_tokenizers.Digits(individual_digits=True)])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                   eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
-    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-                          tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    proc = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
     torch.manual_seed(0)
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

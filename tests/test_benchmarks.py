@@ -85,7 +85,8 @@ def test_judge_only_run_replaces_only_the_judge_section(tmp_path):
                     + "\n\n| concurrency |\n|---|\n| 999 |\n")
     table = inference_time.judge_table(rows, 0.02)
     for _ in range(2):  # a re-run replaces its own section again
-        inference_time.replace_judge_section(page, table, {"date": "D", "commit": "C", "command": "python x --judge-only"})
+        inference_time.replace_judge_section(page, table,
+                                             {"date": "D", "commit": "C", "command": "python x --judge-only"})
     text = page.read_text()
     assert text.startswith("# Steering\n\n| method |\n|---|\n| SMC |\n\n") and "| 999 |" not in text
     assert text.count(inference_time.JUDGE_SECTION) == 1 and "| 2 | 8 | 0.02 |" in text

@@ -67,8 +67,8 @@ def test_fine_tuning_needs_a_trainable_generator(method):
     import rewardopt.methods as methods_pkg  # noqa: F401
     from rewardopt.methods.ddpo import DDPO
     from rewardopt.methods.diffro import DiffRO
-    from rewardopt.methods.drakes import DRAKES
     from rewardopt.methods.draft import DRaFT
+    from rewardopt.methods.drakes import DRAKES
     from rewardopt.methods.reinforce import Reinforce
 
     cls = {"DRaFT": DRaFT, "DDPO": DDPO, "DRAKES": DRAKES, "DiffRO": DiffRO, "Reinforce": Reinforce}[method]

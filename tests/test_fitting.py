@@ -159,7 +159,7 @@ def _tiny_text_to_image(out):
 
 def _shape_classifier(out):
     from domains.images.rewards import ShapeClassifier
-    from domains.images.tiny import ShapesDataModule, ShapeClassifierTraining
+    from domains.images.tiny import ShapeClassifierTraining, ShapesDataModule
 
     m = ShapeClassifierTraining(output_dir=out, width=8, size=16)
     return m, ShapesDataModule(batch_size=2, length=4, size=16), lambda: ShapeClassifier.from_pretrained(out)

@@ -89,7 +89,8 @@ def test_persistent_failures_follow_the_policy():
 
 def test_circuit_breaker_stops_calling_a_dead_server():
     with JudgeServer(fault_fn=lambda i: "500") as srv:
-        j = judge(srv, on_failure=0.0, retries=0, max_workers=1, breaker_threshold=2, breaker_cooldown_s=0.5, cache_size=0)
+        j = judge(srv, on_failure=0.0, retries=0, max_workers=1, breaker_threshold=2, breaker_cooldown_s=0.5,
+                  cache_size=0)
         j(images(2), ["p"] * 2)
         assert j.stats["breaker_opened"] == 1 and srv.requests == 2
         out = j(images(3), ["p"] * 3)  # open: rejected without a request

@@ -96,7 +96,8 @@ def test_gumbel_steps_are_one_hot_forward_and_differentiable_backward():
     assert grads and sum(float(gr.abs().sum()) for gr in grads) > 0
     with torch.no_grad():
         same = g.sample(cond, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(same.argmax(-1), x.detach().argmax(-1)), "grad mode draws the same trajectory as no-grad sampling"
+    assert torch.equal(same.argmax(-1), x.detach().argmax(-1)), \
+        "grad mode draws the same trajectory as no-grad sampling"
 
 
 def test_kl_to_base_is_zero_before_training_and_positive_after_a_change():
@@ -158,7 +159,8 @@ def test_drakes_changes_parameters_and_raises_the_reward(tmp_path):
     from rewardopt.methods.drakes import DRAKES
 
     g = make(T=4, full_finetune=True)
-    method = DRAKES(g, CountToken(), truncate=2, kl_weight=1e-3, lr=3e-3, samples_per_prompt=1, output_dir=str(tmp_path))
+    method = DRAKES(g, CountToken(), truncate=2, kl_weight=1e-3, lr=3e-3, samples_per_prompt=1,
+                    output_dir=str(tmp_path))
     cond = g.encode_condition([None] * 32)
 
     def mean_reward():
@@ -171,7 +173,8 @@ def test_drakes_changes_parameters_and_raises_the_reward(tmp_path):
     L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0).fit(method, datamodule=data)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["reward_after"] > summary["reward_before"] and summary["nfe_grad"] == 12 * 16 * 4  # the KL: one forward with grad per step
+    # the KL: one forward with grad per step
+    assert summary["reward_after"] > summary["reward_before"] and summary["nfe_grad"] == 12 * 16 * 4
     after = g.trainable_parameters()
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
     assert mean_reward() > before_r + 0.3, "token 3 becomes more frequent"

@@ -1,12 +1,12 @@
 """Fine-tuning methods on a tiny random generator: what they compute, count and change."""
 
 import json
+from collections import defaultdict, deque
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from collections import defaultdict, deque
 
 from domains.images.rewards import ColourReward, JpegCompressibilityReward
 from rewardopt.data import PromptDataModule

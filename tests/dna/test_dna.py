@@ -9,8 +9,16 @@ import torch
 
 pytest.importorskip("pyjaspar")
 
-from domains.dna.motifs import (BASES, LIVER_TFS, GCContent, MotifActivity, MotifHitActivity,  # noqa: E402
-                                bases_of, generate_corpus, jaspar_pwm)
+from domains.dna.motifs import (  # noqa: E402
+    BASES,
+    LIVER_TFS,
+    GCContent,
+    MotifActivity,
+    MotifHitActivity,
+    bases_of,
+    generate_corpus,
+    jaspar_pwm,
+)
 from tests.conftest import ROOT  # noqa: E402
 
 
@@ -72,7 +80,8 @@ def test_dna_recipes_run(recipe, tmp_path):
 
     common = ["--config", str(recipe), "--model.init_args.generator.init_args.num_steps", "4",
               "--trainer.default_root_dir", str(tmp_path), "--model.init_args.output_dir", str(tmp_path / "out"),
-              "--data.init_args.num_eval", "6", "--data.init_args.val_batch_size", "6", "--trainer.enable_progress_bar", "false"]
+              "--data.init_args.num_eval", "6", "--data.init_args.val_batch_size", "6",
+              "--trainer.enable_progress_bar", "false"]
     if "rewardopt predict" in recipe.read_text():
         c = RewardOptCLI(args=common + ["--model.init_args.budget", "16"], run=False)
         c.trainer.predict(c.model, datamodule=c.datamodule)
@@ -82,8 +91,8 @@ def test_dna_recipes_run(recipe, tmp_path):
         assert len(lines) == 6 and all(set(line) <= set(BASES) for line in lines)
     else:
         c = RewardOptCLI(args=common + ["--trainer.max_steps", "2", "--model.init_args.truncate", "2",
-                                        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.callbacks", "[]",
-                                        "--data.init_args.batch_size", "4"], run=False)
+                                        "--trainer.logger.init_args.save_dir", str(tmp_path),
+                                        "--trainer.callbacks", "[]", "--data.init_args.batch_size", "4"], run=False)
         c.trainer.fit(c.model, datamodule=c.datamodule)
         s = json.loads((tmp_path / "out" / "summary.json").read_text())
         assert s["steps"] == 2 and s["nfe_grad"] == 2 * 4 * 4  # DRAKES: the KL's forward with grad at all 4 steps
@@ -93,9 +102,10 @@ def test_pretrain_recipe_runs_and_saves_a_loadable_model(tmp_path):
     from domains.dna.generator import DNAGenerator
     from rewardopt.cli import RewardOptCLI
 
-    args = ["--config", str(ROOT / "recipes/dna/pretrain_tiny.yaml"), "--trainer.max_steps", "2", "--data.init_args.n", "200",
-            "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path),
-            "--model.init_args.output_dir", str(tmp_path / "model"), "--trainer.enable_progress_bar", "false"]
+    args = ["--config", str(ROOT / "recipes/dna/pretrain_tiny.yaml"), "--trainer.max_steps", "2",
+            "--data.init_args.n", "200", "--trainer.val_check_interval", "2",
+            "--trainer.default_root_dir", str(tmp_path), "--model.init_args.output_dir", str(tmp_path / "model"),
+            "--trainer.enable_progress_bar", "false"]
     c = RewardOptCLI(args=args, run=False)
     c.trainer.fit(c.model, datamodule=c.datamodule)
     g = DNAGenerator(pretrained=str(tmp_path / "model"), num_steps=2)

@@ -7,8 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from domains.images.rewards import (AestheticHead, AestheticReward, CLIPScoreReward, ColourReward,
-                                    JpegCompressibilityReward, ShapeAttributeReward, ShapeClassifier)
+from domains.images.rewards import (
+    AestheticHead,
+    AestheticReward,
+    CLIPScoreReward,
+    ColourReward,
+    JpegCompressibilityReward,
+    ShapeAttributeReward,
+    ShapeClassifier,
+)
 from domains.images.shapes import ShapeSpec, render
 from rewardopt.testing.contracts import RewardContract
 
@@ -57,7 +64,8 @@ def aesthetic_files(tiny_clip_dir, tmp_path):
     from transformers import CLIPModel, CLIPVisionModelWithProjection
 
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
-    vision = CLIPVisionModelWithProjection(clip.config.vision_config.__class__(**{**clip.config.vision_config.to_dict(), "projection_dim": 16}))
+    vision_config = clip.config.vision_config
+    vision = CLIPVisionModelWithProjection(vision_config.__class__(**{**vision_config.to_dict(), "projection_dim": 16}))
     vision.save_pretrained(tmp_path / "vision")
     torch.manual_seed(0)
     torch.save(AestheticHead(16).state_dict(), tmp_path / "head.pth")

@@ -48,7 +48,8 @@ def test_sampling_matches_diffusers_pipeline(latent_components):
                                                    lora_rank=None)
     x_T = torch.randn(len(PROMPTS), 4, 8, 8, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        ref = pipe(PROMPTS, num_inference_steps=6, guidance_scale=3.0, eta=0.0, latents=x_T.clone(), output_type="latent").images
+        ref = pipe(PROMPTS, num_inference_steps=6, guidance_scale=3.0, eta=0.0, latents=x_T.clone(),
+                   output_type="latent").images
         ours = gen.sample(gen.encode_condition(PROMPTS), x_T=x_T.clone())
         ref_img = pipe(PROMPTS, num_inference_steps=6, guidance_scale=3.0, latents=x_T.clone(), output_type="pt").images
         our_img = gen.decode(ours)
@@ -191,8 +192,10 @@ def test_lora_saved_in_diffusers_format_loads_into_pipeline(latent_components, t
     assert path.is_file()
     torch.manual_seed(0)
     unet = tiny_unet(size=8, in_channels=4, channels=(8, 16))
-    unet.load_state_dict({k.replace("base_layer.", ""): v for k, v in gen.denoiser.state_dict().items() if "lora_" not in k})
-    pipe = StableDiffusionPipeline(**{**c, "unet": unet}, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    unet.load_state_dict({k.replace("base_layer.", ""): v for k, v in gen.denoiser.state_dict().items()
+                          if "lora_" not in k})
+    pipe = StableDiffusionPipeline(**{**c, "unet": unet}, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     kw = dict(num_inference_steps=2, guidance_scale=7.5, latents=x_T, output_type="latent")
     with torch.no_grad():
@@ -205,7 +208,8 @@ def test_lora_saved_in_diffusers_format_loads_into_pipeline(latent_components, t
 
 
 def test_load_by_path_roundtrip(tiny_model_dir):
-    g = StableDiffusionGenerator(str(tiny_model_dir), height=16, width=16, num_steps=2, guidance_scale=2.0, lora_rank=None)
+    g = StableDiffusionGenerator(str(tiny_model_dir), height=16, width=16, num_steps=2, guidance_scale=2.0,
+                                 lora_rank=None)
     ref = tiny_generator(lora_rank=None, num_steps=2)
     cond_a, cond_b = g.encode_condition(PROMPTS), ref.encode_condition(PROMPTS)
     with torch.no_grad():

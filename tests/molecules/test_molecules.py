@@ -55,7 +55,8 @@ def test_smiles_tokens_round_trip_and_invalid_strings_decode_to_none():
     assert len(data) > 4000
     for row, smi in zip(data[:100].tolist(), [s for s in nci_smiles() if v.encode(s) is not None][:100]):
         assert v.decode(row) == canonical(smi)
-    assert v.split("C[NH3+].[Cl-]") == ["C", "[NH3+]", ".", "[Cl-]"] and v.encode("C[NH3+].[Cl-]") is None  # salts left out
+    # salts left out
+    assert v.split("C[NH3+].[Cl-]") == ["C", "[NH3+]", ".", "[Cl-]"] and v.encode("C[NH3+].[Cl-]") is None
     toks = v.split("Clc1ccc(Br)cc1")
     assert "".join(toks) == canonical("Clc1ccc(Br)cc1") and "Cl" in toks and "Br" in toks and len(toks) == 12
     ring_open = [v.index[t] for t in ("C", "1", "C", "C")] + [v.pad_id] * (v.seq_len - 4)
@@ -117,7 +118,8 @@ def test_render_draws_valid_molecules_and_greys_invalid_ones(vocab, saved_model)
     bad[..., vocab.pad_id] = 1  # an all-padding sequence decodes to no molecule
     pics = g.render(torch.cat([x, bad]), size=96)
     assert pics.shape == (2, 3, 96, 96) and 0 <= pics.min() and pics.max() <= 1
-    direct = torch.tensor(list(Draw.MolToImage(Chem.MolFromSmiles(canonical("c1ccccc1O")), size=(96, 96)).convert("RGB").getdata()))
+    pic = Draw.MolToImage(Chem.MolFromSmiles(canonical("c1ccccc1O")), size=(96, 96))
+    direct = torch.tensor(list(pic.convert("RGB").getdata()))
     assert torch.allclose(pics[0].permute(1, 2, 0).reshape(-1, 3) * 255, direct.float(), atol=1e-3)
     assert torch.all(pics[1] == pics[1, 0, 0, 0]) and 0 < pics[1, 0, 0, 0] < 1
 
@@ -141,8 +143,8 @@ def test_pretraining_lowers_the_nelbo():
     assert after < 0.7 * before
 
 
-MOL_RECIPES = sorted(p for p in (__import__("tests.conftest", fromlist=["ROOT"]).ROOT / "recipes/molecules").glob("*_tiny.yaml")
-                     if "rewardopt predict" in p.read_text())
+MOL_RECIPE_DIR = __import__("tests.conftest", fromlist=["ROOT"]).ROOT / "recipes/molecules"
+MOL_RECIPES = sorted(p for p in MOL_RECIPE_DIR.glob("*_tiny.yaml") if "rewardopt predict" in p.read_text())
 
 
 @pytest.mark.parametrize("recipe", MOL_RECIPES, ids=lambda p: p.stem)
@@ -182,7 +184,8 @@ def test_drakes_recipe_runs_and_saves_the_fine_tuned_model(recipe, tmp_path):
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
             "--model.init_args.output_dir", str(tmp_path / "out"),
             "--trainer.callbacks", '[{"class_path": "rewardopt.callbacks.SampleGrid", "init_args": {"n": 3}}]',
-            "--data.init_args.batch_size", "4", "--data.init_args.num_eval", "8", "--trainer.enable_progress_bar", "false"]
+            "--data.init_args.batch_size", "4", "--data.init_args.num_eval", "8",
+            "--trainer.enable_progress_bar", "false"]
     c = RewardOptCLI(args=args, run=False)
     before = [p.detach().clone() for p in c.model.generator.trainable_parameters()]
     c.trainer.fit(c.model, datamodule=c.datamodule)
@@ -210,11 +213,11 @@ def test_surrogate_is_differentiable_and_fits(vocab):
 
 @pytest.mark.parametrize("name", ["qed", "sa"])
 def test_shipped_surrogates_track_rdkit(vocab, name):
+    from rewardopt.rewards.surrogate import SequenceSurrogate
     from tests.conftest import ROOT
 
-    from rewardopt.rewards.surrogate import SequenceSurrogate
-
-    s = SequenceSurrogate(len(vocab), vocab.seq_len, 64, checkpoint=str(ROOT / f"domains/molecules/assets/surrogate_{name}/surrogate.pt"))
+    checkpoint = ROOT / f"domains/molecules/assets/surrogate_{name}/surrogate.pt"
+    s = SequenceSurrogate(len(vocab), vocab.seq_len, 64, checkpoint=str(checkpoint))
     ids = encode_corpus(vocab)[:300]
     x = torch.nn.functional.one_hot(ids, len(vocab)).float()
     with torch.no_grad():
@@ -251,7 +254,8 @@ def test_pretrain_recipes_run_and_save_a_loadable_model(recipe, tmp_path):
     from tests.conftest import ROOT
 
     args = ["--config", str(ROOT / f"recipes/molecules/{recipe}.yaml"), "--trainer.max_steps", "2",
-            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.default_root_dir", str(tmp_path),
             "--model.init_args.output_dir", str(tmp_path / "model"), "--trainer.enable_progress_bar", "false"]
     c = RewardOptCLI(args=args, run=False)
     c.trainer.fit(c.model, datamodule=c.datamodule)

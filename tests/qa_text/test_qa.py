@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from domains.qa_text.data import QADataModule, build_tokenizer, corpus, tokenizer_texts
+from domains.qa_text.data import build_tokenizer, corpus, tokenizer_texts
 from domains.qa_text.kb import BUCKET_SENTENCES, build_examples, check_facts, make_towns
 from domains.qa_text.model import EMBEDDED, TwoDecoderBart
 from domains.qa_text.rewards import bucket_compliant, rouge_l
@@ -96,12 +96,14 @@ def test_question_loss_reaches_the_answer_decoder_and_encoder(tiny_model, small)
     m.zero_grad()
     m.reconstruction_nll(batch, ids).sum().backward()
     grads = {name: sum(float(p.grad.abs().sum()) for p in mod.parameters() if p.grad is not None)
-             for name, mod in (("encoder_layers", m.bart.model.encoder.layers), ("answer_decoder_layers", m.bart.model.decoder.layers),
+             for name, mod in (("encoder_layers", m.bart.model.encoder.layers),
+                               ("answer_decoder_layers", m.bart.model.decoder.layers),
                                ("question_decoder_layers", m.question_decoder.layers))}
     assert all(v > 0 for v in grads.values()), grads
     with torch.no_grad():  # decoder 2 reads the answer: another answer, another question loss
         other = m.sample_answers(batch, generator=torch.Generator().manual_seed(1))
-        assert (m.reconstruction_nll(batch, ids) - m.reconstruction_nll(batch, other)).abs().max() > 0  # untrained: small, not zero
+        # untrained: small, not zero
+        assert (m.reconstruction_nll(batch, ids) - m.reconstruction_nll(batch, other)).abs().max() > 0
 
 
 def test_save_and_load_round_trip_and_plain_bart_checkpoints(tmp_path, tiny_model):
@@ -140,7 +142,8 @@ def test_sentence_encoder_loads_offline_from_its_package(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert "site-packages" in str(minilm_path())
     enc = SentenceEncoder()
-    e = enc(["The mayor of Varno is Anna Holm.", "Anna Holm leads the town of Varno.", "Prices rose in the bond market."])
+    e = enc(["The mayor of Varno is Anna Holm.", "Anna Holm leads the town of Varno.",
+             "Prices rose in the bond market."])
     assert e.shape == (3, 384) and torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2
 
@@ -162,15 +165,17 @@ def test_shipped_model_follows_length_tags_far_more_than_an_untrained_one(tiny_m
 def _cli(recipe, extra):
     from rewardopt.cli import RewardOptCLI
 
-    return RewardOptCLI(args=["--config", str(ROOT / "recipes/qa_text" / recipe), "--trainer.enable_progress_bar", "false",
-                              *extra], run=False)
+    return RewardOptCLI(args=["--config", str(ROOT / "recipes/qa_text" / recipe),
+                              "--trainer.enable_progress_bar", "false", *extra], run=False)
 
 
 def test_pretrain_recipe_saves_a_loadable_model(tmp_path):
     c = _cli("pretrain_tiny.yaml", ["--trainer.max_steps", "2", "--model.init_args.output_dir", str(tmp_path / "m"),
-                                    "--model.init_args.model.init_args.d_model", "32", "--model.init_args.model.init_args.n_towns", "60",
-                                    "--model.init_args.model.init_args.vocab_size", "400", "--data.init_args.n_towns", "60",
-                                    "--data.init_args.batch_size", "4", "--trainer.default_root_dir", str(tmp_path)])
+                                    "--model.init_args.model.init_args.d_model", "32",
+                                    "--model.init_args.model.init_args.n_towns", "60",
+                                    "--model.init_args.model.init_args.vocab_size", "400",
+                                    "--data.init_args.n_towns", "60", "--data.init_args.batch_size", "4",
+                                    "--trainer.default_root_dir", str(tmp_path)])
     c.trainer.fit(c.model, datamodule=c.datamodule)
     s = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert s["steps"] == 2 and s["method"] == "MLE" and s["sampled_steps"] == 0
@@ -180,8 +185,9 @@ def test_pretrain_recipe_saves_a_loadable_model(tmp_path):
 @pytest.mark.skipif(not SHIPPED, reason="tiny QA model not trained")
 @pytest.mark.parametrize("recipe", ["mle_tiny.yaml", "dril_tiny.yaml"])
 def test_fine_tuning_recipes_change_the_model(recipe, tmp_path):
-    c = _cli(recipe, ["--trainer.max_steps", "2", "--model.init_args.output_dir", str(tmp_path / "m"), "--data.init_args.batch_size", "4",
-                      "--data.init_args.max_val", "4", "--trainer.default_root_dir", str(tmp_path)])
+    c = _cli(recipe, ["--trainer.max_steps", "2", "--model.init_args.output_dir", str(tmp_path / "m"),
+                      "--data.init_args.batch_size", "4", "--data.init_args.max_val", "4",
+                      "--trainer.default_root_dir", str(tmp_path)])
     before = [p.detach().clone() for p in c.model.model.bart.model.encoder.parameters()]
     c.trainer.fit(c.model, datamodule=c.datamodule)
     assert any(not torch.equal(a, b) for a, b in zip(c.model.model.bart.model.encoder.parameters(), before))
@@ -192,7 +198,8 @@ def test_fine_tuning_recipes_change_the_model(recipe, tmp_path):
 @pytest.mark.skipif(not SHIPPED, reason="tiny QA model not trained")
 def test_generate_recipe_writes_scored_jsonl(tmp_path):
     c = _cli("generate_tiny.yaml", ["--model.init_args.output_dir", str(tmp_path), "--data.init_args.max_val", "8",
-                                    "--data.init_args.val_batch_size", "4", "--trainer.default_root_dir", str(tmp_path)])
+                                    "--data.init_args.val_batch_size", "4",
+                                    "--trainer.default_root_dir", str(tmp_path)])
     c.trainer.predict(c.model, datamodule=c.datamodule)
     rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {"id", "question", "answer", "bucket", "fact_accuracy", "bucket_compliance",
@@ -206,18 +213,25 @@ def test_killed_dril_run_resumes_exactly(tmp_path):
     """2 steps + checkpoint, then a fresh process-like start resumed to 4 steps == 4 steps at once
     (branch draws and answer samples depend on the step, data order on the resumable sampler)."""
     tiny = ["--model.init_args.model.init_args.d_model", "32", "--model.init_args.model.init_args.n_towns", "60",
-            "--model.init_args.model.init_args.vocab_size", "400", "--model.init_args.model.init_args.max_answer_tokens", "24",
-            "--data.init_args.n_towns", "60", "--data.init_args.batch_size", "4", "--model.init_args.sample_prob", "0.5",
-            "--model.init_args.warmup_steps", "0", "--model.init_args.decay", "false",  # the schedule length depends on max_steps
+            "--model.init_args.model.init_args.vocab_size", "400",
+            "--model.init_args.model.init_args.max_answer_tokens", "24",
+            "--data.init_args.n_towns", "60", "--data.init_args.batch_size", "4",
+            "--model.init_args.sample_prob", "0.5",
+            # the schedule length depends on max_steps
+            "--model.init_args.warmup_steps", "0", "--model.init_args.decay", "false",
             "--trainer.val_check_interval", "100"]
 
     def run(steps, folder, resume=False):
-        ckpt = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+        ckpt = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
                 "--trainer.callbacks.save_last=true", "--trainer.callbacks.every_n_train_steps=1",
                 "--trainer.enable_checkpointing", "true"]
-        c = _cli("pretrain_tiny.yaml", [*tiny, "--trainer.max_steps", str(steps), "--model.init_args.output_dir", str(folder),
-                                        "--trainer.default_root_dir", str(folder), *(ckpt if folder.name != "straight" else [])])
-        c.trainer.fit(c.model, datamodule=c.datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt") if resume else None)
+        c = _cli("pretrain_tiny.yaml", [*tiny, "--trainer.max_steps", str(steps),
+                                        "--model.init_args.output_dir", str(folder),
+                                        "--trainer.default_root_dir", str(folder),
+                                        *(ckpt if folder.name != "straight" else [])])
+        c.trainer.fit(c.model, datamodule=c.datamodule,
+                      ckpt_path=str(tmp_path / "ckpt" / "last.ckpt") if resume else None)
         return c.model
 
     straight = run(4, tmp_path / "straight")
@@ -239,7 +253,8 @@ def test_shipped_tokenizer_is_rebuilt_exactly_from_the_corpus():
 
 def test_answer_only_question_memory_still_trains_encoder_and_is_saved(tmp_path, small):
     ex, _ = small
-    m = TwoDecoderBart(None, d_model=32, layers=1, vocab_size=400, n_towns=60, max_answer_tokens=30, question_memory="answer")
+    m = TwoDecoderBart(None, d_model=32, layers=1, vocab_size=400, n_towns=60, max_answer_tokens=30,
+                       question_memory="answer")
     ids = m.sample_answers(ex[:3], generator=torch.Generator().manual_seed(0))
     src = m.source(ex[:3])
     enc = m.encode(src)

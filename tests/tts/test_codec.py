@@ -9,7 +9,8 @@ import torch
 from domains.tts.codec import HOP, N_FFT, N_MELS, SAMPLE_RATE, STACK, MelCodec, _mel_pinv, log_mel, write_wav
 from domains.tts.corpus import ATTRIBUTES, espeak_available, sample_attributes, sentences, speak
 
-needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed (apt-get install espeak-ng)")
+needs_espeak = pytest.mark.skipif(not espeak_available(),
+                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")
 
 
 def test_sentences_and_attributes_are_seeded_and_balanced():
@@ -44,7 +45,8 @@ def test_codec_round_trip_and_wav_files(tmp_path):
     again = codec.encode_audio(wav)
     n = min(len(tokens), len(again))
     assert abs(len(again) - len(tokens)) <= 1
-    assert (tokens[:n] == again[:n]).float().mean() > 0.5  # Griffin-Lim phases: mostly, not exactly (128 codes, 300 utterances: 0.79)
+    # Griffin-Lim phases: mostly, not exactly (128 codes, 300 utterances: 0.79)
+    assert (tokens[:n] == again[:n]).float().mean() > 0.5
     codec.save(tmp_path / "codec")
     assert torch.equal(MelCodec.load(tmp_path / "codec").codebook, codec.codebook)
     path = write_wav(tmp_path / "a.wav", wav)

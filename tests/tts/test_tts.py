@@ -92,14 +92,16 @@ def test_recogniser_reads_held_out_codec_speech(corpus):
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes/tts").glob("*_tiny.yaml")
-                                           if "rewardopt fit" in p.read_text() and not p.name.startswith(("pretrain", "train_"))))
+                                           if "rewardopt fit" in p.read_text()
+                                           and not p.name.startswith(("pretrain", "train_"))))
 def test_fine_tuning_recipes_run(recipe, tmp_path):
     from domains.tts.rewards import TOKEN_MODEL
     from rewardopt.cli import RewardOptCLI
 
     if not TOKEN_MODEL.is_file():
         pytest.skip("token model not trained")
-    args = ["--config", str(ROOT / "recipes/tts" / recipe), "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path),
+    args = ["--config", str(ROOT / "recipes/tts" / recipe), "--trainer.max_steps", "2",
+            "--trainer.default_root_dir", str(tmp_path),
             "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.callbacks", "[]",
             "--model.init_args.output_dir", str(tmp_path / "out"), "--data.init_args.batch_size", "2",
             "--data.init_args.max_val", "2", "--trainer.enable_progress_bar", "false"]
@@ -130,7 +132,8 @@ def test_steering_recipes_write_wavs_of_the_sampled_tokens(recipe, tmp_path):
 
     if not TOKEN_MODEL.is_file():
         pytest.skip("token model not trained")
-    args = ["--config", str(ROOT / "recipes/tts" / recipe), "--model.init_args.generator.init_args.max_new_tokens", "12",
+    args = ["--config", str(ROOT / "recipes/tts" / recipe),
+            "--model.init_args.generator.init_args.max_new_tokens", "12",
             "--model.init_args.output_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
             "--data.init_args.max_val", "3", "--trainer.enable_progress_bar", "false"]
     if "budget" in (ROOT / "recipes/tts" / recipe).read_text():
@@ -139,7 +142,8 @@ def test_steering_recipes_write_wavs_of_the_sampled_tokens(recipe, tmp_path):
     c.trainer.predict(c.model, datamodule=c.datamodule)
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["samples"] == 3 and s["nfe"] == 3 * s["expected_cost_per_sample"]["nfe"] > 3 * 12
-    codes = [[int(t) for t in line.split()] for line in (tmp_path / "samples" / "r0_b00000.txt").read_text().splitlines()]
+    lines = (tmp_path / "samples" / "r0_b00000.txt").read_text().splitlines()
+    codes = [[int(t) for t in line.split()] for line in lines]
     assert len(codes) == 3 and all(0 <= t < 128 for c_ in codes for t in c_)
     for j, c_ in enumerate(codes):  # each WAV lasts as long as its codes (STACK mel frames of HOP samples each)
         assert abs(_wav_frames(tmp_path / "samples" / f"r0_b00000_{j:03d}.wav") - len(c_) * STACK * HOP) <= HOP
@@ -153,8 +157,9 @@ def test_diffro_recipe_writes_before_and_after_audio(tmp_path):
         pytest.skip("token model not trained")
     args = ["--config", str(ROOT / "recipes/tts/diffro_asr_tiny.yaml"), "--trainer.max_steps", "1",
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--model.init_args.output_dir", str(tmp_path / "out"), "--model.init_args.generator.init_args.max_new_tokens", "16",
-            "--data.init_args.batch_size", "2", "--data.init_args.max_val", "2", "--trainer.enable_progress_bar", "false"]
+            "--model.init_args.output_dir", str(tmp_path / "out"),
+            "--model.init_args.generator.init_args.max_new_tokens", "16", "--data.init_args.batch_size", "2",
+            "--data.init_args.max_val", "2", "--trainer.enable_progress_bar", "false"]
     c = RewardOptCLI(args=args, run=False)
     c.trainer.fit(c.model, datamodule=c.datamodule)
     folder = tmp_path / "out" / "before_after"

@@ -130,7 +130,7 @@ def test_dril_branches(tiny_model, small):
     assert "reconstruction_nll" not in mle and torch.isclose(mle["loss"], mle["answer_nll"] + mle["question_nll"])
     dril = DRIL(m, sample_prob=1.0, reconstruction_weight=0.5).loss_terms(ex[:4])  # the reference: reconstruction only
     assert torch.isclose(dril["loss"], 0.5 * dril["reconstruction_nll"])
-    with pytest.raises(TypeError, match="two-stage"):
+    with pytest.raises(TypeError, match="DRIL needs a TwoStageSeq2Seq model"):
         DRIL(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="sample_prob"):
         DRIL(m, sample_prob=1.5)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -16,6 +15,7 @@ import torch
 from domains.qa_text.kb import BUCKETS, Town, check_facts
 from domains.qa_text.model import TwoDecoderBart
 from domains.qa_text.rewards import SummaryCentricity, bucket_compliant, rouge_l
+from rewardopt.run import RunMixin
 
 METRICS = ("fact_accuracy", "bucket_compliance", "question_rouge_l", "centricity")
 
@@ -45,13 +45,16 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-class QAGeneration(L.LightningModule):
+class QAGeneration(RunMixin, L.LightningModule):
     """Args:
         model: the ``TwoDecoderBart`` to generate with.
         greedy: greedy answers (else sampled with ``seed``).
         centricity: score summary-centricity with the packaged MiniLM sentence encoder.
-        output_dir: where ``generations.jsonl`` and ``summary.json`` go (default: the trainer's folder).
+        output_dir: where ``generations.jsonl`` and ``summary.json`` go (default: the trainer's folder;
+            ``RunMixin``).
     """
+
+    default_output_dir = "runs/qa_text/generate"
 
     def __init__(self, model: TwoDecoderBart, greedy: bool = True, centricity: bool = True, seed: int = 0,
                  output_dir: str | None = None) -> None:
@@ -59,37 +62,29 @@ class QAGeneration(L.LightningModule):
         self.model, self.greedy, self.centricity = model.eval(), greedy, centricity
         self.seed, self._output_dir = seed, output_dir
 
-    @property
-    def output_dir(self) -> Path:
-        if self._output_dir:
-            return Path(self._output_dir)
-        return Path(self.trainer.default_root_dir if self._trainer is not None else "runs/qa_text/generate")
-
     def on_predict_start(self) -> None:
         self._rows: list[dict[str, Any]] = []
 
     @torch.no_grad()
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         kb = self.trainer.datamodule.kb
-        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + batch_idx)
+        rng = self.rank_generator(self.seed, batch_idx)  # distinct per rank (sampled answers under DDP)
         rows = score(batch, self.model.generate(batch, generator=rng, greedy=self.greedy), kb, self.centricity)
         self._rows += rows
         return rows
 
     def on_predict_end(self) -> None:
-        if self._trainer is not None and self.trainer.world_size > 1:  # held-out examples were sharded over ranks
-            parts = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(parts, self._rows)
-            if not self.trainer.is_global_zero:
-                return
-            self._rows = [r for part in parts for r in part]
+        parts = self.gather(self._rows)  # held-out examples were sharded over ranks
+        if not self.is_global_zero():
+            return
+        self._rows = [r for part in parts for r in part]
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "generations.jsonl", "w") as f:
             for r in self._rows:
                 f.write(json.dumps(r) + "\n")
         summary = summarise(self._rows)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.write_summary(summary)
         a = summary.get("all", {})
         self.print(f"[rewardopt] {len(self._rows)} QA pairs: fact accuracy {a.get('fact_accuracy', float('nan')):.3f}, "
                    f"bucket compliance {a.get('bucket_compliance', float('nan')):.3f}, question ROUGE-L "

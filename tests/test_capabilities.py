@@ -94,7 +94,7 @@ def test_family_specific_methods_name_the_family():
 
     with pytest.raises(TypeError, match="DRaFT backpropagates through continuous diffusion"):
         DRaFT(make_masked(full_finetune=True), CountToken())
-    with pytest.raises(TypeError, match="DDPO's likelihood ratio needs Gaussian transitions"):
+    with pytest.raises(TypeError, match="DDPO needs a TransitionLogProbs generator"):
         DDPO(make_masked(full_finetune=True), CountToken())
 
 
@@ -189,6 +189,43 @@ def test_write_samples_dispatches_on_declared_capabilities(tmp_path):
     assert txt.suffix == ".txt" and len(txt.read_text().splitlines()) == 2
     (jsonl,) = PlainWalk().write_samples(torch.zeros(3, 2), tmp_path, "walk")
     assert jsonl.suffix == ".jsonl" and len(jsonl.read_text().splitlines()) == 3
+    with pytest.warns(UserWarning, match="look like images but it does not declare ImageSamples"):
+        PlainWalk().write_samples(torch.zeros(2, 3, 4, 4), tmp_path, "pictures")  # said out loud, not silent
+
+
+def test_a_dropped_undeclared_member_of_an_ensemble_is_said_out_loud():
+    from rewardopt.rewards.base import WeightedSum, require_gradient
+
+    class Undeclared(Reward):
+        def score(self, samples, cond):
+            return samples.flatten(1).sum(1)
+
+    with pytest.warns(UserWarning, match=r"differentiable members of .* only; \['mine'\]"):
+        part = require_gradient("DRaFT", WeightedSum({"sum": SumReward(), "mine": Undeclared()}))
+    assert part.name.endswith("[differentiable]")
+
+
+def test_steering_takes_negative_seeds():
+    from rewardopt.methods.best_of_n import BestOfN
+
+    a, b = BestOfN(RandomWalkGenerator(), SumReward(), n=2, seed=-1).rngs(0)
+    assert a.initial_seed() != b.initial_seed()
+
+
+def test_checkpoints_must_hold_every_trainable_weight_and_old_names_are_renamed():
+    """Loading is non-strict (checkpoints hold trainable weights only): a renamed key must not load nothing
+    silently. The token LM's weights were stored as ``denoiser`` before; they are renamed to ``lm``."""
+    from rewardopt.methods.reinforce import Reinforce
+    from tests.test_autoregressive import make
+    from tests.test_finetune_review import Count3
+
+    m = Reinforce(make(full_finetune=True), Count3(), kl_weight=0.1)
+    trained = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("generator.lm.")}
+    old = {"state_dict": {"generator.denoiser." + k[len("generator.lm."):]: v for k, v in trained.items()}}
+    m.on_load_checkpoint(old)
+    assert set(old["state_dict"]) == set(trained)
+    with pytest.raises(KeyError, match="lacks 1 of this run's trainable weights"):
+        m.on_load_checkpoint({"state_dict": dict(list(trained.items())[1:])})
 
 
 PROBE = re.compile(r"(getattr|hasattr)\(\s*(self\.)?(pl_module\.)?(generator|g)\b")

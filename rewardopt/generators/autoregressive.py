@@ -79,6 +79,7 @@ class AutoregressiveGenerator(DeterministicStep, FullyTrainedGenerator):
 
     random_init = False  # x_T is the empty sequence
     network_attr = "lm"  # the network trained in full (its frozen copy is the reference policy)
+    legacy_state_prefixes = {"denoiser.": "lm."}  # earlier releases stored the LM as ``denoiser``
 
     def __init__(self, lm: nn.Module, max_new_tokens: int, bos_token_id: int, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

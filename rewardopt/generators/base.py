@@ -85,7 +85,7 @@ class Generator(nn.Module, ABC):
 
     Required (abstract): ``timesteps``, ``encode_condition``, ``init_state``, ``model_output``,
     ``step``, ``predict_x0``, ``decode``. Provided with defaults a subclass may override:
-    ``num_steps``, ``stochastic``, ``random_init``, ``step_is_deterministic``, ``x0_nfe``,
+    ``num_steps``, ``stochastic``, ``random_init``, ``legacy_state_prefixes``, ``step_is_deterministic``, ``x0_nfe``,
     ``sample``, ``write_samples``, ``trainable_parameters`` and ``counter`` (the ``ComputeCounter``
     users read for NFE). Everything else a method may need is a declared capability
     (``rewardopt.generators.capabilities``: ``Trainable``, ``Renderable``, ``TextSerialisable``,
@@ -127,6 +127,9 @@ class Generator(nn.Module, ABC):
     def stochastic(self) -> bool:
         """Whether ``step`` draws noise (SVDD, SMC, Free2Guide and DSearch need distinct children)."""
         return True
+
+    #: parameter-name prefixes that older releases used, old -> new (checkpoints are renamed on load)
+    legacy_state_prefixes: dict[str, str] = {}
 
     #: whether ``init_state`` draws randomness (continuous diffusion's x_T); masked diffusion and
     #: token LMs start from one fixed state. Free²Guide's step-0 candidates are initial noises only if so.
@@ -182,6 +185,12 @@ class Generator(nn.Module, ABC):
             path = folder / f"{stem}.txt"
             path.write_text("".join(f"{t}\n" for t in self.to_text(samples)))
             return [path]
+        if isinstance(samples, torch.Tensor) and samples.ndim == 4 and samples.shape[1] in (1, 3):
+            import warnings
+
+            warnings.warn(f"{type(self).__name__}'s samples look like images but it does not declare ImageSamples "
+                          "(rewardopt.generators.capabilities), so they are written as JSON lines and get no grid; "
+                          "inherit ImageSamples to write PNGs", stacklevel=2)
         path = folder / f"{stem}.jsonl"
         with open(path, "w") as f:
             for s in samples:

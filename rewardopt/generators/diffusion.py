@@ -151,7 +151,6 @@ class DiffusionGenerator(FrozenCopy, Trainable, TransitionLogProbs, Deterministi
         """Freeze everything, then open LoRA adapters or the full denoiser for training (once)."""
         if self.__dict__.get("_trainable_ready"):
             return
-        self._trainable_ready = True
         self.requires_grad_(False)
         if self.lora_rank is not None:
             from peft import LoraConfig
@@ -160,6 +159,7 @@ class DiffusionGenerator(FrozenCopy, Trainable, TransitionLogProbs, Deterministi
                                                init_lora_weights="gaussian", target_modules=self.lora_targets))
         elif self.full_finetune:
             self.freeze_copy()
+        self._trainable_ready = True
 
     @contextmanager
     def base_model(self) -> Iterator[None]:

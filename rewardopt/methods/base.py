@@ -152,7 +152,8 @@ class RewardFineTuning(RunMixin, L.LightningModule):
     def configure_optimizers(self):
         params = self.generator.trainable_parameters()
         if not params:
-            raise ValueError(f"{type(self.generator).__name__} has no trainable parameters; set lora_rank or full_finetune")
+            raise ValueError(f"{type(self.generator).__name__} has no trainable parameters; "
+                             "set lora_rank or full_finetune")
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
 
     # ------------------------------------------------------------------ checkpoints
@@ -165,6 +166,20 @@ class RewardFineTuning(RunMixin, L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore counters and history; check that the checkpoint holds every trainable weight (loading
+        is non-strict because checkpoints hold only those, so a renamed key would otherwise load nothing
+        silently). Keys an older release wrote under other names are renamed first."""
+        weights = checkpoint.get("state_dict")
+        if weights is not None:
+            for old, new in self.generator.legacy_state_prefixes.items():
+                old, new = f"generator.{old}", f"generator.{new}"
+                for k in [k for k in weights if k.startswith(old)]:
+                    weights[new + k[len(old):]] = weights.pop(k)
+            missing = [n for n, p in self.named_parameters() if p.requires_grad and n not in weights]
+            if missing:
+                raise KeyError(f"the checkpoint lacks {len(missing)} of this run's trainable weights (e.g. "
+                               f"{missing[:3]}): it was written by a differently configured generator (LoRA rank "
+                               "and targets, full_finetune) or method")
         state = checkpoint.get("rewardopt", {})
         if "counter" in state:
             self.generator.counter.load_state_dict(state["counter"])

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
+from rewardopt.generators.capabilities import TransitionLogProbs, require
 from rewardopt.generators.diffusion import DiffusionGenerator, gaussian_log_prob
 from rewardopt.methods.base import RewardFineTuning
 from rewardopt.rewards.base import Reward
@@ -111,6 +112,7 @@ class DDPO(RewardFineTuning):
                  output_dir: str | None = None) -> None:
         super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed,
                          output_dir=output_dir)
+        require(generator, TransitionLogProbs, "DDPO")
         if not isinstance(generator, DiffusionGenerator):
             raise TypeError(f"DDPO's likelihood ratio needs Gaussian transitions (DiffusionGenerator); got "
                             f"{type(generator).__name__} (token LMs: Reinforce)")

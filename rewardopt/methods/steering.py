@@ -47,7 +47,7 @@ import torch
 
 from rewardopt.generators.base import Condition, Generator
 from rewardopt.rewards.base import Reward
-from rewardopt.run import RunMixin
+from rewardopt.run import RunMixin, derived_seed
 from rewardopt.writers import SteeringOutputWriter
 
 #: the value ``InferenceTimeSteering.score`` gives an excluded candidate (below any real reward, finite)
@@ -306,8 +306,9 @@ class InferenceTimeSteering(RunMixin, L.LightningModule):
     # ------------------------------------------------------------------ Lightning
     def rngs(self, batch_idx: int) -> tuple[torch.Generator, torch.Generator]:
         """(sampler noise, the method's own choices) of predict batch ``batch_idx`` on this rank."""
-        rng = self.rank_generator(self.seed, batch_idx)
-        return rng, torch.Generator().manual_seed(rng.initial_seed() + 2**40)
+        rank, world = self.rank_and_world()
+        s = derived_seed(self.seed, batch_idx, rank, world)
+        return torch.Generator().manual_seed(s), torch.Generator().manual_seed(s + 2**40)
 
     @torch.no_grad()
     def generate(self, raw: list[Any], batch_idx: int = 0) -> tuple[Any, torch.Tensor]:

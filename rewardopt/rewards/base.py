@@ -194,4 +194,11 @@ def require_gradient(method: str, reward: Reward) -> Reward:
             "Use DDPO (policy gradient) for fine-tuning with a black-box reward, or the inference-time "
             "methods (Best-of-N, SVDD, DSearch) that only need reward values."
         )
+    if part is not reward and isinstance(reward, WeightedSum):
+        import warnings
+
+        dropped = [k for k, r in reward.members.items() if not r.differentiable]
+        warnings.warn(f"{method} trains on the differentiable members of {reward.name} only; {dropped} are not "
+                      "declared differentiable (set `differentiable = True` on a reward class whose gradient flows)",
+                      stacklevel=2)
     return part

@@ -80,6 +80,7 @@ def test_two_nodes_by_torchrun_keep_weights_in_sync_and_write_one_summary(run, t
     assert [log.count("[rewardopt] summary:") for _, log in nodes] == [1, 0], "node 0 reports, once"
     s = json.loads((tmp_path / "node0/out/summary.json").read_text())
     assert s["world_size"] == 2
+    assert s["steps"] == int(extra[extra.index("--trainer.max_steps") + 1]), "the nodes trained"
     assert len(s["param_checksums"]) == 2 and s["ranks_in_sync"], s["param_checksums"]
     per_rank = s["last_train_reward_per_rank"]
     assert per_rank[0] != per_rank[1], "the nodes see different prompts and noise"

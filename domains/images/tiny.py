@@ -65,14 +65,17 @@ def tiny_text_encoder(vocab_size: int, hidden: int = 32) -> CLIPTextModel:
     ))
 
 
-def tiny_scheduler() -> DDIMScheduler:
-    # SD's schedule (scaled-linear betas, no alpha-to-one) so recipes transfer to real checkpoints.
+def tiny_scheduler(prediction_type: str = "epsilon", beta_schedule: str = "scaled_linear") -> DDIMScheduler:
+    """SD's schedule by default (scaled-linear betas, no alpha-to-one) so recipes transfer to real
+    checkpoints; ``beta_schedule="squaredcos_cap_v2"`` is the cosine schedule. ``prediction_type``:
+    "epsilon", "v_prediction" or "sample" (x0)."""
     return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                         steps_offset=1, prediction_type="epsilon")
+                         beta_schedule=beta_schedule, clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1, prediction_type=prediction_type)
 
 
 def build_tiny_generator(seed: int = 0, size: int = 24, channels: tuple[int, ...] = (16, 32, 64),
+                         prediction_type: str = "epsilon", beta_schedule: str = "scaled_linear",
                          **kwargs) -> StableDiffusionGenerator:
     """A freshly initialised tiny generator (random weights, seeded)."""
     torch.manual_seed(seed)
@@ -80,7 +83,8 @@ def build_tiny_generator(seed: int = 0, size: int = 24, channels: tuple[int, ...
     kwargs.setdefault("height", size)
     kwargs.setdefault("width", size)
     return StableDiffusionGenerator.from_components(
-        tiny_unet(size, channels=channels), tiny_text_encoder(len(tok)), tok, tiny_scheduler(), **kwargs
+        tiny_unet(size, channels=channels), tiny_text_encoder(len(tok)), tok,
+        tiny_scheduler(prediction_type, beta_schedule), **kwargs
     )
 
 
@@ -104,7 +108,8 @@ class ShapesDataModule(L.LightningDataModule):
 
 
 class TinyTextToImagePretraining(NetworkFit):
-    """Pretrains the tiny text-to-image model (UNet + text encoder) with the ε-prediction loss.
+    """Pretrains the tiny text-to-image model (UNet + text encoder) with the diffusion MSE loss on
+    the target its scheduler predicts (ε, v or x0).
 
     Args:
         output_dir: where the diffusers-layout folder and ``generator_fit.json`` (the last held-out
@@ -112,19 +117,42 @@ class TinyTextToImagePretraining(NetworkFit):
         size: image size; channels: UNet block widths.
         lr: peak AdamW learning rate of a one-cycle schedule; cond_dropout: probability of an empty
             prompt (enables CFG).
+        prediction_type, beta_schedule: the scheduler's (``tiny_scheduler``); saved with the model.
+        ema_decay: keep an exponential moving average of the weights with this decay and export it
+            (None: export the trained weights).
     """
 
     fit_name = "generator"
 
     def __init__(self, output_dir: str | None = None, size: int = 24, channels: list[int] = [16, 32, 64],
-                 lr: float = 1e-3, cond_dropout: float = 0.1, seed: int = 0):
+                 lr: float = 1e-3, cond_dropout: float = 0.1, seed: int = 0, prediction_type: str = "epsilon",
+                 beta_schedule: str = "scaled_linear", ema_decay: float | None = None):
         super().__init__(lr, weight_decay=0.0, output_dir=output_dir)
         self.save_hyperparameters()
-        self.generator = build_tiny_generator(seed, size, tuple(channels), lora_rank=None, gradient_checkpointing=False)
+        self.generator = build_tiny_generator(seed, size, tuple(channels), prediction_type, beta_schedule,
+                                              lora_rank=None, gradient_checkpointing=False)
         self.generator.denoiser.requires_grad_(True)
         self.generator.text_encoder.requires_grad_(True)
         self.train_sched = DDPMScheduler.from_config(self.generator.scheduler.config)
         self._rng = random.Random(seed)
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        if ema_decay is not None:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self._networks(), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
+
+    def _networks(self) -> torch.nn.ModuleList:
+        return torch.nn.ModuleList([self.generator.denoiser, self.generator.text_encoder])
+
+    def _target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        kind = self.generator.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "sample":
+            return x0
+        if kind == "v_prediction":
+            a = self.generator.alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.dtype)
+            return a.sqrt() * noise - (1 - a).sqrt() * x0
+        raise ValueError(f"unknown prediction_type {kind!r}; use epsilon, v_prediction or sample")
 
     def _loss(self, batch) -> torch.Tensor:
         g = self.generator
@@ -137,12 +165,22 @@ class TinyTextToImagePretraining(NetworkFit):
         t = torch.randint(0, self.train_sched.config.num_train_timesteps, (x0.shape[0],), device=self.device)
         xt = g.add_noise(x0, t.view(-1, 1, 1, 1), noise)
         pred = g.denoiser(xt, t, encoder_hidden_states=emb, return_dict=False)[0]
-        return F.mse_loss(pred, noise)
+        return F.mse_loss(pred, self._target(x0, noise, t))
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self._networks())
+
+    def use_ema(self) -> None:
+        """Copy the averaged weights into the generator (no-op without ``ema_decay``)."""
+        if self.ema is not None:
+            for p, q in zip(self._networks().parameters(), self.ema.module.parameters()):
+                p.data.copy_(q.data)
 
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", self._loss(batch), prog_bar=True)
@@ -156,6 +194,7 @@ class TinyTextToImagePretraining(NetworkFit):
         return {"scheduler": sched, "interval": "step"}
 
     def save_weights(self, folder: Path) -> Path:
+        self.use_ema()
         self.generator.save_pretrained(folder)
         return folder
 

@@ -1,8 +1,6 @@
 """DNA: JASPAR motifs load offline, planted motifs raise both oracles, the training oracle is
-differentiable and the evaluation oracle differs from it, the generator samples valid bases, and
-the recipes run."""
-
-import json
+differentiable and the evaluation oracle differs from it, the generator samples valid bases (the
+recipes run in tests/test_recipes.py, with this domain's output checks in recipe_checks.py)."""
 
 import pytest
 import torch
@@ -19,7 +17,6 @@ from domains.dna.motifs import (  # noqa: E402
     generate_corpus,
     jaspar_pwm,
 )
-from tests.conftest import ROOT  # noqa: E402
 
 
 def test_jaspar_pwms_are_probabilities():
@@ -72,43 +69,3 @@ def test_shipped_model_learned_the_motifs():
     for oracle, margin in ((MotifActivity(), 10.0), (MotifHitActivity(), 0.5)):
         got, bg, top = (oracle(s).total.mean() for s in (x, background, planted))
         assert bg + margin < got < top
-
-
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes/dna").glob("*_oracle_tiny.yaml")), ids=lambda p: p.stem)
-def test_dna_recipes_run(recipe, tmp_path):
-    from rewardopt.cli import RewardOptCLI
-
-    common = ["--config", str(recipe), "--model.init_args.generator.init_args.num_steps", "4",
-              "--trainer.default_root_dir", str(tmp_path), "--model.init_args.output_dir", str(tmp_path / "out"),
-              "--data.init_args.num_eval", "6", "--data.init_args.val_batch_size", "6",
-              "--trainer.enable_progress_bar", "false"]
-    if "rewardopt predict" in recipe.read_text():
-        c = RewardOptCLI(args=common + ["--model.init_args.budget", "16"], run=False)
-        c.trainer.predict(c.model, datamodule=c.datamodule)
-        s = json.loads((tmp_path / "out" / "summary.json").read_text())
-        assert s["samples"] == 6 and s["nfe"] == 6 * s["expected_cost_per_sample"]["nfe"]
-        lines = (tmp_path / "out" / "samples" / "r0_b00000.txt").read_text().split()
-        assert len(lines) == 6 and all(set(line) <= set(BASES) for line in lines)
-    else:
-        c = RewardOptCLI(args=common + ["--trainer.max_steps", "2", "--model.init_args.truncate", "2",
-                                        "--trainer.logger.init_args.save_dir", str(tmp_path),
-                                        "--trainer.callbacks", "[]", "--data.init_args.batch_size", "4"], run=False)
-        c.trainer.fit(c.model, datamodule=c.datamodule)
-        s = json.loads((tmp_path / "out" / "summary.json").read_text())
-        assert s["steps"] == 2 and s["nfe_grad"] == 2 * 4 * 4  # DRAKES: the KL's forward with grad at all 4 steps
-
-
-def test_pretrain_recipe_runs_and_saves_a_loadable_model(tmp_path):
-    from domains.dna.generator import DNAGenerator
-    from rewardopt.cli import RewardOptCLI
-
-    args = ["--config", str(ROOT / "recipes/dna/pretrain_tiny.yaml"), "--trainer.max_steps", "2",
-            "--data.init_args.n", "200", "--trainer.val_check_interval", "2",
-            "--trainer.default_root_dir", str(tmp_path), "--model.init_args.output_dir", str(tmp_path / "model"),
-            "--trainer.enable_progress_bar", "false"]
-    c = RewardOptCLI(args=args, run=False)
-    c.trainer.fit(c.model, datamodule=c.datamodule)
-    g = DNAGenerator(pretrained=str(tmp_path / "model"), num_steps=2)
-    assert type(g.denoiser).__name__ == "RoFormerForMaskedLM"
-    for a, b in zip(g.denoiser.parameters(), c.model.generator.denoiser.parameters()):
-        assert torch.equal(a, b.detach())

@@ -1,9 +1,8 @@
 """TTS domain on the shipped assets (no espeak-ng needed): prompts and vocabulary, the codec LM
 generates only codec tokens and saves/loads, the token rewards score real speech above shuffled
 tokens and pass gradient to the LM through Gumbel-softmax tokens, the evaluation recogniser reads
-held-out speech, and the DiffRO recipes run."""
-
-import json
+held-out speech (the recipes run in tests/test_recipes.py, with this domain's output checks in
+recipe_checks.py)."""
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch
 from domains.tts.corpus import ATTRIBUTES
 from domains.tts.data import CORPUS, TTSVocab, load_corpus, split
 from domains.tts.generator import CodecLMGenerator
-from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -89,87 +87,6 @@ def test_recogniser_reads_held_out_codec_speech(corpus):
     assert cer(hyp, [i["text"] for i in items]) < 0.5
     assert sum(a == i["gender"] for a, i in zip(attrs["gender"], items)) >= 5
     assert cer(["abc"], ["abd"]) == pytest.approx(1 / 3)
-
-
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes/tts").glob("*_tiny.yaml")
-                                           if "rewardopt fit" in p.read_text()
-                                           and not p.name.startswith(("pretrain", "train_"))))
-def test_fine_tuning_recipes_run(recipe, tmp_path):
-    from domains.tts.rewards import TOKEN_MODEL
-    from rewardopt.cli import RewardOptCLI
-
-    if not TOKEN_MODEL.is_file():
-        pytest.skip("token model not trained")
-    args = ["--config", str(ROOT / "recipes/tts" / recipe), "--trainer.max_steps", "2",
-            "--trainer.default_root_dir", str(tmp_path),
-            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.callbacks", "[]",
-            "--model.init_args.output_dir", str(tmp_path / "out"), "--data.init_args.batch_size", "2",
-            "--data.init_args.max_val", "2", "--trainer.enable_progress_bar", "false"]
-    c = RewardOptCLI(args=args, run=False)
-    before = [p.detach().clone() for p in c.model.generator.trainable_parameters()]
-    c.trainer.fit(c.model, datamodule=c.datamodule)
-    assert any(not torch.equal(a, b) for a, b in zip(c.model.generator.trainable_parameters(), before))
-    s = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert s["steps"] == 2 and s["samples"] == 4 * (2 if recipe.startswith("reinforce") else 1)
-
-
-def _wav_frames(path):
-    import wave
-
-    from domains.tts.codec import SAMPLE_RATE
-
-    with wave.open(str(path)) as w:
-        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (SAMPLE_RATE, 1, 2)
-        return w.getnframes()
-
-
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes/tts").glob("*_tiny.yaml")
-                                           if "rewardopt predict" in p.read_text()))
-def test_steering_recipes_write_wavs_of_the_sampled_tokens(recipe, tmp_path):
-    from domains.tts.codec import HOP, STACK
-    from domains.tts.rewards import TOKEN_MODEL
-    from rewardopt.cli import RewardOptCLI
-
-    if not TOKEN_MODEL.is_file():
-        pytest.skip("token model not trained")
-    args = ["--config", str(ROOT / "recipes/tts" / recipe),
-            "--model.init_args.generator.init_args.max_new_tokens", "12",
-            "--model.init_args.output_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
-            "--data.init_args.max_val", "3", "--trainer.enable_progress_bar", "false"]
-    if "budget" in (ROOT / "recipes/tts" / recipe).read_text():
-        args += ["--model.init_args.budget", "48"]
-    c = RewardOptCLI(args=args, run=False)
-    c.trainer.predict(c.model, datamodule=c.datamodule)
-    s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["samples"] == 3 and s["nfe"] == 3 * s["expected_cost_per_sample"]["nfe"] > 3 * 12
-    lines = (tmp_path / "samples" / "r0_b00000.txt").read_text().splitlines()
-    codes = [[int(t) for t in line.split()] for line in lines]
-    assert len(codes) == 3 and all(0 <= t < 128 for c_ in codes for t in c_)
-    for j, c_ in enumerate(codes):  # each WAV lasts as long as its codes (STACK mel frames of HOP samples each)
-        assert abs(_wav_frames(tmp_path / "samples" / f"r0_b00000_{j:03d}.wav") - len(c_) * STACK * HOP) <= HOP
-
-
-def test_diffro_recipe_writes_before_and_after_audio(tmp_path):
-    from domains.tts.rewards import TOKEN_MODEL
-    from rewardopt.cli import RewardOptCLI
-
-    if not TOKEN_MODEL.is_file():
-        pytest.skip("token model not trained")
-    args = ["--config", str(ROOT / "recipes/tts/diffro_asr_tiny.yaml"), "--trainer.max_steps", "1",
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--model.init_args.output_dir", str(tmp_path / "out"),
-            "--model.init_args.generator.init_args.max_new_tokens", "16", "--data.init_args.batch_size", "2",
-            "--data.init_args.max_val", "2", "--trainer.enable_progress_bar", "false"]
-    c = RewardOptCLI(args=args, run=False)
-    c.trainer.fit(c.model, datamodule=c.datamodule)
-    folder = tmp_path / "out" / "before_after"
-    conditions = (folder / "conditions.txt").read_text().splitlines()
-    assert len(conditions) == 2 and all("text" in line for line in conditions)
-    for stem in ("before", "after"):
-        lines = (folder / f"{stem}.txt").read_text().splitlines()
-        assert len(lines) == 2
-        for j in range(2):
-            assert _wav_frames(folder / f"{stem}_{j:03d}.wav") > 0 or not lines[j]
 
 
 def test_random_attributes_change_only_the_training_requests():

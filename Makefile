@@ -44,6 +44,7 @@ bench: $(STAMP)
 pretrain-tiny: $(STAMP)
 	$(VENV)/bin/rewardopt fit --config recipes/images/pretrain_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/images/train_classifier_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/images/train_classifier_hackable_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/molecules/pretrain_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/molecules/train_surrogate_qed_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/molecules/train_surrogate_sa_tiny.yaml

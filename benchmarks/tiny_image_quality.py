@@ -3,8 +3,9 @@
 For each model: 16 shapes prompts (``quality_prompts``) x ``--per-prompt`` samples, DDIM T=20, CFG 3
 (the defaults), per seed: the Laplacian ratio (mean |4-neighbour Laplacian| of the samples over that of
 procedural renders of the same prompts; 1.0 = as smooth as the data) and the shapes classifier's
-colour / shape / count accuracy on the samples. The ``renders`` row is the classifier on the renders
-themselves (its ceiling). Target (issue 14): ratio <= 1.5 with colour, count >= 0.9 and shape >= 0.8.
+colour / shape / count accuracy on the samples, under each ``--classifier``. The ``renders`` rows are
+each classifier on the renders themselves (its ceiling). Target (issue 14): ratio <= 1.5 with colour,
+count >= 0.9 and shape >= 0.8.
 
 Usage: python benchmarks/tiny_image_quality.py [--model LABEL=PATH ...] [--seeds 0 1 2] [--name tiny_image_quality]
 Prints a markdown table and writes benchmarks/results/<name>.md and a sample grid
@@ -27,25 +28,28 @@ def _mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
 
 
-def measure(path: str, seeds: list[int], per_prompt: int, steps: int, cfg: float) -> tuple[dict, torch.Tensor]:
-    """Per-seed figures for the model at ``path`` and the first seed's samples."""
+def measure(path: str, seeds: list[int], per_prompt: int, steps: int, cfg: float,
+            classifiers: dict[str, str]) -> tuple[dict, dict, torch.Tensor]:
+    """Per-seed Laplacian ratios, per-classifier per-seed accuracies, and the first seed's samples."""
     from domains.images.quality import classifier_accuracy, laplacian_ratio, quality_prompts, sample_images
     from domains.images.rewards import ShapeClassifier
     from domains.images.stable_diffusion import StableDiffusionGenerator
 
     g = StableDiffusionGenerator(path, height=24, width=24, num_steps=steps, guidance_scale=cfg,
                                  lora_rank=None).eval()
-    clf = ShapeClassifier.from_pretrained("embedded:shape-classifier")
+    clfs = {label: ShapeClassifier.from_pretrained(c) for label, c in classifiers.items()}
     prompts = quality_prompts() * per_prompt
-    rows: dict[str, list[float]] = {"ratio": [], "colour": [], "shape": [], "count": []}
+    ratios: list[float] = []
+    acc = {label: {"colour": [], "shape": [], "count": []} for label in clfs}
     first = None
     for seed in seeds:
         images = sample_images(g, prompts, seed)
         first = images if first is None else first
-        rows["ratio"].append(laplacian_ratio(g, prompts, seed, images))
-        for k, v in classifier_accuracy(clf, images, prompts).items():
-            rows[k].append(v)
-    return rows, first
+        ratios.append(laplacian_ratio(g, prompts, seed, images))
+        for label, clf in clfs.items():
+            for k, v in classifier_accuracy(clf, images, prompts).items():
+                acc[label][k].append(v)
+    return ratios, acc, first
 
 
 def main() -> None:
@@ -60,6 +64,9 @@ def main() -> None:
     p.add_argument("--notes", default="", help="a paragraph placed above the table")
     p.add_argument("--append", metavar="MD", help="a markdown file (e.g. a table of pilot runs) placed after the table")
     p.add_argument("--no-results", action="store_true", help="print only")
+    p.add_argument("--classifier", action="append", metavar="LABEL=PATH",
+                   help="a shapes classifier to read prompt following with (repeatable; default: "
+                        "shipped=embedded:shape-classifier)")
     args = p.parse_args()
     models = [m.split("=", 1) for m in (args.model or ["shipped=embedded:tiny-shapes"])]
 
@@ -67,20 +74,25 @@ def main() -> None:
     from domains.images.rewards import ShapeClassifier
     from rewardopt.callbacks import save_image_grid
 
-    lines = ["| model | Laplacian ratio (target ≤ 1.5) | colour acc (≥ 0.9) | shape acc (≥ 0.8) | count acc (≥ 0.9) |",
-             "|---|---|---|---|---|"]
+    classifiers = dict(c.split("=", 1) for c in (args.classifier or ["shipped=embedded:shape-classifier"]))
+    lines = ["| model | classifier | Laplacian ratio (target ≤ 1.5) | colour acc (≥ 0.9) | shape acc (≥ 0.8) "
+             "| count acc (≥ 0.9) |", "|---|---|---|---|---|---|"]
     prompts = quality_prompts() * args.per_prompt
-    clf = ShapeClassifier.from_pretrained("embedded:shape-classifier")
-    ref = {k: [] for k in ("colour", "shape", "count")}
-    for seed in args.seeds:
-        for k, v in classifier_accuracy(clf, renders(prompts, 24, seed), prompts).items():
-            ref[k].append(v)
-    lines.append("| renders (procedural data) | 1.00 | " + " | ".join(_mean_sd(ref[k]) for k in ref) + " |")
+    for clabel, cpath in classifiers.items():
+        clf = ShapeClassifier.from_pretrained(cpath)
+        ref = {k: [] for k in ("colour", "shape", "count")}
+        for seed in args.seeds:
+            for k, v in classifier_accuracy(clf, renders(prompts, 24, seed), prompts).items():
+                ref[k].append(v)
+        lines.append(f"| renders (procedural data) | {clabel} | 1.00 | " + " | ".join(_mean_sd(ref[k]) for k in ref)
+                     + " |")
     grids = []
     for label, path in models:
-        rows, images = measure(path, args.seeds, args.per_prompt, args.steps, args.cfg)
-        lines.append(f"| {label} (`{path}`) | " + " | ".join(_mean_sd(rows[k]) for k in rows) + " |")
-        print(lines[-1], flush=True)
+        ratios, acc, images = measure(path, args.seeds, args.per_prompt, args.steps, args.cfg, classifiers)
+        for clabel, rows in acc.items():
+            lines.append(f"| {label} (`{path}`) | {clabel} | {_mean_sd(ratios)} | "
+                         + " | ".join(_mean_sd(rows[k]) for k in rows) + " |")
+            print(lines[-1], flush=True)
         if not args.no_results:
             n = len(quality_prompts())
             grid = save_image_grid([images[i * n:(i + 1) * n] for i in range(min(2, args.per_prompt))],

@@ -74,8 +74,10 @@ class ShapeClassifier(nn.Module):
     def from_pretrained(cls, path: str | Path) -> "ShapeClassifier":
         from safetensors.torch import load_file
 
-        if str(path) == "embedded:shape-classifier":
-            path = ASSETS / "shape_classifier"
+        embedded = {"embedded:shape-classifier": "shape_classifier",
+                     "embedded:shape-classifier-hackable": "shape_classifier_hackable"}
+        if str(path) in embedded:
+            path = ASSETS / embedded[str(path)]
         path = Path(path)
         if not (path / "model.safetensors").is_file():
             raise FileNotFoundError(

@@ -4,7 +4,10 @@ This is the data the embedded tiny text-to-image model is pretrained on and the 
 attribute classifier (a differentiable reward) is trained on. Everything is generated from a seed,
 so it needs no download and is reproducible.
 
-Images are (3, S, S) float tensors in [0, 1]: a dark background with 1-3 shapes of one colour.
+Images are (3, S, S) float tensors in [0, 1]: 1-3 shapes of one colour on a background. The
+diffusion model's data has the fixed dark ``BACKGROUND``; the reward classifier's data may have
+``backgrounds="varied"`` (``varied_background``), so that the reward reads the shapes' colour rather
+than the background's and cannot be won by painting the background.
 """
 
 from __future__ import annotations
@@ -81,12 +84,51 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, yy: np.ndarray, xx: 
     return (yy >= top) & (yy <= base) & (np.abs(xx - cx) <= half)
 
 
-def render(spec: ShapeSpec, size: int = 32, rng: random.Random | None = None) -> torch.Tensor:
-    """Draw ``spec`` at random non-overlapping positions. Returns (3, size, size) in [0, 1]."""
+BACKGROUND_MODES = ("fixed", "varied")
+
+
+def varied_background(spec: ShapeSpec, size: int, rng: random.Random) -> np.ndarray:
+    """A random (size, size, 3) background that never matches the shapes' colour.
+
+    A quarter keep the fixed dark background (the generator's own data); the rest are a full or dimmed
+    palette colour other than the shapes' (the reward-hacking case: blue around red shapes), a random
+    RGB colour at least 0.3 (max-abs) from the shapes' colour, or a linear blend of two such colours.
+    """
+    own = np.array(COLOURS[spec.colour], np.float32)
+
+    def far_colour() -> np.ndarray:
+        for _ in range(100):
+            if rng.random() < 0.5:
+                name = rng.choice([c for c in COLOURS if c != spec.colour])
+                c = np.array(COLOURS[name], np.float32) * (1.0 if rng.random() < 0.5 else rng.uniform(0.3, 1.0))
+            else:
+                c = np.array([rng.random() for _ in range(3)], np.float32)
+            if np.abs(c - own).max() >= 0.3:
+                return c
+        return np.array(BACKGROUND, np.float32)
+
+    u = rng.random()
+    if u < 0.25:
+        return np.broadcast_to(np.array(BACKGROUND, np.float32), (size, size, 3)).copy()
+    if u < 0.8:
+        return np.broadcast_to(far_colour(), (size, size, 3)).copy()
+    a, b, angle = far_colour(), far_colour(), rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1) - 0.5
+    w = np.clip(0.5 + xx * math.cos(angle) + yy * math.sin(angle), 0, 1)[..., None]
+    return (1 - w) * a + w * b
+
+
+def render(spec: ShapeSpec, size: int = 32, rng: random.Random | None = None,
+           background: tuple[float, float, float] | np.ndarray | None = None) -> torch.Tensor:
+    """Draw ``spec`` at random non-overlapping positions. Returns (3, size, size) in [0, 1].
+
+    ``background``: an RGB colour or a (size, size, 3) array; default the fixed dark ``BACKGROUND``.
+    The shapes (positions, jitter) depend on ``rng`` only, not on the background.
+    """
     rng = rng or random.Random(0)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     img = np.empty((size, size, 3), np.float32)
-    img[:] = BACKGROUND
+    img[:] = BACKGROUND if background is None else np.asarray(background, np.float32)
     r = size * (0.2 if spec.count == 1 else 0.14 if spec.count == 2 else 0.12)
     centres: list[tuple[float, float]] = []
     for _ in range(spec.count):
@@ -104,8 +146,11 @@ def render(spec: ShapeSpec, size: int = 32, rng: random.Random | None = None) ->
 class ShapesDataset(torch.utils.data.Dataset):
     """``length`` random (image, prompt, labels) items; item i is a pure function of (seed, i)."""
 
-    def __init__(self, length: int = 20000, size: int = 32, seed: int = 0, prompts: list[str] | None = None):
-        self.length, self.size, self.seed = length, size, seed
+    def __init__(self, length: int = 20000, size: int = 32, seed: int = 0, prompts: list[str] | None = None,
+                 backgrounds: str = "fixed"):
+        if backgrounds not in BACKGROUND_MODES:
+            raise ValueError(f"backgrounds must be one of {BACKGROUND_MODES}, got {backgrounds!r}")
+        self.length, self.size, self.seed, self.backgrounds = length, size, seed, backgrounds
         self.specs = [ShapeSpec.from_prompt(p) for p in prompts] if prompts else all_specs()
 
     def __len__(self) -> int:
@@ -114,8 +159,11 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         rng = random.Random(derived_seed(self.seed, i))
         spec = self.specs[rng.randrange(len(self.specs))]
+        background = None
+        if self.backgrounds == "varied":  # drawn from its own stream: the shapes match the fixed dataset's
+            background = varied_background(spec, self.size, random.Random(derived_seed(self.seed + 7919, i)))
         return {
-            "image": render(spec, self.size, rng),
+            "image": render(spec, self.size, rng, background=background),
             "prompt": spec.prompt,
             "colour": list(COLOURS).index(spec.colour),
             "shape": SHAPES.index(spec.shape),

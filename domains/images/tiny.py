@@ -89,21 +89,26 @@ def build_tiny_generator(seed: int = 0, size: int = 24, channels: tuple[int, ...
 
 
 class ShapesDataModule(L.LightningDataModule):
-    """Procedural (image, prompt, labels) batches for pretraining and the classifier."""
+    """Procedural (image, prompt, labels) batches for pretraining and the classifier.
+
+    ``backgrounds``: "fixed" (the dark background: the diffusion model's data) or "varied" (random
+    backgrounds that never match the shapes' colour: the reward classifier's data, so the reward reads
+    the shapes; validation uses the same mode).
+    """
 
     def __init__(self, batch_size: int = 64, length: int = 100_000, size: int = 24, seed: int = 0,
-                 num_workers: int = 0):
+                 num_workers: int = 0, backgrounds: str = "fixed"):
         super().__init__()
         self.batch_size, self.length, self.size = batch_size, length, size
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.backgrounds = seed, num_workers, backgrounds
 
     def train_dataloader(self):
-        ds = ShapesDataset(self.length, self.size, self.seed)
+        ds = ShapesDataset(self.length, self.size, self.seed, backgrounds=self.backgrounds)
         return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
                                            generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self):
-        ds = ShapesDataset(512, self.size, self.seed + 1)
+        ds = ShapesDataset(512, self.size, self.seed + 1, backgrounds=self.backgrounds)
         return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers)
 
 

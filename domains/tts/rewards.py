@@ -149,23 +149,37 @@ def _text(cond: Any) -> str:
 
 
 class Token2TextReward(Reward):
-    """log P(text | codec tokens) / characters under the frozen CTC head (differentiable)."""
+    """log P(text | codec tokens) / characters under the frozen CTC head (differentiable).
+
+    An output too short to spell its text (fewer CTC frames — 2 per token — than the characters
+    plus their doubled letters need) has an infinite CTC loss: its reward is ``too_short_reward``
+    (nats per character; the default -10 is well below what random tokens of a real utterance's length
+    score, about -3.4 to -5 with the shipped token model, though a long output for a very short text
+    can score lower still) and it passes no gradient, so the batch's other rows keep
+    finite gradients (``zero_infinity`` plus masking those rows).
+    """
 
     differentiable = True
 
-    def __init__(self, checkpoint: str = str(TOKEN_MODEL), name: str | None = None) -> None:
+    def __init__(self, checkpoint: str = str(TOKEN_MODEL), too_short_reward: float = -10.0,
+                 name: str | None = None) -> None:
         super().__init__(name or "token2text")
         self.model = CodecTokenModel.load(checkpoint)
         self.vocab = TTSVocab(self.model.codebook_size)
+        self.too_short_reward = float(too_short_reward)
 
     def score(self, samples, cond):
         texts = [_text(c) for c in cond]
         log_probs, lengths, _ = self.model(_codec_slice(samples, self.vocab))
         targets, target_lengths = char_targets(texts)
-        nll = F.ctc_loss(log_probs.transpose(0, 1), targets, lengths.clamp(min=1), target_lengths, blank=BLANK,
-                         reduction="none", zero_infinity=False)
-        nll = torch.where(torch.isinf(nll), torch.full_like(nll, 1e4), nll)  # too short to spell the text
-        return -nll / target_lengths.clamp(min=1).to(nll)
+        args = (log_probs.transpose(0, 1), targets, lengths.clamp(min=1), target_lengths)
+        with torch.no_grad():
+            infinite = torch.isinf(F.ctc_loss(*(a.detach() for a in args), blank=BLANK, reduction="none"))
+        # zero_infinity: an infinite row's loss and gradient are 0 (without it its gradient is NaN,
+        # and NaN times the 0 that masking gives it is still NaN)
+        nll = F.ctc_loss(*args, blank=BLANK, reduction="none", zero_infinity=True)
+        r = -nll / target_lengths.clamp(min=1).to(nll)
+        return torch.where(infinite.to(r.device), torch.full_like(r, self.too_short_reward), r)
 
 
 class AttributeReward(Reward):

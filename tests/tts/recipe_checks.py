@@ -46,7 +46,9 @@ def check_fit(run) -> None:
             assert len(lines) == len(conditions)
             for j in range(len(lines)):
                 assert wav_frames(folder / f"{stem}_{j:03d}.wav") > 0 or not lines[j]
-    if type(model).__name__ == "CausalLMPretraining":
+    from rewardopt.generators.autoregressive import CausalLMPretraining
+
+    if isinstance(model, CausalLMPretraining):
         from domains.tts.generator import CodecLMGenerator
 
         loaded, trained = CodecLMGenerator(pretrained=str(run.out)).state_dict(), model.generator.state_dict()

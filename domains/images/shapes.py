@@ -144,13 +144,21 @@ def render(spec: ShapeSpec, size: int = 32, rng: random.Random | None = None,
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """``length`` random (image, prompt, labels) items; item i is a pure function of (seed, i)."""
+    """``length`` random (image, prompt, labels) items; item i is a pure function of (seed, i).
+
+    ``backgrounds="varied"`` draws a random background per item (``varied_background``);
+    ``empty_fraction`` of those items then show the background alone (``empty`` is True), so a
+    classifier can learn that no shapes means no colour, shape or count in particular.
+    """
 
     def __init__(self, length: int = 20000, size: int = 32, seed: int = 0, prompts: list[str] | None = None,
-                 backgrounds: str = "fixed"):
+                 backgrounds: str = "fixed", empty_fraction: float = 0.0):
         if backgrounds not in BACKGROUND_MODES:
             raise ValueError(f"backgrounds must be one of {BACKGROUND_MODES}, got {backgrounds!r}")
+        if not 0.0 <= empty_fraction <= 1.0 or (empty_fraction and backgrounds != "varied"):
+            raise ValueError(f"empty_fraction must be in [0, 1] and needs backgrounds='varied'; got {empty_fraction}")
         self.length, self.size, self.seed, self.backgrounds = length, size, seed, backgrounds
+        self.empty_fraction = empty_fraction
         self.specs = [ShapeSpec.from_prompt(p) for p in prompts] if prompts else all_specs()
 
     def __len__(self) -> int:
@@ -159,11 +167,17 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         rng = random.Random(derived_seed(self.seed, i))
         spec = self.specs[rng.randrange(len(self.specs))]
-        background = None
+        background, empty = None, False
         if self.backgrounds == "varied":  # drawn from its own stream: the shapes match the fixed dataset's
-            background = varied_background(spec, self.size, random.Random(derived_seed(self.seed + 7919, i)))
+            bg_rng = random.Random(derived_seed(self.seed + 7919, i))
+            background = varied_background(spec, self.size, bg_rng)
+            empty = bg_rng.random() < self.empty_fraction
+        image = render(spec, self.size, rng, background=background)
+        if empty:  # the background alone: its labels are uninformative (ShapeClassifierTraining: uniform targets)
+            image = torch.from_numpy(np.ascontiguousarray(background, np.float32)).permute(2, 0, 1).contiguous()
         return {
-            "image": render(spec, self.size, rng, background=background),
+            "image": image,
+            "empty": empty,
             "prompt": spec.prompt,
             "colour": list(COLOURS).index(spec.colour),
             "shape": SHAPES.index(spec.shape),

@@ -93,22 +93,25 @@ class ShapesDataModule(L.LightningDataModule):
 
     ``backgrounds``: "fixed" (the dark background: the diffusion model's data) or "varied" (random
     backgrounds that never match the shapes' colour: the reward classifier's data, so the reward reads
-    the shapes; validation uses the same mode).
+    the shapes; validation uses the same mode); ``empty_fraction`` of varied items show no shapes.
     """
 
     def __init__(self, batch_size: int = 64, length: int = 100_000, size: int = 24, seed: int = 0,
-                 num_workers: int = 0, backgrounds: str = "fixed"):
+                 num_workers: int = 0, backgrounds: str = "fixed", empty_fraction: float = 0.0):
         super().__init__()
         self.batch_size, self.length, self.size = batch_size, length, size
         self.seed, self.num_workers, self.backgrounds = seed, num_workers, backgrounds
+        self.empty_fraction = empty_fraction
 
     def train_dataloader(self):
-        ds = ShapesDataset(self.length, self.size, self.seed, backgrounds=self.backgrounds)
+        ds = ShapesDataset(self.length, self.size, self.seed, backgrounds=self.backgrounds,
+                           empty_fraction=self.empty_fraction)
         return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
                                            generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self):
-        ds = ShapesDataset(512, self.size, self.seed + 1, backgrounds=self.backgrounds)
+        ds = ShapesDataset(512, self.size, self.seed + 1, backgrounds=self.backgrounds,
+                           empty_fraction=self.empty_fraction)
         return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
@@ -208,7 +211,9 @@ class ShapeClassifierTraining(NetworkFit):
     """Trains ``ShapeClassifier`` (the differentiable reward model) on procedural shapes.
 
     Light Gaussian pixel noise is added so the classifier is not thrown by the small artefacts of
-    generated images. Exports to ``output_dir`` (config.json + model.safetensors, and
+    generated images. Items with no shapes (``batch["empty"]``) are fitted to the uniform distribution on
+    every head, so an image without shapes is worth no colour in particular (erasing non-blue shapes does
+    not win log p(blue)); accuracies are over the items with shapes. Exports to ``output_dir`` (config.json + model.safetensors, and
     ``classifier_fit.json`` with the last held-out loss and accuracies; default: the trainer's log
     folder) at the end.
     """
@@ -229,8 +234,14 @@ class ShapeClassifierTraining(NetworkFit):
             noise = self.hparams.noise_std * torch.rand(x.shape[0], 1, 1, 1, device=x.device) * torch.randn_like(x)
             x = (x + noise).clamp(0, 1)
         logits = self.classifier(x)
-        loss = sum(F.cross_entropy(logits[k], batch[k]) for k in logits)
-        acc = {k: (logits[k].argmax(-1) == batch[k]).float().mean() for k in logits}
+        empty = batch.get("empty", torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+        loss = 0.0
+        for k, z in logits.items():
+            target = F.one_hot(batch[k], z.shape[-1]).to(z.dtype)
+            target[empty] = 1.0 / z.shape[-1]
+            loss = loss + F.cross_entropy(z, target)
+        full = ~empty
+        acc = {k: (logits[k][full].argmax(-1) == batch[k][full]).float().mean() for k in logits}
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=x.shape[0])
         for k, v in acc.items():
             self.log(f"{stage}/acc_{k}", v, batch_size=x.shape[0])

@@ -207,7 +207,7 @@ def qa_examples():
 
 def test_question_memory_defaults_to_the_answer_for_new_models_only(tmp_path):
     """Reference: decoder 2 cross-attends to decoder 1's states only. A model saved before the option
-    existed (no qa.json; the shipped tiny one) keeps "answer+source", which it was trained with."""
+    existed (no qa.json) keeps "answer+source", which it was trained with; the shipped tiny one is "answer"."""
     from domains.qa_text.model import EMBEDDED, TwoDecoderBart
 
     m = tiny_qa()
@@ -220,7 +220,7 @@ def test_question_memory_defaults_to_the_answer_for_new_models_only(tmp_path):
     m.tokenizer.save_pretrained(tmp_path / "plain")
     assert TwoDecoderBart(str(tmp_path / "plain")).question_memory == "answer"
     if (EMBEDDED["embedded:tiny-qa"] / "bart").is_dir():
-        assert TwoDecoderBart("embedded:tiny-qa").question_memory == "answer+source"
+        assert TwoDecoderBart("embedded:tiny-qa").question_memory == "answer"  # pretrained so (issue 14 item 3)
 
 
 def test_dril_default_loss_mixture_is_the_reference_one(qa_examples):

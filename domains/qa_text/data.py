@@ -43,11 +43,15 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1000):
 
 
 def tokenizer_texts(train: list[dict]) -> list[str]:
+    """Each article once, every question and every article's longest answer (its "It"/"Its" sentences)."""
     seen, texts = set(), []
     for e in train:
         if e["article"] not in seen:
             seen.add(e["article"])
-            texts += [e["article"], e["question"]]
+            texts.append(e["article"])
+        texts.append(e["question"])
+        if e["bucket"] == len(BUCKETS) - 1:
+            texts.append(e["answer"])
     return texts
 
 

@@ -5,11 +5,21 @@ parses each sentence back to (town, attribute, value) and compares it with the k
 
 An article states a town's eight facts and three fact-free filler sentences. It has a *focus*
 (history, economy, people or geography) whose two facts form its lead; the other facts and the
-fillers follow in a seeded random order. Its question asks about the focus ("What keeps the
-economy of Varnolo going?"), and its answers put the focus facts first and then the others in a
-fixed order of importance (which the model must find in the shuffled body): <|l0|> one sentence,
-<|l1|> two, <|l2|> four, <|l3|> six. The question is self-contained (it names the town) and the
-answer at every length answers it.
+fillers follow in a seeded random order. Its answers put the focus facts first and then the others
+in a fixed order of importance (which the model must find in the shuffled body): <|l0|> one
+sentence, <|l1|> two, <|l2|> four, <|l3|> six. An answer names its town once, in its first sentence,
+and then says "It"/"Its" (as a summary would; it also keeps every token trigram of a gold answer
+unique, so rollouts sampled under the reference's no_repeat_ngram_size=3 can still write one).
+
+The question asks about the focus and names the numbers the answer states *after* its first
+sentence, the founding year and the population ("What keeps the economy of Varnolo, home to 152
+thousand people and founded in 1921, going?"): the facts the tiny model copies worst (issue 14: 38
+of the 61 wrong sentences in 64 long answers of the first shipped model were a wrong year or
+population). So the question is not a function of the first sentence (town + focus): answers of
+one article at different lengths get different questions, and reconstructing the question from an
+answer checks its later facts. The question is still a function of the answer alone (decoder 2 of
+the reference wiring reads only the answer), self-contained (it names the town), and answered by
+the answer at every length.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ FIRST = ["Anna", "Boris", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hugo", 
 LAST = ["Adler", "Brandt", "Costa", "Dahl", "Eberly", "Foss", "Grimm", "Holm", "Ivers", "Jansen", "Kovac", "Lind"]
 SYLLABLES = ["var", "no", "lo", "ket", "mira", "dun", "sel", "ta", "bro", "vik", "an", "ze", "ril", "po", "ga", "tem"]
 
-#: attribute -> sentence template ({town} and {value})
+#: attribute -> sentence template naming the town ({town} and {value})
 TEMPLATES = {
     "founded": "{town} was founded in {value}.",
     "country": "{town} lies in {value}.",
@@ -39,11 +49,24 @@ TEMPLATES = {
     "landmark": "{town} is known for {value}.",
     "festival": "{town} holds its festival in {value}.",
 }
-FOCUS = {  # focus -> (its two facts, question template)
-    "history": (["founded", "landmark"], "How did {town} come to be what it is today?"),
-    "economy": (["industry", "population"], "What keeps the economy of {town} going?"),
-    "people": (["mayor", "festival"], "Who leads {town} and when do its people celebrate?"),
-    "geography": (["country", "river"], "Where is {town} found?"),
+#: attribute -> the same sentence about the town last named ({value})
+PRONOUN_TEMPLATES = {
+    "founded": "It was founded in {value}.",
+    "country": "It lies in {value}.",
+    "river": "It stands on the {value} river.",
+    "population": "It has {value} thousand inhabitants.",
+    "industry": "Its main industry is {value}.",
+    "mayor": "Its mayor is {value}.",
+    "landmark": "It is known for {value}.",
+    "festival": "It holds its festival in {value}.",
+}
+#: the facts a question names when its answer states them after the first sentence (in answer order)
+QUESTION_FACTS = {"founded": "founded in {value}", "population": "home to {value} thousand people"}
+FOCUS = {  # focus -> (its two facts, question template; {named}: ", founded in 1921," or "")
+    "history": (["founded", "landmark"], "How did {town}{named} come to be what it is today?"),
+    "economy": (["industry", "population"], "What keeps the economy of {town}{named} going?"),
+    "people": (["mayor", "festival"], "Who leads {town}{named} and when do its people celebrate?"),
+    "geography": (["country", "river"], "Where is {town}{named} found?"),
 }
 ORDER = ["founded", "industry", "mayor", "country", "population", "river", "landmark", "festival"]
 BUCKET_SENTENCES = [1, 2, 4, 6]
@@ -59,8 +82,19 @@ class Town:
     name: str
     facts: dict
 
-    def sentence(self, attribute: str) -> str:
+    def sentence(self, attribute: str, pronoun: bool = False) -> str:
+        if pronoun:
+            return PRONOUN_TEMPLATES[attribute].format(value=self.facts[attribute])
         return TEMPLATES[attribute].format(town=self.name, value=self.facts[attribute])
+
+    def answer(self, attributes: list[str]) -> str:
+        """The town named in the first sentence, "It"/"Its" in the others."""
+        return " ".join(self.sentence(a, pronoun=i > 0) for i, a in enumerate(attributes))
+
+    def question(self, focus: str, attributes: list[str]) -> str:
+        """The focus question for an answer stating ``attributes``, naming its later ``QUESTION_FACTS``."""
+        named = [QUESTION_FACTS[a].format(value=self.facts[a]) for a in attributes[1:] if a in QUESTION_FACTS]
+        return FOCUS[focus][1].format(town=self.name, named=f", {' and '.join(named)}," if named else "")
 
 
 def make_towns(n: int, seed: int = 0) -> list[Town]:
@@ -97,29 +131,30 @@ def article(town: Town, focus: str, rnd: random.Random) -> str:
 
 
 def build_examples(towns: list[Town], seed: int = 0) -> list[dict]:
-    """One article per town (a random focus) and its four (bucket, answer) examples, all with the
-    same question: dicts with id, town, focus, bucket, article, answer, question."""
+    """One article per town (a random focus) and its four (bucket, answer, question) examples: dicts
+    with id, town, focus, bucket, article, answer, question."""
     rnd = random.Random(seed)
     out = []
     for t in towns:
         focus = rnd.choice(sorted(FOCUS))
         text = article(t, focus, rnd)
-        question = FOCUS[focus][1].format(town=t.name)
         for b in range(len(BUCKETS)):
+            attrs = answer_attributes(focus, b)
             out.append({"id": f"{t.name}-{b}", "town": t.name, "focus": focus, "bucket": b, "article": text,
-                        "answer": " ".join(t.sentence(a) for a in answer_attributes(focus, b)), "question": question})
+                        "answer": t.answer(attrs), "question": t.question(focus, attrs)})
     return out
 
 
-def _patterns() -> dict[str, re.Pattern]:
+def _patterns(templates: dict[str, str]) -> dict[str, re.Pattern]:
     pats = {}
-    for attr, tpl in TEMPLATES.items():
+    for attr, tpl in templates.items():
         rx = re.escape(tpl).replace(r"\{town\}", r"(?P<town>[A-Z][a-z]+)").replace(r"\{value\}", r"(?P<value>.+?)")
         pats[attr] = re.compile("^" + rx + "$")
     return pats
 
 
-PATTERNS = _patterns()
+PATTERNS = _patterns(TEMPLATES)
+PRONOUN_PATTERNS = _patterns(PRONOUN_TEMPLATES)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -128,17 +163,28 @@ def split_sentences(text: str) -> list[str]:
 
 def check_facts(answer: str, kb: dict[str, Town], town: str | None = None) -> dict:
     """Exact fact check of a generated answer: each sentence that parses as a fact template about a
-    known town is correct when the value equals the knowledge base's (and, with ``town``, when it is
-    about that town). Returns {"sentences", "facts" (parsed), "correct", "accuracy" (correct /
-    sentences; 0 for an empty answer)}."""
+    known town — named, or "It"/"Its": the town last named in the answer — is correct when the value
+    equals the knowledge base's (and, with ``town``, when it is about that town); a pronoun sentence
+    before any known town is named is not a fact. Returns {"sentences", "facts" (parsed), "correct",
+    "accuracy" (correct / sentences; 0 for an empty answer)}."""
     sentences = split_sentences(answer)
     facts = correct = 0
+    last = None  # the town "It" refers to
     for s in sentences:
+        about = None
         for attr, rx in PATTERNS.items():
             m = rx.match(s)
             if m and m["town"] in kb:
-                facts += 1
-                correct += int(str(kb[m["town"]].facts[attr]) == m["value"] and (town is None or m["town"] == town))
+                about = last = m["town"]
                 break
+        else:
+            for attr, rx in PRONOUN_PATTERNS.items():
+                m = rx.match(s)
+                if m:
+                    about = last
+                    break
+        if about is not None:
+            facts += 1
+            correct += int(str(kb[about].facts[attr]) == m["value"] and (town is None or about == town))
     return {"sentences": len(sentences), "facts": facts, "correct": correct,
             "accuracy": correct / len(sentences) if sentences else 0.0}

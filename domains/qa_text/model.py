@@ -7,10 +7,10 @@ wiring: amazon-research/sc2qa-dril, ``BartTwoDecoderForConditionalGeneration``) 
 cross-attention reads decoder 1's last hidden states only, so the question must be recoverable
 from the answer; ``"answer+source"`` reads the concatenation [encoder states; decoder 1's states]
 under the concatenated padding masks (our earlier reading, which keeps the article visible to it).
-The choice is saved with the model (``qa.json``); the shipped tiny model was pretrained with
-"answer+source" and keeps it. Because the question's loss reaches decoder 1 through those hidden
-states, a question-reconstruction loss on a teacher-forced *sample* trains decoder 1 and the
-encoder (DRIL, ``rewardopt/methods/dril.py``).
+The choice is saved with the model (``qa.json``); the shipped tiny model is pretrained with
+"answer" (its questions name facts of the answer: ``kb.py``). Because the question's loss reaches
+decoder 1 through those hidden states, a question-reconstruction loss on a teacher-forced *sample*
+trains decoder 1 and the encoder (DRIL, ``rewardopt/methods/dril.py``).
 
 Loading: ``TwoDecoderBart(pretrained=path)`` takes a folder written by ``save_pretrained``
 (``bart/``, ``question_decoder.safetensors``, ``tokenizer/``) or any ``BartForConditionalGeneration``
@@ -56,8 +56,8 @@ class TwoDecoderBart(TwoStageSeq2Seq, nn.Module):
             corpus (for pretraining; ``d_model``, ``layers``, ``vocab_size``, ``n_towns``, ``seed``).
         max_answer_tokens, max_question_tokens: generation limits.
         question_memory: what decoder 2 cross-attends to — "answer" (decoder 1's states only: the
-            reference code's wiring, where the question must be recoverable from the answer) or
-            "answer+source" (decoder 1's states and the encoder's; the shipped tiny model's). None:
+            reference code's wiring, where the question must be recoverable from the answer; the
+            shipped tiny model's) or "answer+source" (decoder 1's states and the encoder's). None:
             the saved model's choice (``qa.json``); a folder saved before that file existed (it has
             ``question_decoder.safetensors`` but no ``qa.json``) was trained with "answer+source";
             a new model (``pretrained=None`` or a plain BART checkpoint) gets "answer".
@@ -70,7 +70,7 @@ class TwoDecoderBart(TwoStageSeq2Seq, nn.Module):
     MEMORIES = ("answer", "answer+source")
 
     def __init__(self, pretrained: str | None = "embedded:tiny-qa", max_answer_tokens: int = 96,
-                 max_question_tokens: int = 24, question_memory: str | None = None, no_repeat_ngram_size: int = 3,
+                 max_question_tokens: int = 40, question_memory: str | None = None, no_repeat_ngram_size: int = 3,
                  min_answer_length: int = 10, d_model: int = 128, layers: int = 2, vocab_size: int = 1000,
                  n_towns: int = 3000, seed: int = 0) -> None:
         super().__init__()

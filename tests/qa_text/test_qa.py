@@ -161,6 +161,28 @@ def test_shipped_model_follows_length_tags_far_more_than_an_untrained_one(tiny_m
     assert sum(check_facts(g["answer"], kb, e["town"])["accuracy"] for g, e in zip(gen, ex)) / len(ex) > 0.3
 
 
+@pytest.mark.skipif(not SHIPPED, reason="tiny QA model not trained")
+def test_shipped_question_decoder_reads_the_numbers_of_the_generated_answer():
+    """Decoder 2 attends to decoder 1 only (question_memory "answer"): the question it writes names the
+    founding year that the *generated* answer states after its first sentence, right or wrong."""
+    import re
+
+    from domains.qa_text.kb import split_sentences
+
+    _, val, _ = corpus()
+    ex = [e for e in val[:96] if e["bucket"] >= 2 and e["focus"] != "history"][:32]
+    m = TwoDecoderBart("embedded:tiny-qa").eval()
+    assert m.question_memory == "answer"
+    gen = m.generate(ex)
+    hits = total = 0
+    for g in gen:
+        years = [y for s in split_sentences(g["answer"])[1:] for y in re.findall(r"founded in (\d+)", s)]
+        if years:
+            total += 1
+            hits += f"founded in {years[0]}" in g["question"]
+    assert total >= 0.8 * len(ex) and hits >= 0.8 * total, (hits, total)
+
+
 def _cli(recipe, extra):
     from rewardopt.cli import RewardOptCLI
 

@@ -5,20 +5,28 @@ From the shipped pretrained model (``embedded:tiny-qa``), per seed: ``--steps`` 
 reconstruction weight 0.3), same learning rate. Then greedy answers and questions for ``--n``
 held-out examples (towns never seen in training; the four buckets equally often), scored exactly
 against the knowledge base: free-running answer fact accuracy, question-reconstruction ROUGE-L
-against the gold question, bucket compliance and summary-centricity (MiniLM cosine).
+against the gold question, bucket compliance and summary-centricity (MiniLM cosine); and DRIL's
+gain over MLE per bucket (fact accuracy, paired by seed: the paper's signature is a gain that grows
+with answer length).
 
-Usage: python benchmarks/qa.py [--steps 150] [--seeds 0 1 2] [--n 128]
+``--before QA_JSON`` adds an earlier run's tables (its ``qa.json``) to the page, described by
+``--before-note``. Threads: 2 unless OMP_NUM_THREADS is set.
+
+Usage: python benchmarks/qa.py [--steps 150] [--seeds 0 1 2] [--n 128] [--before QA_JSON --before-note TEXT]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
-from results_md import record_stdout
+from results_md import provenance, write_result
 
 
 def run(method: str, steps: int, batch: int, lr: float, seed: int, weight: float = 0.3,
@@ -59,11 +67,72 @@ def print_table(results: dict[str, list[dict]], times: dict[str, list[float]], a
     print("|---|---|" + "---|" * len(METRICS))
     for b, nb in zip([*BUCKETS, "all"], [*BUCKET_SENTENCES, None]):
         for method in results:
-            label = f"{b} ({nb})" if nb else "all"
+            label = f"{md(b)} ({nb})" if nb else "all"
             print(f"| {label} | {method} | " + " | ".join(cell(method, b, m) for m in METRICS) + " |")
     for method in ("MLE", "DRIL"):
         if times.get(method):
             print(f"{method}: {statistics.mean(times[method]):.0f} s training per seed")
+    if "MLE" in results and "DRIL" in results:
+        print_gain(results)
+
+
+def rollout_accuracy(model, examples: list[dict], kb, seed: int) -> dict[str, dict[str, float]]:
+    """Fact accuracy of *sampled* answers (DRIL's rollouts) per bucket, under the reference's constraints
+    (the model's no_repeat_ngram_size / min_answer_length) and without them."""
+    import torch
+
+    out = {}
+    kept = model.no_repeat_ngram_size, model.min_answer_length
+    for name, (ngram, minlen) in (("reference constraints", kept), ("unconstrained", (0, 0))):
+        model.no_repeat_ngram_size, model.min_answer_length = ngram, minlen
+        rng, answers = torch.Generator().manual_seed(seed), []
+        with torch.no_grad():
+            for k in range(0, len(examples), 32):
+                answers += model.decode(model.sample_answers(examples[k:k + 32], generator=rng))
+        rows = [{"bucket": e["bucket"], "fact_accuracy": check(a, e, kb)} for a, e in zip(answers, examples)]
+        out[f"{name} (no_repeat_ngram_size {ngram}, min_answer_length {minlen})"] = summarise_rows(rows)
+    model.no_repeat_ngram_size, model.min_answer_length = kept
+    return out
+
+
+def check(answer: str, example: dict, kb) -> float:
+    from domains.qa_text.kb import check_facts
+
+    return check_facts(answer, kb, example["town"])["accuracy"]
+
+
+def summarise_rows(rows: list[dict]) -> dict[str, float]:
+    from domains.qa_text.kb import BUCKETS
+
+    out = {}
+    for b in [*range(len(BUCKETS)), "all"]:
+        sel = [r["fact_accuracy"] for r in rows if b == "all" or r["bucket"] == b]
+        out["all" if b == "all" else BUCKETS[b]] = statistics.mean(sel)
+    return out
+
+
+def print_rollouts(rollouts: dict[str, dict[str, float]]) -> None:
+    from domains.qa_text.kb import BUCKETS
+
+    print("\nThe pretrained model's sampled answers (DRIL's rollouts), fact accuracy, one seed:\n")
+    print("| sampling | " + " | ".join(md(b) for b in BUCKETS) + " | all |")
+    print("|---|" + "---|" * (len(BUCKETS) + 1))
+    for name, r in rollouts.items():
+        print(f"| {name} | " + " | ".join(f"{r[b]:.3f}" for b in [*BUCKETS, "all"]) + " |")
+
+
+def print_gain(results: dict[str, list[dict]], metric: str = "fact_accuracy") -> None:
+    """DRIL − MLE per bucket, paired by seed (the i-th run of each used the same seed)."""
+    from domains.qa_text.kb import BUCKET_SENTENCES, BUCKETS
+
+    print(f"\nDRIL − MLE, {metric.replace('_', ' ')} (paired by seed; mean ± sd, and per seed):\n")
+    print("| bucket (sentences) | DRIL − MLE | per seed |")
+    print("|---|---|---|")
+    for b, nb in zip([*BUCKETS, "all"], [*BUCKET_SENTENCES, None]):
+        d = [r[b][metric] - m[b][metric] for r, m in zip(results["DRIL"], results["MLE"])]
+        sd = f" ± {statistics.pstdev(d):.3f}" if len(d) > 1 else ""
+        print(f"| {f'{md(b)} ({nb})' if nb else 'all'} | {statistics.mean(d):+.3f}{sd} | "
+              + ", ".join(f"{x:+.3f}" for x in d) + " |")
 
 
 def main() -> None:
@@ -82,12 +151,15 @@ def main() -> None:
     p.add_argument("--weight", type=float, default=0.3, help="DRIL's reconstruction weight (paper 0.3)")
     p.add_argument("--out", default="runs/qa_bench")
     p.add_argument("--table", metavar="QA_JSON", help="only print the table of an earlier run's qa.json")
+    p.add_argument("--before", metavar="QA_JSON", help="an earlier run's qa.json, added to the page as 'before'")
+    p.add_argument("--before-note", default="", help="what the --before run measured (model, corpus, commit)")
     args = p.parse_args()
     if args.table:
         saved = json.loads(Path(args.table).read_text())
         print_table(saved["results"], saved["train_s"], argparse.Namespace(**saved["args"]))
         return
-    torch.set_num_threads(2)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(2)
     _, val, kb = corpus()
     examples = val[: args.n]
     results: dict[str, list[dict]] = {}
@@ -101,17 +173,41 @@ def main() -> None:
                 for k in range(0, len(examples), 32):
                     gen += model.generate(examples[k:k + 32])
             summ = summarise(score(examples, gen, kb))
+            if method == "pretrained":
+                rollouts = rollout_accuracy(model, examples, kb, s)
             results.setdefault(method, []).append(summ)
             times.setdefault(method, []).append(secs)
             a = summ["all"]
             print(f"  {method:10s} seed {s}: " + " ".join(f"{m} {a[m]:.3f}" for m in METRICS) + f" ({secs:.0f} s)",
                   flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "qa.json").write_text(json.dumps({"args": vars(args), "results": results, "train_s": times},
+    Path(args.out, "qa.json").write_text(json.dumps({"args": vars(args), "results": results, "train_s": times,
+                                                     "rollouts": rollouts, "provenance": provenance(args.seeds)},
                                                     indent=2))
 
-    with record_stdout("qa", seeds=args.seeds, title="QA text: DRIL vs MLE"):
-        print_table(results, times, args)
+    tables = [f"## Measured — from `{args.pretrained}`\n\n" + captured(print_table, results, times, args)
+              + captured(print_rollouts, rollouts)]
+    if args.before:
+        saved = json.loads(Path(args.before).read_text())
+        prov = saved.get("provenance", {})
+        note = args.before_note or ", ".join(f"{k} {v}" for k, v in prov.items() if k in ("date", "commit", "command"))
+        tables.append(f"## Before — {note}\n\n" + captured(print_table, saved["results"], saved["train_s"],
+                                                               argparse.Namespace(**saved["args"]))
+                      + (captured(print_rollouts, saved["rollouts"]) if "rollouts" in saved else ""))
+    print("\n\n".join(tables))
+    write_result("qa", tables, seeds=args.seeds, title="QA text: DRIL vs MLE")
+
+
+def md(tag: str) -> str:
+    """A bucket tag as a markdown table cell (its pipes escaped)."""
+    return tag.replace("|", "\\|")
+
+
+def captured(fn, *a) -> str:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        fn(*a)
+    return buf.getvalue()
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ class VARD(RewardFineTuning):
         value_updates: value-net optimiser steps per value phase.
         value_batch: (state, level) pairs per value-net step, drawn from the buffer without repeats.
         buffer_size: trajectories kept (the most recent).
-        levels_per_rollout: visited states kept per trajectory (None: all T of them).
+        levels_per_rollout: visited states kept per trajectory, at most (None: all T of them).
         warmup_steps: first training steps that fit V only (no policy update).
         hybrid: exact (differentiable) reward instead of V at the last step.
         relaxation: masked diffusion's differentiable step: "straight_through" or "soft" (DRAKES's).
@@ -113,8 +113,8 @@ class VARD(RewardFineTuning):
             raise ValueError(f"relaxation must be one of {self.RELAXATIONS}, got {relaxation!r}")
         if min(value_every, value_updates, value_batch, buffer_size) < 1 or warmup_steps < 0:
             raise ValueError("value_every, value_updates, value_batch and buffer_size must be >= 1, warmup_steps >= 0")
-        if levels_per_rollout is not None and not 1 <= levels_per_rollout <= T:
-            raise ValueError(f"levels_per_rollout must be in [1, {T}] or null (all), got {levels_per_rollout}")
+        if levels_per_rollout is not None and levels_per_rollout < 1:
+            raise ValueError(f"levels_per_rollout must be >= 1 or null (all), got {levels_per_rollout}")
         self.grad_reward = require_gradient("VARD with hybrid: true", reward) if hybrid else None
         self.value = value.requires_grad_(False)
         self.kl_weight, self.steps_per_rollout, self.hybrid, self.relaxation = kl_weight, steps_per_rollout, hybrid, \

@@ -29,6 +29,8 @@ def stand_ins(recipe: Path, cfg, tmp_path: Path, request) -> list[str] | None:
         args += ["--model.init_args.budget", "8"]
     if isinstance(cfg.get("model.init_args.guide_steps"), int):  # Free2Guide's guided steps, within the 2
         args += ["--model.init_args.guide_steps", "1"]
+    if isinstance(cfg.get("model.init_args.steps_per_rollout"), int):  # VARD's differentiable steps, within the 2
+        args += ["--model.init_args.steps_per_rollout", "1"]
     reward = cfg.get("model.init_args.reward.class_path", "")
     if reward.endswith("AestheticReward"):
         args += aesthetic_stand_in_args(tmp_path)

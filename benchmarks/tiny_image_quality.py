@@ -3,8 +3,9 @@
 For each model: 16 shapes prompts (``quality_prompts``) x ``--per-prompt`` samples, DDIM T=20, CFG 3
 (the defaults), per seed: the Laplacian ratio (mean |4-neighbour Laplacian| of the samples over that of
 procedural renders of the same prompts; 1.0 = as smooth as the data) and the shapes classifier's
-colour / shape / count accuracy on the samples, under each ``--classifier``. The ``renders`` rows are
-each classifier on the renders themselves (its ceiling). Target (issue 14): ratio <= 1.5 with colour,
+colour / shape / count accuracy on the samples, under each ``--classifier``, and a classifier-free
+pixel reader's colour and count accuracy (``domains.images.quality.read_pixels``). The ``renders`` rows are
+each reader on the renders themselves (its ceiling). Target (issue 14): ratio <= 1.5 with colour,
 count >= 0.9 and shape >= 0.8.
 
 Usage: python benchmarks/tiny_image_quality.py [--model LABEL=PATH ...] [--seeds 0 1 2] [--name tiny_image_quality]
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+PIXELS = "pixels (no classifier)"
 
 
 def _mean_sd(xs: list[float]) -> str:
@@ -39,8 +41,11 @@ def measure(path: str, seeds: list[int], per_prompt: int, steps: int, cfg: float
                                  lora_rank=None).eval()
     clfs = {label: ShapeClassifier.from_pretrained(c) for label, c in classifiers.items()}
     prompts = quality_prompts() * per_prompt
+    from domains.images.quality import pixel_accuracy
+
     ratios: list[float] = []
     acc = {label: {"colour": [], "shape": [], "count": []} for label in clfs}
+    acc[PIXELS] = {"colour": [], "count": []}
     first = None
     for seed in seeds:
         images = sample_images(g, prompts, seed)
@@ -49,6 +54,8 @@ def measure(path: str, seeds: list[int], per_prompt: int, steps: int, cfg: float
         for label, clf in clfs.items():
             for k, v in classifier_accuracy(clf, images, prompts).items():
                 acc[label][k].append(v)
+        for k, v in pixel_accuracy(images, prompts).items():
+            acc[PIXELS][k].append(v)
     return ratios, acc, first
 
 
@@ -86,12 +93,20 @@ def main() -> None:
                 ref[k].append(v)
         lines.append(f"| renders (procedural data) | {clabel} | 1.00 | " + " | ".join(_mean_sd(ref[k]) for k in ref)
                      + " |")
+    from domains.images.quality import pixel_accuracy
+
+    ref = {"colour": [], "count": []}
+    for seed in args.seeds:
+        for k, v in pixel_accuracy(renders(prompts, 24, seed), prompts).items():
+            ref[k].append(v)
+    lines.append(f"| renders (procedural data) | {PIXELS} | 1.00 | {_mean_sd(ref['colour'])} | — | "
+                 f"{_mean_sd(ref['count'])} |")
     grids = []
     for label, path in models:
         ratios, acc, images = measure(path, args.seeds, args.per_prompt, args.steps, args.cfg, classifiers)
         for clabel, rows in acc.items():
-            lines.append(f"| {label} (`{path}`) | {clabel} | {_mean_sd(ratios)} | "
-                         + " | ".join(_mean_sd(rows[k]) for k in rows) + " |")
+            cells = [_mean_sd(rows[k]) if k in rows else "—" for k in ("colour", "shape", "count")]
+            lines.append(f"| {label} (`{path}`) | {clabel} | {_mean_sd(ratios)} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
         if not args.no_results:
             n = len(quality_prompts())

@@ -44,19 +44,26 @@ def check_images(name: str, images: torch.Tensor, size: tuple[int, int] | None =
 
 # ------------------------------------------------------------------------------- shapes classifier
 class ShapeClassifier(nn.Module):
-    """A small CNN with three heads: colour (6), shape (3), count (3). Input (B, 3, S, S) in [0, 1]."""
+    """A small CNN with three heads: colour (6), shape (3), count (3). Input (B, 3, S, S) in [0, 1].
 
-    def __init__(self, width: int = 32, size: int = 24) -> None:
+    ``none_class=True`` gives every head one more output, last: "no shapes in the image", so an image
+    without shapes has p(blue) near 0 instead of an arbitrary colour (erasing non-blue shapes does not
+    win log p(blue)); the shipped ``embedded:shape-classifier`` has it, the hackable one does not.
+    """
+
+    def __init__(self, width: int = 32, size: int = 24, none_class: bool = False) -> None:
         super().__init__()
-        self.config = {"width": width, "size": size}
-        w = width
+        self.config = {"width": width, "size": size, **({"none_class": True} if none_class else {})}
+        self.none_class = none_class
+        w, extra = width, int(none_class)
         self.body = nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1), nn.SiLU(), nn.Conv2d(w, w, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),
             nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
-        self.heads = nn.ModuleDict({"colour": nn.Linear(2 * w, len(COLOURS)), "shape": nn.Linear(2 * w, len(SHAPES)),
-                                    "count": nn.Linear(2 * w, 3)})
+        self.heads = nn.ModuleDict({"colour": nn.Linear(2 * w, len(COLOURS) + extra),
+                                    "shape": nn.Linear(2 * w, len(SHAPES) + extra),
+                                    "count": nn.Linear(2 * w, 3 + extra)})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.body(images * 2 - 1)

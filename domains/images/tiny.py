@@ -211,9 +211,10 @@ class ShapeClassifierTraining(NetworkFit):
     """Trains ``ShapeClassifier`` (the differentiable reward model) on procedural shapes.
 
     Light Gaussian pixel noise is added so the classifier is not thrown by the small artefacts of
-    generated images. Items with no shapes (``batch["empty"]``) are fitted to the uniform distribution on
-    every head, so an image without shapes is worth no colour in particular (erasing non-blue shapes does
-    not win log p(blue)); accuracies are over the items with shapes. Exports to ``output_dir`` (config.json + model.safetensors, and
+    generated images. Items with no shapes (``batch["empty"]``, from ``empty_fraction``) are labelled
+    with the "none" class of every head, which needs ``none_class=True`` (an image without shapes then
+    has p(blue) near 0, so erasing non-blue shapes does not win log p(blue)); accuracies are over the
+    items with shapes. Exports to ``output_dir`` (config.json + model.safetensors, and
     ``classifier_fit.json`` with the last held-out loss and accuracies; default: the trainer's log
     folder) at the end.
     """
@@ -221,12 +222,12 @@ class ShapeClassifierTraining(NetworkFit):
     fit_name = "classifier"
 
     def __init__(self, output_dir: str | None = None, width: int = 32, size: int = 24, lr: float = 2e-3,
-                 weight_decay: float = 0.01, noise_std: float = 0.05):
+                 weight_decay: float = 0.01, noise_std: float = 0.05, none_class: bool = False):
         super().__init__(lr, weight_decay, output_dir=output_dir)
         from domains.images.rewards import ShapeClassifier
 
         self.save_hyperparameters()
-        self.classifier = ShapeClassifier(width, size)
+        self.classifier = ShapeClassifier(width, size, none_class=none_class)
 
     def _step(self, batch, stage: str):
         x = batch["image"]
@@ -235,16 +236,19 @@ class ShapeClassifierTraining(NetworkFit):
             x = (x + noise).clamp(0, 1)
         logits = self.classifier(x)
         empty = batch.get("empty", torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+        if empty.any() and not self.classifier.none_class:
+            raise ValueError("the data has shape-free images (empty_fraction > 0): set none_class: true")
         loss = 0.0
         for k, z in logits.items():
-            target = F.one_hot(batch[k], z.shape[-1]).to(z.dtype)
-            target[empty] = 1.0 / z.shape[-1]
+            target = torch.where(empty, z.shape[-1] - 1, batch[k])  # "none" is the last class
             loss = loss + F.cross_entropy(z, target)
         full = ~empty
-        acc = {k: (logits[k][full].argmax(-1) == batch[k][full]).float().mean() for k in logits}
+        n_full = int(full.sum())
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=x.shape[0])
-        for k, v in acc.items():
-            self.log(f"{stage}/acc_{k}", v, batch_size=x.shape[0])
+        if n_full:
+            for k in logits:
+                acc = (logits[k][full].argmax(-1) == batch[k][full]).float().mean()
+                self.log(f"{stage}/acc_{k}", acc, batch_size=n_full)
         return loss
 
     def training_step(self, batch, batch_idx):

@@ -98,3 +98,24 @@ def test_shipped_tiny_model_samples_are_clean_and_follow_the_prompt():
     assert laplacian_ratio(g, prompts, seed=0, images=images) <= 1.6
     acc = prompt_following(g, ShapeClassifier.from_pretrained("embedded:shape-classifier"), prompts, images=images)
     assert acc["colour"] >= 0.875
+
+
+def test_the_pixel_reader_reads_renders_and_counts_a_fourth_shape_the_classifiers_cannot():
+    import random
+
+    from domains.images.quality import pixel_accuracy, read_pixels
+    from domains.images.shapes import BACKGROUND, ShapeSpec, all_specs, render
+
+    prompts = [s.prompt for s in all_specs()]
+    acc = pixel_accuracy(renders(prompts, 24, seed=2), prompts)
+    assert acc["colour"] == 1.0 and acc["count"] >= 0.95
+    empty = torch.tensor(BACKGROUND)[:, None, None].expand(3, 24, 24)
+    assert read_pixels(empty) == (None, 0)
+    one = render(ShapeSpec("red", "square", 1), 24, random.Random(0))
+    assert read_pixels(one) == ("red", 1)
+    three_plus_one = torch.cat([render(ShapeSpec("blue", "circle", 3), 24, random.Random(5))[:, :, :18],
+                                empty[:, :, :6]], dim=2)
+    base = read_pixels(three_plus_one)[1]
+    three_plus_one[:, 20:23, 20:23] = torch.tensor([0.15, 0.3, 0.95])[:, None, None]  # a fourth blob, 9 px
+    assert read_pixels(three_plus_one) == ("blue", base + 1)
+    assert pixel_accuracy(three_plus_one[None], ["three blue circles"])["count"] == float(base + 1 == 3)

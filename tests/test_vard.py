@@ -74,16 +74,16 @@ def heldout_mse(m, traj, r, cond):
 # ---------------------------------------------------------------------------------------------- value phase
 def test_value_phase_reduces_value_mse_on_heldout_trajectories():
     torch.manual_seed(0)
-    m = image_vard(value_updates=40, value_batch=32, buffer_size=16, value_lr=3e-3)
-    held = scored_rollouts(m, TRAIN * 2, seed=99)
-    for b in range(4):  # 4 batches of on-policy trajectories into the buffer
+    m = image_vard(value_updates=40, value_batch=64, buffer_size=64, value_lr=2e-3)
+    held = scored_rollouts(m, TRAIN * 4, seed=99)  # 16 trajectories V never trains on
+    for b in range(8):  # 8 batches of on-policy trajectories into the buffer
         traj, r, cond = scored_rollouts(m, TRAIN * 2, seed=b)
         m.remember(traj, r, cond.raw, torch.Generator().manual_seed(b))
     before = heldout_mse(m, *held)
     m.fit_value(torch.Generator().manual_seed(7))
     after = heldout_mse(m, *held)
-    assert after < 0.7 * before, (before, after)
-    assert m.value_calls == 40 * 32, "value-net rows counted"
+    assert after < 0.8 * before, (before, after)  # measured: 1.96 -> 1.28
+    assert m.value_calls == 40 * 64, "value-net rows counted"
     assert not any(p.requires_grad for p in m.value.parameters()), "V is frozen outside its phase"
 
 
@@ -238,6 +238,21 @@ def test_black_box_reward_trains_where_draft_refuses(tmp_path):
     assert s["samples"] == 2 * B and s["reward_calls"] == 2 * B, "one reward call per rollout, none in the policy"
     assert s["nfe"] == 2 * B * (T + k + k) and s["nfe_grad"] == 2 * B * k
     assert s["value_calls"] == 2 * (2 * 8 + B * T + B * k), "fitting, calibration (every level), policy queries"
+
+
+def test_vard_raises_the_reward_through_the_value_alone(tmp_path):
+    """ColourReward's gradient is never used (hybrid off): the policy climbs V, refitted as it goes."""
+    torch.manual_seed(0)
+    m = image_vard(steps_per_rollout=2, kl_weight=0.0, lr=3e-2, value_updates=8, value_batch=32, warmup_steps=2,
+                   value_lr=3e-3, output_dir=str(tmp_path))
+    data = PromptDataModule(TRAIN, VAL + ["one white triangle"], batch_size=4, val_batch_size=4, val_repeats=2,
+                            epoch_size=64)
+    trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(m, datamodule=data)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["reward_after"] > s["reward_before"] + 0.005, s  # fixed eval noise: the change is training's
 
 
 def test_value_every_refreshes_the_value_net_on_that_schedule(tmp_path):

@@ -141,10 +141,11 @@ class VARD(RewardFineTuning):
         The first rewards set V's output scale (all ranks' rewards under DDP)."""
         rewards = rewards.detach().float().cpu()
         ok = torch.isfinite(rewards)
-        if not self._calibrated and ok.sum() > 0:
-            all_rewards = torch.cat([torch.as_tensor(r) for r in self.gather(rewards[ok].tolist())])
-            calibrate_targets(self.value, all_rewards)
-            self._calibrated = True
+        if not self._calibrated:  # every rank gathers (a collective), whatever its own rewards
+            all_rewards = torch.tensor([v for part in self.gather(rewards[ok].tolist()) for v in part])
+            if len(all_rewards):
+                calibrate_targets(self.value, all_rewards)
+                self._calibrated = True
         T = len(traj) - 1
         for b in ok.nonzero().flatten().tolist():
             if self.levels_per_rollout is None:

@@ -101,7 +101,7 @@ EXPECTED = {
                              "or 'embedded:tiny-shapes'"),
     "black_box_reward_with_draft": ("error in model.init_args.reward (JpegCompressibilityReward)",
                                     "DRaFT needs a differentiable reward; JpegCompressibilityReward is black-box",
-                                    "Use DDPO (policy gradient) for fine-tuning with a black-box reward"),
+                                    "Use DDPO (policy gradient) or VARD (a learned value) for fine-tuning"),
 }
 
 

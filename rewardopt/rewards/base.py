@@ -191,8 +191,8 @@ def require_gradient(method: str, reward: Reward) -> Reward:
     if part is None:
         raise TypeError(
             f"{method} needs a differentiable reward; {getattr(reward, 'name', type(reward).__name__)} is black-box. "
-            "Use DDPO (policy gradient) for fine-tuning with a black-box reward, or the inference-time "
-            "methods (Best-of-N, SVDD, DSearch) that only need reward values."
+            "Use DDPO (policy gradient) or VARD (a learned value) for fine-tuning with a black-box reward, or the "
+            "inference-time methods (Best-of-N, SVDD, DSearch) that only need reward values."
         )
     if part is not reward and isinstance(reward, WeightedSum):
         import warnings

@@ -13,13 +13,15 @@ unique, so rollouts sampled under the reference's no_repeat_ngram_size=3 can sti
 
 The question asks about the focus and names the numbers the answer states *after* its first
 sentence, the founding year and the population ("What keeps the economy of Varnolo, home to 152
-thousand people and founded in 1921, going?"): the facts the tiny model copies worst (issue 14: 38
-of the 61 wrong sentences in 64 long answers of the first shipped model were a wrong year or
-population). So the question is not a function of the first sentence (town + focus): answers of
-one article at different lengths get different questions, and reconstructing the question from an
-answer checks its later facts. The question is still a function of the answer alone (decoder 2 of
-the reference wiring reads only the answer), self-contained (it names the town), and answered by
-the answer at every length.
+thousand people and founded in 1921, going?"): the facts the tiny model copied worst (issue 14: 38
+of the 61 wrong sentences in 64 long answers of the *previous* shipped model, on the previous corpus,
+were a wrong year or population; of the retrained model's greedy errors the referee counted, 15 of 15
+were). So the question is not a function of the first sentence (town + focus): answers of one
+article at different lengths get different questions, and reconstructing the question from an
+answer checks its later year and population — and no other fact: the question gives away one or two
+facts of its answer, the rest are invisible to the reconstruction. The question is still a function
+of the answer alone (decoder 2 of the reference wiring reads only the answer), self-contained (it
+names the town), and answered by the answer at every length.
 """
 
 from __future__ import annotations
@@ -164,18 +166,22 @@ def split_sentences(text: str) -> list[str]:
 def check_facts(answer: str, kb: dict[str, Town], town: str | None = None) -> dict:
     """Exact fact check of a generated answer: each sentence that parses as a fact template about a
     known town — named, or "It"/"Its": the town last named in the answer — is correct when the value
-    equals the knowledge base's (and, with ``town``, when it is about that town); a pronoun sentence
-    before any known town is named is not a fact. Returns {"sentences", "facts" (parsed), "correct",
-    "accuracy" (correct / sentences; 0 for an empty answer)}."""
+    equals the knowledge base's (and, with ``town``, when it is about that town). Each (town,
+    attribute) counts once: a sentence restating an attribute already stated says nothing new and
+    is not correct (so repeating one true fact does not score as a full answer). A pronoun sentence
+    before any known town is named, or after a sentence naming a town the knowledge base does not
+    hold, is not a fact. Returns {"sentences", "facts" (parsed, distinct), "correct", "accuracy"
+    (correct / sentences; 0 for an empty answer)}."""
     sentences = split_sentences(answer)
     facts = correct = 0
-    last = None  # the town "It" refers to
+    last = None  # the town "It" refers to (None: no town named yet, or one not in the knowledge base)
+    seen: set[tuple[str, str]] = set()
     for s in sentences:
         about = None
         for attr, rx in PATTERNS.items():
             m = rx.match(s)
-            if m and m["town"] in kb:
-                about = last = m["town"]
+            if m and m["town"] not in ("It", "Its"):  # "It was founded in …" is a pronoun sentence
+                about = last = m["town"] if m["town"] in kb else None
                 break
         else:
             for attr, rx in PRONOUN_PATTERNS.items():
@@ -183,7 +189,8 @@ def check_facts(answer: str, kb: dict[str, Town], town: str | None = None) -> di
                 if m:
                     about = last
                     break
-        if about is not None:
+        if about is not None and (about, attr) not in seen:
+            seen.add((about, attr))
             facts += 1
             correct += int(str(kb[about].facts[attr]) == m["value"] and (town is None or about == town))
     return {"sentences": len(sentences), "facts": facts, "correct": correct,

@@ -97,3 +97,32 @@ def test_gold_answers_repeat_no_token_trigram_under_the_shipped_tokenizer():
         ids = [tok.eos_token_id, *tok(e["answer"], add_special_tokens=False)["input_ids"], tok.eos_token_id]
         grams = [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
         assert len(grams) == len(set(grams)), tok.convert_ids_to_tokens(ids)
+
+
+def test_a_repeated_fact_scores_once(small):
+    """Review of issue 14: one named sentence and five "It was founded in …" scored 1.0. A fact counts
+    once per attribute; a repeat is a sentence that states nothing new, so it is not correct."""
+    ex, kb = small
+    town = next(iter(kb.values()))
+    repeated = " ".join([town.sentence("founded")] + [town.sentence("founded", pronoun=True)] * 5)
+    r = check_facts(repeated, kb, town.name)
+    assert r["sentences"] == 6 and r["correct"] == 1 and r["accuracy"] == pytest.approx(1 / 6)
+    # the same value under a named sentence and a pronoun one is still one fact
+    assert check_facts(f"{town.sentence('river')} {town.sentence('river')}", kb, town.name)["correct"] == 1
+    e = next(x for x in ex if x["bucket"] == 3)
+    assert check_facts(e["answer"], kb, e["town"])["accuracy"] == 1.0  # distinct facts: unchanged
+
+
+def test_it_after_an_unknown_named_town_refers_to_no_known_town(small):
+    """"It" after a sentence naming a town not in the knowledge base refers to that town, not to the
+    known town named before it: it is not checked against the earlier town."""
+    _, kb = small
+    town = next(iter(kb.values()))
+    unknown = "Zzzq"
+    assert unknown not in kb
+    text = f"{town.sentence('founded')} {unknown} was founded in 1000. {town.sentence('river', pronoun=True)}"
+    r = check_facts(text, kb, town.name)
+    assert r["sentences"] == 3 and r["correct"] == 1, r
+    # naming a known town again makes "It" refer to it again
+    again = f"{text} {town.sentence('country')} {town.sentence('river', pronoun=True)}"
+    assert check_facts(again, kb, town.name)["correct"] == 3

@@ -183,6 +183,29 @@ def test_shipped_question_decoder_reads_the_numbers_of_the_generated_answer():
     assert total >= 0.8 * len(ex) and hits >= 0.8 * total, (hits, total)
 
 
+@pytest.mark.skipif(not SHIPPED, reason="tiny QA model not trained")
+def test_shipped_question_decoder_copies_small_year_corruptions_but_not_gross_ones():
+    """Gold answers teacher-forced with the founding year changed (the reward's view of a wrong year):
+    decoder 2 copies a small corruption (year − 1) into its question, but under a gross one (− 300) it
+    writes the *true* year, which it reads from decoder 1's article-informed states. So DRIL's
+    reconstruction reward can see small year errors, not gross ones (``TwoDecoderBart.reconstruction_nll``)."""
+    _, val, kb = corpus()
+    ex = [e for e in val[:256] if e["bucket"] >= 2 and e["focus"] != "history"][:32]
+    m = TwoDecoderBart("embedded:tiny-qa").eval()
+    named = {}
+    for shift in (1, 300):
+        years = [kb[e["town"]].facts["founded"] for e in ex]
+        answers = [e["answer"].replace(f"It was founded in {y}.", f"It was founded in {y - shift}.")
+                   for e, y in zip(ex, years)]
+        assert all(a != e["answer"] for a, e in zip(answers, ex))
+        qs = m.write_questions(ex, m.target(answers, m.max_answer_tokens))
+        named[shift] = (sum(f"founded in {y - shift}," in q or f"founded in {y - shift} " in q
+                            for q, y in zip(qs, years)),
+                        sum(f"founded in {y}," in q or f"founded in {y} " in q for q, y in zip(qs, years)))
+    assert named[1][0] >= 24, named  # small corruption: copied (measured 30 of 32)
+    assert named[300][0] <= 3 and named[300][1] >= 16, named  # gross: not copied; the true year instead
+
+
 def _cli(recipe, extra):
     from rewardopt.cli import RewardOptCLI
 

@@ -15,8 +15,9 @@ The question asks about the focus and names the numbers the answer states *after
 sentence, the founding year and the population ("What keeps the economy of Varnolo, home to 152
 thousand people and founded in 1921, going?"): the facts the tiny model copied worst (issue 14: 38
 of the 61 wrong sentences in 64 long answers of the *previous* shipped model, on the previous corpus,
-were a wrong year or population; of the retrained model's greedy errors the referee counted, 15 of 15
-were). So the question is not a function of the first sentence (town + focus): answers of one
+were a wrong year or population; of the retrained model's 90 wrong greedy sentences on all 1,200
+held-out answers, all were: 54 years, 36 populations; counted 2026-12-02).
+So the question is not a function of the first sentence (town + focus): answers of one
 article at different lengths get different questions, and reconstructing the question from an
 answer checks its later year and population — and no other fact: the question gives away one or two
 facts of its answer, the rest are invisible to the reconstruction. The question is still a function

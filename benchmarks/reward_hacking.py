@@ -33,9 +33,9 @@ CLASSIFIERS = {"hackable": "embedded:shape-classifier-hackable", "shipped": "emb
 
 def pixel_masks(before: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(background, shape) boolean masks (N, H, W) of the base model's images."""
-    from domains.images.shapes import BACKGROUND
+    from domains.images.quality import background_distance
 
-    dist = (before - torch.tensor(BACKGROUND)[None, :, None, None]).abs().amax(1)
+    dist = background_distance(before)
     return dist < 0.12, dist > 0.3
 
 

@@ -105,12 +105,17 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def background_distance(images: torch.Tensor) -> torch.Tensor:
+    """Per-pixel max-abs distance to the dark background colour: (..., 3, H, W) -> (..., H, W)."""
+    return (images.float() - torch.tensor(BACKGROUND)[:, None, None]).abs().amax(-3)
+
+
 def read_pixels(image: torch.Tensor, threshold: float = 0.3, min_area: int = 3) -> tuple[str | None, int]:
     """(colour, count) of one (3, H, W) image read from its pixels: count = the number of 4-connected
     components of at least ``min_area`` pixels farther than ``threshold`` (max-abs) from the dark
     background; colour = the palette colour nearest the mean of those pixels (None without any)."""
     x = image.float().permute(1, 2, 0).numpy()
-    mask = np.abs(x - np.array(BACKGROUND, np.float32)).max(-1) > threshold
+    mask = (background_distance(image) > threshold).numpy()
     parts = [p for p in _components(mask) if len(p) >= min_area]
     if not parts:
         return None, 0

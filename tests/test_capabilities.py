@@ -13,6 +13,7 @@ from rewardopt.generators.capabilities import DeterministicStep, Trainable, requ
 from rewardopt.rewards.base import Reward
 from rewardopt.testing.toy import RandomWalkGenerator, SumReward
 from tests.test_masked_diffusion import CountToken
+from tests.test_autoregressive import make as make_autoregressive
 from tests.test_masked_diffusion import make as make_masked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_family_specific_methods_name_the_family():
     with pytest.raises(TypeError, match="DRaFT backpropagates through continuous diffusion"):
         DRaFT(make_masked(full_finetune=True), CountToken())
     with pytest.raises(TypeError, match="DDPO needs a TransitionLogProbs generator"):
-        DDPO(make_masked(full_finetune=True), CountToken())
+        DDPO(make_autoregressive(full_finetune=True), CountToken())
 
 
 def test_dril_needs_a_two_stage_model():

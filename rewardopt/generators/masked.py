@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewardopt.generators.base import Condition, FullyTrainedGenerator
-from rewardopt.generators.capabilities import DeterministicStep
+from rewardopt.generators.capabilities import DeterministicStep, TransitionLogProbs
 from rewardopt.pretraining import GeneratorPretraining
 
 
@@ -61,7 +61,7 @@ def tiny_denoiser(vocab_size: int, seq_len: int, hidden: int = 64, layers: int =
     raise ValueError(f"arch must be 'bert' or 'roformer', got {arch!r}")
 
 
-class MaskedDiffusionGenerator(DeterministicStep, FullyTrainedGenerator):
+class MaskedDiffusionGenerator(TransitionLogProbs, DeterministicStep, FullyTrainedGenerator):
     """Absorbing-state discrete diffusion over sequences of length ``seq_len``: trained in full
     (``Trainable`` with ``full_finetune``), with greedy unmasking as its deterministic step.
 
@@ -220,6 +220,19 @@ class MaskedDiffusionGenerator(DeterministicStep, FullyTrainedGenerator):
         rank = torch.empty_like(order).scatter_(1, order, positions)
         pick = masked & (rank < k[:, None])
         return torch.where(pick[..., None], F.one_hot(tok, self.vocab_size).to(x_t.dtype), x_t.detach())
+
+    def transition_log_prob(self, x_t: torch.Tensor, i: int, x_prev: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+        """log q(x_prev | x_t) of the sampler's step i from the denoiser's output ``logp`` (B, L, V),
+        averaged over the L positions (as DDPO averages Gaussian log-densities over dimensions), (B,).
+        A position masked in x_t contributes log q of the token (or [MASK]) x_prev holds there; an
+        unmasked one is carried over with probability 1 (log 1 = 0). x_prev: hard one-hots."""
+        logq = self.step_log_probs(logp, i)
+        picked = logq.gather(-1, self.tokens(x_prev).unsqueeze(-1)).squeeze(-1)  # (B, L)
+        return torch.where(self.is_masked(x_t).squeeze(-1).bool(), picked, picked.new_zeros(())).mean(-1)
+
+    def log_prob(self, x_t, i, x_prev, cond):
+        """log q(x_prev | x_t, c) per sample (B,), averaged over positions; one denoiser call."""
+        return self.transition_log_prob(x_t, i, x_prev, self.model_output(x_t, i, cond))
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """The one-hot sequences themselves, (B, L, V) — differentiable under straight-through, so

@@ -24,6 +24,11 @@ minibatch's optimiser step, so the gradient is the same. Steps whose transition 
 generator's gradient checkpointing: each is followed at once by its backward, so recomputing it would
 cost a forward and lower no peak memory. Samples a black-box reward excluded (``on_failure:
 exclude``, total -inf) get advantage 0 and stay out of the statistics.
+
+Masked diffusion (``MaskedDiffusionGenerator``; not in the paper, the RL baseline for VARD on molecules):
+each unmasking step is a categorical policy over the next sequence; its log-probability
+(``transition_log_prob``) sums log q over the positions masked before the step and, like the Gaussian
+one, is averaged over the sequence's positions, so the same PPO clip acts on a per-position ratio.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from rewardopt.generators.capabilities import TransitionLogProbs, require
 from rewardopt.generators.diffusion import DiffusionGenerator, gaussian_log_prob
+from rewardopt.generators.masked import MaskedDiffusionGenerator
 from rewardopt.methods.base import RewardFineTuning
 from rewardopt.rewards.base import Reward
 
@@ -74,9 +80,12 @@ def sample_timestep_mask(n: int, num_steps: int, k: int, generator: torch.Genera
 
 
 @contextmanager
-def single_step_graphs(generator: DiffusionGenerator) -> Iterator[None]:
+def single_step_graphs(generator: DiffusionGenerator | MaskedDiffusionGenerator) -> Iterator[None]:
     """Denoiser calls without the generator's whole-call gradient checkpointing: a graph of one call
     whose backward follows at once holds no more at its peak than the recomputation would."""
+    if not isinstance(generator, DiffusionGenerator):  # masked diffusion: no whole-call checkpointing
+        yield
+        return
     saved = generator.gradient_checkpointing
     generator.gradient_checkpointing = False
     try:
@@ -113,10 +122,10 @@ class DDPO(RewardFineTuning):
         super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed,
                          output_dir=output_dir)
         require(generator, TransitionLogProbs, "DDPO")
-        if not isinstance(generator, DiffusionGenerator):
-            raise TypeError(f"DDPO's likelihood ratio needs Gaussian transitions (DiffusionGenerator); got "
-                            f"{type(generator).__name__} (token LMs: Reinforce)")
-        if not generator.stochastic:
+        if not isinstance(generator, (DiffusionGenerator, MaskedDiffusionGenerator)):
+            raise TypeError(f"DDPO's likelihood ratio is over denoising steps (DiffusionGenerator, "
+                            f"MaskedDiffusionGenerator); got {type(generator).__name__} (token LMs: Reinforce)")
+        if isinstance(generator, DiffusionGenerator) and not generator.stochastic:
             raise ValueError("DDPO needs a stochastic sampler: set generator eta > 0 (reference: eta=1) or "
                              "scheduler='ddpm'")
         if not 0.0 < timestep_fraction <= 1.0 or int(generator.num_steps * timestep_fraction) < 1:
@@ -133,11 +142,19 @@ class DDPO(RewardFineTuning):
 
     @torch.no_grad()
     def sample_trajectories(self, cond, rng):
-        """States x_T..x_0 (T+1 tensors) and per-step (B,) old log-probs; zero-variance steps -> None."""
+        """States x_T..x_0 (T+1 tensors) and per-step (B,) old log-probs; zero-variance steps -> None.
+        Masked diffusion: the sampler's categorical step and its log-probability from the same denoiser call."""
         g = self.generator
         x = g.init_state(cond, rng)
         states, logps = [x], []
         for i in range(g.num_steps):
+            if isinstance(g, MaskedDiffusionGenerator):
+                out = g.model_output(x, i, cond)
+                x_next = g.step(x, i, cond, generator=rng, out=out)
+                logps.append(g.transition_log_prob(x, i, x_next, out))
+                x = x_next
+                states.append(x)
+                continue
             mean, std, _ = g.transition(x, i, cond)
             if float(std) > 0:
                 noise = torch.randn(x.shape, generator=rng, device=rng.device).to(x)
@@ -183,8 +200,7 @@ class DDPO(RewardFineTuning):
             for j, (i, r) in enumerate(work):
                 r_dev = r.to(self.device)
                 with self._backward_sync(j == len(work) - 1):
-                    mean, std, _ = g.transition(states[i][r_dev], i, cond.index(r))
-                    logp = gaussian_log_prob(states[i + 1][r_dev], mean, std)
+                    logp = g.log_prob(states[i][r_dev], i, states[i + 1][r_dev], cond.index(r))
                     diff = logp - old_logps[i][r_dev]
                     ratio = torch.exp(diff)
                     a = adv[r_dev]

@@ -91,3 +91,53 @@ def test_judge_only_run_replaces_only_the_judge_section(tmp_path):
     assert text.startswith("# Steering\n\n| method |\n|---|\n| SMC |\n\n") and "| 999 |" not in text
     assert text.count(inference_time.JUDGE_SECTION) == 1 and "| 2 | 8 | 0.02 |" in text
     assert "date D; commit C; command `python x --judge-only`" in text
+
+
+def test_vard_benchmark_builds_each_method_from_its_recipe_with_only_the_stated_replacements():
+    import yaml
+
+    import vard
+
+    clf_reward = yaml.safe_load((ROOT / vard.RECIPES["classifier", "VARD"]).read_text())["model"]["init_args"]["reward"]
+    model, _, _ = vard.recipe_specs("classifier", "DDPO")
+    ddpo = yaml.safe_load((ROOT / "recipes/images/ddpo_tiny.yaml").read_text())["model"]["init_args"]
+    assert model["init_args"]["reward"] == clf_reward  # the reward VARD and DRaFT-LV are scored with
+    assert {k: v for k, v in model["init_args"].items() if k != "reward"} == \
+        {k: v for k, v in ddpo.items() if k != "reward"}
+    qed_model, qed_data, _ = vard.recipe_specs("qed", "DDPO")
+    vard_qed = yaml.safe_load((ROOT / vard.RECIPES["qed", "VARD"]).read_text())
+    args = qed_model["init_args"]
+    assert qed_model["class_path"] == "rewardopt.methods.ddpo.DDPO"
+    assert args["generator"] == vard_qed["model"]["init_args"]["generator"]
+    assert args["reward"] == vard_qed["model"]["init_args"]["reward"]
+    assert args["lr"] == vard_qed["model"]["init_args"]["lr"] and args["clip_range"] == ddpo["clip_range"]
+    # equal samples per step: DDPO's prompts x samples_per_prompt = VARD's batch
+    assert qed_data["init_args"]["batch_size"] * args["samples_per_prompt"] == vard_qed["data"]["init_args"]["batch_size"]
+    grids = vard.task_grids("jpeg", ["VARD", "DDPO"], 64, 256)
+    assert grids == {"VARD": [0, 4, 8, 16, 32, 64], "DDPO": [0, 8, 16, 32, 64, 128, 256]}
+
+
+def test_vard_benchmark_kl_is_zero_at_the_pretrained_model_and_grows_with_the_adapter():
+    import vard
+
+    from domains.images.data import ShapePromptDataModule
+    from rewardopt.methods.ddpo import DDPO
+    from tests.conftest import tiny_generator
+
+    g = tiny_generator(eta=1.0, lora_rank=4)
+    model = DDPO(g, __import__("domains.images.rewards", fromlist=["x"]).JpegCompressibilityReward())
+    data = ShapePromptDataModule(batch_size=2, val_batch_size=4, val_repeats=1)
+    data.val_dataloader = lambda: [["one red circle", "two blue squares"]]
+    assert vard.kl_to_base(model, data, seed=0) == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the identity
+    with torch.no_grad():
+        for name, p in g.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    small = vard.kl_to_base(model, data, seed=0)
+    with torch.no_grad():
+        for name, p in g.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.mul_(3.0)
+    assert 0 < small < vard.kl_to_base(model, data, seed=0)
+    g.eta = 0.0  # DRaFT's deterministic sampler: measured on the eta = 1 chain, then restored
+    assert vard.kl_to_base(model, data, seed=0) > small and g.eta == 0.0

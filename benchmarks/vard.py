@@ -128,9 +128,10 @@ def run(task: str, method: str, seed: int, grid: list[int], out_root: Path) -> d
     wall = time.perf_counter() - t0
     s = json.loads((out / "summary.json").read_text())
     kl = kl_to_base(model, data, seed=1234)
+    r2 = value_calibration(model, data, seed=4321) if method == "VARD" else None
     return {"task": task, "method": method, "seed": seed, "history": s["history"], "wall_s": wall, "kl": kl,
             "nfe": s["nfe"], "nfe_grad": s.get("nfe_grad"), "samples": s["samples"],
-            "reward_calls": s.get("reward_calls"), "value_calls": s.get("value_calls", 0)}
+            "reward_calls": s.get("reward_calls"), "value_calls": s.get("value_calls", 0), "value_r2": r2}
 
 
 def kl_to_base(model, data, seed: int) -> float:
@@ -167,6 +168,22 @@ def kl_to_base(model, data, seed: int) -> float:
     return float(total.mean())
 
 
+def value_calibration(model, data, seed: int) -> dict[str, float]:
+    """R² of the trained VARD's value net against the realised reward of fresh rollouts of the fine-tuned model
+    on the held-out conditions (not in V's buffer), at levels 1 (x_{T-1}), T/2 and T (x_0)."""
+    import torch
+
+    g = model.generator
+    raw = [c for batch in data.val_dataloader() for c in batch]
+    with torch.no_grad():
+        cond = g.encode_condition(raw)
+        traj = model.rollout(cond, torch.Generator().manual_seed(seed))
+        rewards = model.reward(g.decode(traj[-1]), raw).total.float()
+        r2 = model.calibration(traj, rewards, cond)
+    T = g.num_steps
+    return {str(lvl): r2.get(lvl, float("nan")) for lvl in (1, T // 2, T)}
+
+
 def task_grids(task: str, methods: list[str], budget: int, ddpo_budget: int) -> dict[str, list[int]]:
     first = 16 if task == "qed" else 4
     grids = {}
@@ -192,8 +209,9 @@ def task_tables(task: str, results: list[dict], grids: dict[str, list[int]], see
                       + "\n| held-out reward | " + " | ".join(f"{a:.3f}±{b:.3f}" for a, b in zip(arr.mean(0), arr.std(0)))
                       + " |")
     rows = ["| method | samples | final held-out reward | gain over pretrained | KL to base (nats/sample) "
-            "| NFE (grad) per sample | reward calls | value-net rows | wall per sample / DDPO's |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| NFE (grad) per sample | reward calls | value-net rows | V's held-out R² at levels 1 / T/2 / T "
+            "| wall per sample / DDPO's |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
         rs = [r for r in results if r["method"] == m]
         arr = curves[m]
@@ -204,9 +222,12 @@ def task_tables(task: str, results: list[dict], grids: dict[str, list[int]], see
         nfe_g = np.mean([(r["nfe_grad"] or 0) / r["samples"] for r in rs])
         wall = np.mean([r["wall_s"] / r["samples"] for r in rs])
         ratio = f"{wall / ddpo_wall:.2f}" if ddpo_wall else "—"
+        r2 = "—"
+        if rs[0].get("value_r2"):
+            r2 = " / ".join(f"{np.nanmean([r['value_r2'][k] for r in rs]):.2f}" for k in rs[0]["value_r2"])
         rows.append(f"| {m} | {n} | {arr[:, -1].mean():.3f} ± {arr[:, -1].std():.3f} | {gain.mean():+.3f} ± {gain.std():.3f} "
                     f"| {kl.mean():.3g} ± {kl.std():.2g} | {nfe:.1f} ({nfe_g:.1f}) | {np.mean([r['reward_calls'] or 0 for r in rs]):.0f} "
-                    f"| {np.mean([r['value_calls'] for r in rs]):.0f} | {ratio} |")
+                    f"| {np.mean([r['value_calls'] for r in rs]):.0f} | {r2} | {ratio} |")
     blocks.append("\n".join(rows))
     if "DDPO" in methods:
         ddpo = curves["DDPO"].mean(0)

@@ -34,6 +34,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/backprop_memory.py
 	$(PY) benchmarks/sample_efficiency.py
+	$(PY) benchmarks/vard.py
 	$(PY) benchmarks/inference_time.py --reward jpeg
 	$(PY) benchmarks/inference_time.py --reward colour --skip-judge
 	$(PY) benchmarks/discrete.py

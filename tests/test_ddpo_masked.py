@@ -95,3 +95,15 @@ def test_ddpo_on_masked_diffusion_raises_a_black_box_reward(tmp_path):
     assert g.counter.samples == 30 * 16
     after = mean_reward()
     assert after > before + 0.5, (before, after)
+
+
+def test_recomputed_log_probs_equal_the_sampling_ones_so_the_first_ratio_is_one():
+    g = make(T=4, full_finetune=True)
+    m = DDPO(g, BlackBoxCount(), samples_per_prompt=1, num_minibatches=2, min_count=1000, seed=0)
+    cond = g.encode_condition([None] * 6)
+    states, old = m.sample_trajectories(cond, torch.Generator().manual_seed(0))
+    rows = torch.tensor([1, 4, 5])
+    with torch.no_grad():
+        for i, lp in enumerate(old):
+            new = g.log_prob(states[i][rows], i, states[i + 1][rows], cond.index(rows))
+            assert torch.equal(new, lp[rows]), i  # exactly: ratio 1, nothing clipped before the first update

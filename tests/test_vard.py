@@ -174,6 +174,37 @@ def test_policy_gradient_reaches_only_trainable_weights_through_one_call_per_sam
     assert stats["kl"] >= 0
 
 
+@pytest.mark.parametrize("family", ["diffusion", "masked"])
+def test_value_reads_the_differentiable_steps_own_output_at_the_next_level(family):
+    """β = 0: the only path from θ to the loss is V(x_{t-1}(θ), i + 1) — V is queried on the exact tensor
+    the step with grad returned, at the level after that step, and the loss gradient reaches θ through it."""
+    m = image_vard(steps_per_rollout=2, kl_weight=0.0) if family == "diffusion" else \
+        masked_vard(steps_per_rollout=2, kl_weight=0.0)
+    g = m.generator
+    cond = g.encode_condition(TRAIN[:3] if family == "diffusion" else [None] * 3)
+    rng = torch.Generator().manual_seed(0)
+    traj = m.rollout(cond, rng)
+    stepped, valued = [], []
+    step, value = m.differentiable_step, m.value.forward
+
+    def recording_step(x_t, i, c, r):
+        x_prev, kl = step(x_t, i, c, r)
+        stepped.append((i, x_prev))
+        return x_prev, kl
+
+    def recording_value(x, level, c=None):
+        valued.append((level, x))
+        return value(x, level, c)
+
+    m.differentiable_step, m.value.forward = recording_step, recording_value
+    loss, _ = m.policy_loss(traj, cond, rng)
+    assert len(stepped) == len(valued) > 0
+    for (i, x_prev), (level, x) in zip(stepped, valued):
+        assert level == i + 1 and x is x_prev and x.requires_grad
+    loss.backward()
+    assert any(float(p.grad.abs().sum()) > 0 for p in g.trainable_parameters() if p.grad is not None)
+
+
 def test_policy_steps_are_drawn_per_sample_without_repeats():
     m = image_vard(steps_per_rollout=3)
     seen = []

@@ -28,7 +28,10 @@ exclude``, total -inf) get advantage 0 and stay out of the statistics.
 Masked diffusion (``MaskedDiffusionGenerator``; not in the paper, the RL baseline for VARD on molecules):
 each unmasking step is a categorical policy over the next sequence; its log-probability
 (``transition_log_prob``) sums log q over the positions masked before the step and, like the Gaussian
-one, is averaged over the sequence's positions, so the same PPO clip acts on a per-position ratio.
+one, is averaged over all L positions. Only the positions that unmask at that step (about L/T of them)
+depend on θ — carried tokens contribute log 1 and staying masked has the schedule's probability — so the
+ratio is diluted about T-fold and a clip ε allows roughly ε·T per newly unmasked token, varying with how
+many unmask: the clip does not mean what it means on images, and its value for masked diffusion is untuned.
 """
 
 from __future__ import annotations

@@ -36,6 +36,11 @@ Our reading, where the text we could read leaves a choice (each is a knob):
   default. ``hybrid``: at the last step use the exact reward instead of V when it is differentiable
   (V(x_0) only approximates r(x_0)); off by default. Masked diffusion's step is straight-through
   (one-hot forward: the states V was fitted on) unless ``relaxation: soft``.
+* The dropped per-step constant of the Gaussian KL (1 / (2σ_t²) times the ε-to-mean factor) varies a lot over
+  the schedule (on SD's schedule at T = 20 the last step's is ~15x the others'), so the ε-MSE weights steps
+  equally where the true KL does not; ``benchmarks/vard.py`` measures the true path KL.
+* V takes the condition only through ``ConvValue(cond_key=...)``; the shipped image recipes leave it
+  unconditional (their rewards — JPEG size, p(blue), aesthetics — do not read the prompt).
 * Multi-process: V's gradients are averaged across ranks and its scale set from every rank's first
   rewards, so ranks keep one V; each rank's buffer travels in the checkpoint (not yet tested under DDP).
 

@@ -226,8 +226,8 @@ def task_tables(task: str, results: list[dict], grids: dict[str, list[int]], see
     for m in methods:
         g, arr = grids[m], curves[m]
         blocks.append(f"**{m}**\n\n| samples | " + " | ".join(str(s) for s in g) + " |\n|---|" + "---|" * len(g)
-                      + "\n| held-out reward | " + " | ".join(f"{a:.3f}±{b:.3f}" for a, b in zip(arr.mean(0), arr.std(0)))
-                      + " |")
+                      + "\n| held-out reward | "
+                      + " | ".join(f"{a:.3f}±{b:.3f}" for a, b in zip(arr.mean(0), arr.std(0))) + " |")
     timed = all("eval_s" in r for r in results)
     rows = ["| method | samples | final held-out reward | gain over pretrained | DDPO's gain at this budget "
             "| KL to base (nats/sample) | NFE (grad) per sample | reward calls | value-net rows "
@@ -252,7 +252,8 @@ def task_tables(task: str, results: list[dict], grids: dict[str, list[int]], see
         r2 = "—"
         if rs[0].get("value_r2"):
             r2 = " / ".join(f"{np.nanmean([r['value_r2'][k] for r in rs]):.2f}" for k in rs[0]["value_r2"])
-        rows.append(f"| {m} | {n} | {arr[:, -1].mean():.3f} ± {arr[:, -1].std():.3f} | {gain.mean():+.3f} ± {gain.std():.3f} "
+        rows.append(f"| {m} | {n} | {arr[:, -1].mean():.3f} ± {arr[:, -1].std():.3f} "
+                    f"| {gain.mean():+.3f} ± {gain.std():.3f} "
                     f"| {at} | {kl.mean():.3g} ± {kl.std():.2g} | {nfe:.1f} ({nfe_g:.1f}) "
                     f"| {np.mean([r['reward_calls'] or 0 for r in rs]):.0f} "
                     f"| {np.mean([r['value_calls'] for r in rs]):.0f} | {r2} | {ratio} |")

@@ -94,9 +94,8 @@ def test_judge_only_run_replaces_only_the_judge_section(tmp_path):
 
 
 def test_vard_benchmark_builds_each_method_from_its_recipe_with_only_the_stated_replacements():
-    import yaml
-
     import vard
+    import yaml
 
     clf_reward = yaml.safe_load((ROOT / vard.RECIPES["classifier", "VARD"]).read_text())["model"]["init_args"]["reward"]
     model, _, _ = vard.recipe_specs("classifier", "DDPO")
@@ -112,7 +111,8 @@ def test_vard_benchmark_builds_each_method_from_its_recipe_with_only_the_stated_
     assert args["reward"] == vard_qed["model"]["init_args"]["reward"]
     assert args["lr"] == vard_qed["model"]["init_args"]["lr"] and args["clip_range"] == ddpo["clip_range"]
     # equal samples per step: DDPO's prompts x samples_per_prompt = VARD's batch
-    assert qed_data["init_args"]["batch_size"] * args["samples_per_prompt"] == vard_qed["data"]["init_args"]["batch_size"]
+    per_step = qed_data["init_args"]["batch_size"] * args["samples_per_prompt"]
+    assert per_step == vard_qed["data"]["init_args"]["batch_size"]
     grids = vard.task_grids("jpeg", ["VARD", "DDPO"], 64, 256)
     assert grids == {"VARD": [0, 4, 8, 16, 32, 64], "DDPO": [0, 8, 16, 32, 64, 128, 256]}
 

@@ -12,8 +12,8 @@ from rewardopt.generators.base import Condition, Generator
 from rewardopt.generators.capabilities import DeterministicStep, Trainable, require
 from rewardopt.rewards.base import Reward
 from rewardopt.testing.toy import RandomWalkGenerator, SumReward
-from tests.test_masked_diffusion import CountToken
 from tests.test_autoregressive import make as make_autoregressive
+from tests.test_masked_diffusion import CountToken
 from tests.test_masked_diffusion import make as make_masked
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,12 +35,9 @@ import time
 from pathlib import Path
 
 import yaml
+from sample_efficiency import crossing, eval_grid  # the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
-
-from sample_efficiency import crossing, eval_grid  # noqa: E402
 
 RECIPES = {
     ("jpeg", "VARD"): "recipes/images/vard_jpeg_tiny.yaml",

@@ -362,8 +362,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        "steps' KL summed over positions and steps). Value-net rows: states V evaluated "
                        "(fitting, calibration, policy queries). Wall time: per generated sample, as a ratio to "
                        "DDPO's in the same run, held-out evaluation excluded (this machine is shared). On "
-                       "classifier VARD runs with hybrid: true (the reward's exact gradient at the last step), so it is not "
-                       "black-box there. Ablation rows change one VARD knob; the recipes keep their defaults.")
+                       "classifier VARD runs with hybrid: true (the reward's exact gradient at the last step), "
+                       "so it is not black-box there. Ablation rows change one VARD knob; the recipes keep their defaults.")
     return results
 
 

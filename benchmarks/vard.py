@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        "(fitting, calibration, policy queries). Wall time: per generated sample, as a ratio to "
                        "DDPO's in the same run, held-out evaluation excluded (this machine is shared). On "
                        "classifier VARD runs with hybrid: true (the reward's exact gradient at the last step), "
-                       "so it is not black-box there. Ablation rows change one VARD knob; the recipes keep their defaults.")
+                       "so it is not black-box there. Ablation rows change one VARD knob; the recipes keep "
+                       "their defaults.")
     return results
 
 

@@ -60,8 +60,24 @@ def eval_grid(budget: int, first: int) -> list[int]:
     return pts + [budget]
 
 
-def run(method: str, seed: int, budget: int, grid: list[int]) -> dict:
+def grid_trainer(grid: list[int], max_steps: int, gradient_clip_val: float | None):
+    """A quiet CPU Trainer that appends the held-out reward to the method's ``history`` each time the
+    samples generated reach the next interior point of ``grid`` (the method's own evaluation gives the
+    first and last)."""
     import lightning as L
+
+    class EvalAt(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            n = pl_module.samples_seen
+            if n in grid[1:-1] and all(h["samples"] != n for h in pl_module.history):
+                pl_module.history.append({"samples": n, "reward": pl_module.evaluate()})
+
+    return L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     limit_val_batches=0, callbacks=[EvalAt()], gradient_clip_val=gradient_clip_val)
+
+
+def run(method: str, seed: int, budget: int, grid: list[int]) -> dict:
 
     from domains.images.data import ShapePromptDataModule
 
@@ -73,18 +89,7 @@ def run(method: str, seed: int, budget: int, grid: list[int]) -> dict:
     opt_steps = batches * (2 if method == "DDPO" else 1)
     data = ShapePromptDataModule(batch_size=prompts_per_step, val_batch_size=24, val_repeats=2, seed=seed)
 
-    class EvalAt(L.Callback):
-        """Held-out reward each time the samples generated reach the next point of ``grid``."""
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            n = pl_module.samples_seen
-            if n in grid[1:-1] and all(h["samples"] != n for h in pl_module.history):
-                pl_module.history.append({"samples": n, "reward": pl_module.evaluate()})
-
-    trainer = L.Trainer(max_steps=opt_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[EvalAt()],
-                        gradient_clip_val=None if method == "DDPO" else 1.0)
+    trainer = grid_trainer(grid, opt_steps, gradient_clip_val=None if method == "DDPO" else 1.0)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=data)
     s = json.loads((Path(model.output_dir) / "summary.json").read_text())

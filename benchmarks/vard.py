@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import yaml
-from sample_efficiency import crossing, eval_grid  # the script's folder is on sys.path
+from sample_efficiency import crossing, eval_grid, grid_trainer  # the script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,18 +117,8 @@ def run(task: str, method: str, seed: int, grid: list[int], out_root: Path) -> d
         raise ValueError(f"{task}/{method}: evaluation points {grid} must be multiples of its batch ({per_batch})")
     opt_steps = grid[-1] // per_batch * getattr(model, "num_minibatches", 1) * getattr(model, "num_inner_epochs", 1)
 
-    class EvalAt(L.Callback):
-        """Held-out reward each time the samples generated reach the next point of ``grid``."""
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            n = pl_module.samples_seen
-            if n in grid[1:-1] and all(h["samples"] != n for h in pl_module.history):
-                pl_module.history.append({"samples": n, "reward": pl_module.evaluate()})
-
-    trainer = L.Trainer(max_steps=opt_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[EvalAt()],
-                        gradient_clip_val=None if method == "DDPO" else trainer_spec.get("gradient_clip_val"))
+    trainer = grid_trainer(grid, opt_steps,
+                           gradient_clip_val=None if method == "DDPO" else trainer_spec.get("gradient_clip_val"))
     evaluate, eval_s = model.evaluate, [0.0]
 
     def timed_evaluate(*a, **kw):  # held-out evaluations are timed apart from training

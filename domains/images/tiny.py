@@ -137,8 +137,7 @@ class TinyTextToImagePretraining(NetworkFit):
                  beta_schedule: str = "scaled_linear", ema_decay: float | None = None):
         super().__init__(lr, weight_decay=0.0, output_dir=output_dir)
         self.save_hyperparameters()
-        self.generator = build_tiny_generator(seed, size, tuple(channels), prediction_type, beta_schedule,
-                                              lora_rank=None, gradient_checkpointing=False)
+        self.generator = self.build_generator(seed, size, tuple(channels), prediction_type, beta_schedule)
         self.generator.denoiser.requires_grad_(True)
         self.generator.text_encoder.requires_grad_(True)
         self.train_sched = DDPMScheduler.from_config(self.generator.scheduler.config)
@@ -147,6 +146,16 @@ class TinyTextToImagePretraining(NetworkFit):
         if ema_decay is not None:
             self.ema = torch.optim.swa_utils.AveragedModel(
                 self._networks(), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
+
+    def build_generator(self, seed: int, size: int, channels: tuple[int, ...], prediction_type: str,
+                        beta_schedule: str):
+        """The freshly initialised generator to pretrain (override point for other tiny families)."""
+        return build_tiny_generator(seed, size, channels, prediction_type, beta_schedule, lora_rank=None,
+                                    gradient_checkpointing=False)
+
+    def states(self, batch) -> torch.Tensor:
+        """Clean states x_0 of a batch (override point: the data's key and the generator's encoder)."""
+        return self.generator.encode_images(batch["image"])
 
     def _networks(self) -> torch.nn.ModuleList:
         return torch.nn.ModuleList([self.generator.denoiser, self.generator.text_encoder])
@@ -158,20 +167,20 @@ class TinyTextToImagePretraining(NetworkFit):
         if kind == "sample":
             return x0
         if kind == "v_prediction":
-            a = self.generator.alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.dtype)
+            a = self.generator.alphas_cumprod[t].view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
             return a.sqrt() * noise - (1 - a).sqrt() * x0
         raise ValueError(f"unknown prediction_type {kind!r}; use epsilon, v_prediction or sample")
 
     def _loss(self, batch) -> torch.Tensor:
         g = self.generator
-        x0 = g.encode_images(batch["image"])
+        x0 = self.states(batch)
         prompts = [("" if self._rng.random() < self.hparams.cond_dropout else p) for p in batch["prompt"]]
         ids = g.tokenizer(prompts, padding="max_length", max_length=g.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids.to(self.device)
         emb = g.text_encoder(ids)[0]
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.train_sched.config.num_train_timesteps, (x0.shape[0],), device=self.device)
-        xt = g.add_noise(x0, t.view(-1, 1, 1, 1), noise)
+        xt = g.add_noise(x0, t.view(-1, *[1] * (x0.ndim - 1)), noise)
         pred = g.denoiser(xt, t, encoder_hidden_states=emb, return_dict=False)[0]
         return F.mse_loss(pred, self._target(x0, noise, t))
 

@@ -164,15 +164,22 @@ class Generator(nn.Module, ABC):
 
     def write_samples(self, samples: Any, folder: str | os.PathLike, stem: str) -> list[Path]:
         """Save decoded samples under ``folder`` (files named from ``stem``) and return the paths:
-        ``ImageSamples`` as one PNG each, ``TextSerialisable`` samples (SMILES, DNA, codec codes) as one
+        ``ImageSamples`` as one PNG each, ``VideoSamples`` as one GIF each (and MP4 with ffmpeg), ``TextSerialisable`` samples (SMILES, DNA, codec codes) as one
         text file with a line per sample, anything else as JSON lines. Domains with a medium of their
         own (speech: WAVs) extend this."""
         import json
 
-        from rewardopt.generators.capabilities import ImageSamples, TextSerialisable
+        from rewardopt.generators.capabilities import ImageSamples, TextSerialisable, VideoSamples
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        if isinstance(self, VideoSamples):
+            from rewardopt.media import ffmpeg, save_gif, save_mp4
+
+            paths = [save_gif(v, folder / f"{stem}_{j:03d}.gif", self.fps) for j, v in enumerate(samples)]
+            if ffmpeg() is not None:
+                paths += [save_mp4(v, folder / f"{stem}_{j:03d}.mp4", self.fps) for j, v in enumerate(samples)]
+            return paths
         if isinstance(self, ImageSamples):
             from PIL import Image
 

@@ -12,6 +12,7 @@ capability               members                                         needed 
 ``Trainable``            setup_trainable, base_model, has_base_model,    every fine-tuning method
                          save_trained
 ``Renderable``           render                                          sample grids
+``VideoSamples``         render (key frames), GIF/MP4 sample files       video grids, GIFs
 ``TextSerialisable``     to_text                                         text sample files
 ``TransitionLogProbs``   log_prob                                        DDPO
 ``DeterministicStep``    deterministic_step                              DSearch look-ahead
@@ -80,6 +81,20 @@ class ImageSamples(Renderable):
 
     def render(self, samples: torch.Tensor) -> torch.Tensor:
         return samples.expand(-1, 3, -1, -1)
+
+
+class VideoSamples(Renderable):
+    """Decoded samples are videos (B, F, C, H, W) in [0, 1]. Their picture is the strip of 4 key frames
+    (``rewardopt.media.key_frame_strip``); ``write_samples`` writes each as an animated GIF (and an MP4
+    when ffmpeg is installed)."""
+
+    #: frames per second of written GIFs / MP4s
+    fps: float = 8.0
+
+    def render(self, samples: torch.Tensor) -> torch.Tensor:
+        from rewardopt.media import key_frame_strip
+
+        return torch.stack([key_frame_strip(v) for v in samples])
 
 
 class TextSerialisable(Capability):

@@ -165,8 +165,8 @@ class Generator(nn.Module, ABC):
     def write_samples(self, samples: Any, folder: str | os.PathLike, stem: str) -> list[Path]:
         """Save decoded samples under ``folder`` (files named from ``stem``) and return the paths:
         ``ImageSamples`` as one PNG each, ``VideoSamples`` as one GIF each (and MP4 with ffmpeg),
-        ``TextSerialisable`` samples (SMILES, DNA, codec codes) as one text file with a line per sample, anything else as JSON lines. Domains with a medium of their
-        own (speech: WAVs) extend this."""
+        ``TextSerialisable`` samples (SMILES, DNA, codec codes) as one text file with a line per sample,
+        anything else as JSON lines. Domains with a medium of their own (speech: WAVs) extend this."""
         import json
 
         from rewardopt.generators.capabilities import ImageSamples, TextSerialisable, VideoSamples

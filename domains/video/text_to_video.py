@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from domains.images.stable_diffusion import StableDiffusionGenerator
 from rewardopt.generators.capabilities import VideoSamples
-from rewardopt.generators.diffusion import DEFAULT_LORA_TARGETS
+from rewardopt.generators.diffusion import DEFAULT_LORA_TARGETS, DiffusionGenerator
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {"embedded:tiny-moving-shapes": ASSETS / "tiny_moving_shapes"}
@@ -59,9 +59,6 @@ class TextToVideoGenerator(VideoSamples, StableDiffusionGenerator):
         Other arguments: ``StableDiffusionGenerator`` / ``DiffusionGenerator``. The pipeline's own
         defaults are 50 DDIM steps and guidance 9; Free²Guide's VideoCrafter2 runs use η = 1 and CFG 12.
     """
-
-    #: the diffusers pipeline whose LoRA format ``save_lora`` writes
-    lora_pipeline = "TextToVideoSDPipeline"
 
     def __init__(self, pretrained: str, num_frames: int = 16, height: int = 256, width: int = 256,
                  sampler: str = "ddim", num_steps: int = 50, guidance_scale: float = 9.0, eta: float = 0.0,
@@ -108,19 +105,12 @@ class TextToVideoGenerator(VideoSamples, StableDiffusionGenerator):
         (Path(path) / "rewardopt.json").write_text(json.dumps({"height": self.height, "width": self.width,
                                                                "num_frames": self.num_frames}))
 
-    def save_lora(self, path: str | os.PathLike) -> Path:
-        """LoRA weights as ``pytorch_lora_weights.safetensors``, which
-        ``TextToVideoSDPipeline.load_lora_weights(path)`` loads."""
-        import diffusers
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        if self.lora_rank is None:
-            raise ValueError("this generator has no LoRA adapter (lora_rank is None)")
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser))
-        getattr(diffusers, self.lora_pipeline).save_lora_weights(str(path), unet_lora_layers=state,
-                                                                 safe_serialization=True)
-        return Path(path) / "pytorch_lora_weights.safetensors"
+    #: LoRA in peft's own format (``DiffusionGenerator.save_lora``: ``adapter_model.safetensors`` +
+    #: ``adapter_config.json``; ``load_lora`` or ``peft.set_peft_model_state_dict`` load it). Not diffusers'
+    #: pipeline format: in diffusers 0.42 ``UNet3DConditionModel`` has no ``PeftAdapterMixin``, so
+    #: ``TextToVideoSDPipeline.load_lora_weights`` cannot load any LoRA into it (it fails on
+    #: ``load_lora_adapter``); inject the saved ``LoraConfig`` into ``pipe.unet`` with peft instead.
+    save_lora = DiffusionGenerator.save_lora
 
     # ------------------------------------------------------------------ geometry and the contract
     @property

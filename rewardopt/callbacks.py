@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from rewardopt.generators.capabilities import Renderable
+from rewardopt.generators.capabilities import Renderable, VideoSamples
 
 
 def _plt():
@@ -126,6 +126,14 @@ class SampleGrid(L.Callback):
         path = save_image_grid(pictures, pl_module.output_dir / "before_after.png", row_labels=["before", "after"],
                                col_labels=labels, title=f"{type(pl_module).__name__}: {reward.name} (before→after)")
         self.paths.append(path)
+        if isinstance(g, VideoSamples):  # and the clips themselves, before | after, playing side by side
+            from rewardopt.media import save_side_by_side_gif
+
+            folder = pl_module.output_dir / "before_after"
+            for j, (b, a) in enumerate(zip(before, after)):
+                self.paths.append(save_side_by_side_gif([b, a], folder / f"{j:02d}.gif", fps=g.fps))
+            (folder / "conditions.txt").write_text("".join(f"{j:02d}.gif (before | after): {p}\n"
+                                                           for j, p in enumerate(_labels(prompts))))
         pl_module.print(f"[rewardopt] before/after grid: {path}")
 
 

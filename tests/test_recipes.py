@@ -304,15 +304,36 @@ def nothing_written_to(folders: list[Path]):
             assert _files(f) == before[f], f"the run wrote into {f}"
 
 
+def judge_overrides(recipe: Path, base_url: str) -> list[str]:
+    """CLI overrides pointing the recipe's HTTP judges at ``base_url``: the reward itself, or the judge
+    members of an ensemble (its ``rewards`` given again as JSON with the URL replaced). Empty: no judge."""
+    import yaml
+
+    reward = yaml.safe_load(recipe.read_text())["model"]["init_args"].get("reward") or {}
+    if reward.get("class_path") == JUDGE:
+        return [f"--model.init_args.reward.init_args.base_url={base_url}"]
+    members = (reward.get("init_args") or {}).get("rewards")
+    if not isinstance(members, dict) or not any(m.get("class_path") == JUDGE for m in members.values()):
+        return []
+    for m in members.values():
+        if m.get("class_path") == JUDGE:
+            m.setdefault("init_args", {})["base_url"] = base_url
+    return ["--model.init_args.reward.init_args.rewards", json.dumps(members)]
+
+
 @contextmanager
-def judge_server(cfg):
-    """A local judge server when the recipe's reward is an HTTP judge (the recipe's URL is localhost)."""
-    if cfg.get("model.init_args.reward.class_path") != JUDGE:
+def judge_server(recipe: Path):
+    """A local judge server when the recipe's reward is (or ensembles) an HTTP judge (the recipe's URL is
+    localhost): the domain's own (``recipe_checks.judge_server()``, e.g. the video domain's trained
+    grid judge) or the generic test server."""
+    if not judge_overrides(recipe, "http://x"):
         yield None
         return
     from rewardopt.testing.judge_server import JudgeServer
 
-    with JudgeServer() as server:
+    checks = domain_checks(recipe)
+    make = getattr(checks, "judge_server", None) or JudgeServer
+    with make() as server:
         yield server
 
 
@@ -321,9 +342,9 @@ def run_recipe(recipe: Path, spec: RecipeTest, tmp: Path) -> RecipeRun:
     cfg = parsed_config(recipe)
     args = [spec.action, "--config", str(recipe), *small_overrides(cfg, spec, tmp)]
     watched = [*sorted((ROOT / "domains").glob("*/assets")), ROOT / cfg["trainer.default_root_dir"]]
-    with judge_server(cfg) as server, nothing_written_to(watched):
+    with judge_server(recipe) as server, nothing_written_to(watched):
         if server is not None:
-            args.append(f"--model.init_args.reward.init_args.base_url={server.base_url}")
+            args += judge_overrides(recipe, server.base_url)
         cli = RecordingCLI(args=[*args, *spec.overrides], parser_kwargs={"exit_on_error": False})
     out = tmp / "out" if _has(cfg, "model.init_args.output_dir") else tmp / "root"
     return RecipeRun(recipe, spec, cli, out, tmp / "root", tmp, cli.weights_before,

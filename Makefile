@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/discrete.py
 	$(PY) benchmarks/tts.py
 	$(PY) benchmarks/qa.py
+	$(PY) benchmarks/video.py
 
 # Regenerate the shipped tiny weights (domains/*/assets/) from their recipes.
 pretrain-tiny: $(STAMP)
@@ -51,6 +52,10 @@ pretrain-tiny: $(STAMP)
 	$(VENV)/bin/rewardopt fit --config recipes/molecules/train_surrogate_sa_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/dna/pretrain_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/qa_text/pretrain_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/video/pretrain_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/video/train_judge_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/video/train_motion_classifier_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/video/train_evaluator_tiny.yaml
 
 # The TTS corpus is spoken by espeak-ng (installed here if missing, on Debian/Ubuntu as root).
 tts-assets: $(STAMP)

@@ -141,3 +141,23 @@ def test_vard_benchmark_kl_is_zero_at_the_pretrained_model_and_grows_with_the_ad
     assert 0 < small < vard.kl_to_base(model, data, seed=0)
     g.eta = 0.0  # DRaFT's deterministic sampler: measured on the eta = 1 chain, then restored
     assert vard.kl_to_base(model, data, seed=0) > small and g.eta == 0.0
+
+
+def test_video_benchmark_builds_each_steering_method_from_its_recipe_with_only_the_stated_swaps():
+    """Each row's reward is its recipe's (or the named swap), every judge points at the benchmark's server,
+    and the budget is the only other change."""
+    import video
+
+    url = "http://127.0.0.1:1/v1"
+    rec = video.recipe
+    ens = rec("free2guide_ensemble_tiny")["model"]["init_args"]["reward"]
+    assert video.reward_spec("Free²Guide (ensemble)", url)["init_args"]["rewards"]["judge"]["init_args"][
+        "base_url"] == url
+    assert ens["init_args"]["rewards"]["judge"]["init_args"]["base_url"] != url  # the recipe itself untouched
+    assert video.reward_spec("Free²Guide (image reward)", url) == ens["init_args"]["rewards"]["image"]
+    judge = video.reward_spec("SVDD (judge)", url)
+    assert judge["class_path"].endswith("OpenAIJudge") and judge["init_args"]["base_url"] == url
+    assert video.reward_spec("SVDD (classifier)", url) == rec("svdd_classifier_tiny")["model"]["init_args"]["reward"]
+    for label, (name, _) in video.STEERING.items():  # one generator (the recipes share it) serves every row
+        assert rec(name)["model"]["init_args"]["generator"] == rec("free2guide_judge_tiny")["model"]["init_args"][
+            "generator"], label

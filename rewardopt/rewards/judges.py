@@ -55,33 +55,86 @@ DEFAULT_TEMPLATE = (
 )
 
 
-def to_png(sample: Any, frames: int = 4) -> bytes:
-    """(3, H, W) image in [0, 1] -> PNG bytes; (F, 3, H, W) video -> a labelled 2x2 (or 1xk) grid
-    of ``frames`` evenly spaced key frames."""
-    from PIL import Image, ImageDraw
+FREE2GUIDE_VIDEO_TEMPLATE = (
+    "The image is a 2x2 grid of four key frames of one video, in time order: top-left is frame 1, top-right "
+    "frame 2, bottom-left frame 3 and bottom-right frame 4. Looking at all four frames together, rate how well "
+    "the video matches the text \"{prompt}\": the objects, their colour and number, and how they move from "
+    "frame to frame. First write \"Reasoning:\" followed by your reasoning, then a last line \"Answer: N\" "
+    "with N one integer from {min} (does not match) to {max} (matches perfectly)."
+)
+"""A video judge prompt in the shape of Free²Guide's (Kim et al., 2024; public code kjm981995/free2guide_code):
+the four key frames of ``to_png``'s grid are numbered 1-4 in reading order, the judge reasons first
+("Reasoning: ...") and ends with "Answer: N" on 1-9 (use ``score_marker: "Answer:"``; the public code
+reads the top-1 log-prob answer token: ``logprob_score: top1``). Our wording."""
 
-    if isinstance(sample, torch.Tensor):
-        t = sample.detach().float().cpu()
-    else:
-        t = torch.as_tensor(np.asarray(sample)).float()
-    if t.ndim == 4:
-        idx = torch.linspace(0, t.shape[0] - 1, min(frames, t.shape[0])).round().long()
-        tiles = [to_pil(t[i]) for i in idx]
-        w, h = tiles[0].size
-        cols = 2 if len(tiles) == 4 else len(tiles)
-        rows = -(-len(tiles) // cols)
-        grid = Image.new("RGB", (cols * w, rows * h))
-        for k, (tile, fi) in enumerate(zip(tiles, idx.tolist())):
-            ImageDraw.Draw(tile).text((2, 1), f"Frame {fi + 1}", fill=(255, 255, 0))
-            grid.paste(tile, ((k % cols) * w, (k // cols) * h))
-        img = grid
-    elif t.ndim == 3:
-        img = to_pil(t)
-    else:
-        raise ValueError(f"judges score images (3, H, W) or videos (F, 3, H, W); got shape {tuple(t.shape)}")
+
+def to_png(sample: Any, frames: int = 4, min_tile: int = 96) -> bytes:
+    """(3, H, W) image in [0, 1] -> PNG bytes; (F, 3, H, W) video -> the PNG of ``key_frame_grid``."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    to_image(sample, frames, min_tile).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def to_image(sample: Any, frames: int = 4, min_tile: int = 96):
+    """What ``to_png`` encodes (PNG is lossless: the same pixels): a PIL image, or ``key_frame_grid``."""
+    t = sample.detach().cpu() if isinstance(sample, torch.Tensor) else torch.as_tensor(np.asarray(sample))
+    t = t.float()
+    if t.ndim == 4:
+        return key_frame_grid(t, frames, min_tile)
+    if t.ndim == 3:
+        return to_pil(t)
+    raise ValueError(f"judges score images (3, H, W) or videos (F, 3, H, W); got shape {tuple(t.shape)}")
+
+
+def key_frame_grid(video: torch.Tensor, frames: int = 4, min_tile: int = 96):
+    """(F, 3, H, W) video in [0, 1] -> a labelled grid of ``frames`` key frames (a PIL image).
+
+    The key frames are ``rewardopt.media.key_frames(F, frames)`` (Free²Guide's public code: frames 0, 5, 10,
+    15 of 16). Four make a 2x2 grid, any other number one row. Tile k in reading order (top-left,
+    top-right, bottom-left, bottom-right) shows key frame k and is labelled "Frame k+1": the grid
+    position, numbered 1-4 as Free²Guide's prompt numbers them ("the top left is the first frame, ...,
+    the bottom right is the fourth frame"), not the index of the frame in the clip. Small frames are
+    first upscaled by an integer factor (nearest neighbour: each pixel becomes an s x s block) so that
+    each tile is at least ``min_tile`` px on its short side; then the label is drawn in the tile's
+    top-left corner (yellow, dark outline). An (F, 3, 16, 16) clip gives a 192x192 grid of 96x96 tiles:
+    a reader that knows the geometry gets each frame back by splitting the grid and area-averaging each
+    tile to 16x16 (only the label's corner differs)."""
+    from PIL import Image
+
+    from rewardopt.media import key_frames
+
+    if min_tile < 1:
+        raise ValueError(f"min_tile must be >= 1, got {min_tile}")
+    scale = max(1, -(-min_tile // min(video.shape[-2:])))
+    tiles = []
+    for fi in key_frames(video.shape[0], frames):
+        tile = to_pil(video[fi]).convert("RGB")
+        if scale > 1:  # nearest neighbour by an integer factor: each pixel becomes a scale x scale block
+            tile = tile.resize((tile.width * scale, tile.height * scale), Image.Resampling.NEAREST)
+        tiles.append(tile)
+    w, h = tiles[0].size
+    cols = 2 if len(tiles) == 4 else len(tiles)
+    rows = -(-len(tiles) // cols)
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for k, tile in enumerate(tiles):
+        label = _label(f"Frame {k + 1}", max(8, min(w, h) // 8))
+        tile.paste(label, (2, 1), label)
+        grid.paste(tile, ((k % cols) * w, (k // cols) * h))
+    return grid
+
+
+@functools.lru_cache(maxsize=64)
+def _label(text: str, size: int):
+    """``text`` in yellow with a dark outline on a transparent background (RGBA), drawn once per size."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=size)
+    left, top, right, bottom = ImageDraw.Draw(Image.new("RGBA", (1, 1))).textbbox((0, 0), text, font=font,
+                                                                                    stroke_width=1)
+    img = Image.new("RGBA", (right + 1, bottom + 1), (0, 0, 0, 0))
+    ImageDraw.Draw(img).text((0, 0), text, fill=(255, 255, 0, 255), font=font, stroke_width=1,
+                             stroke_fill=(0, 0, 0, 255))
+    return img
 
 
 def to_pil(img: torch.Tensor):

@@ -15,6 +15,14 @@ its tokens, the stray digit's spread over neighbours); or pass ``fault_fn(index)
 ``requests`` counts the requests answered (or failed) and ``connections`` the TCP connections
 accepted, so a test can tell a client that keeps its connections alive from one that reconnects.
 
+A judge that reads the prompt as well as the image is a ``prompt_scorer(png, text, lo, hi)``: it gets
+the user message's text (the filled-in template; the scorer finds the prompt in it) and returns a
+score, or (score, reasoning). A ``ValueError`` from it (no prompt it can read) is answered HTTP 400.
+``answer_style`` is the answer's shape: "score" ("...\nScore: N", the default template's) or
+"free2guide" ("Reasoning: <the scorer's reasoning>\nAnswer: N", Free²Guide's prompt's). Either way the
+log-prob tokens spell the text exactly and the answer token's top log-probs spread over the integers
+around the score (``completion_for_score``). ``domains.video.judge`` serves its trained grid judge so.
+
     python -m rewardopt.testing.judge_server --port 8000 --latency 0.2
 """
 
@@ -25,6 +33,7 @@ import base64
 import io
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -42,13 +51,32 @@ def blueness_score(png: bytes, lo: int = 1, hi: int = 9) -> float:
     return lo + (hi - lo) * (b + 1) / 2
 
 
+ANSWER_STYLES = ("score", "free2guide")
+
+_WORD = re.compile(r" ?[A-Za-z]+|[0-9]|\s|[^\sA-Za-z0-9]")
+
+
+def word_tokens(text: str) -> list[str]:
+    """``text`` cut into word-level tokens that spell it exactly, as a BPE tokenizer would: a word with
+    its leading space (" red"), each digit, each other character (".", "\n", a lone space)."""
+    tokens = _WORD.findall(text)
+    if "".join(tokens) != text:
+        raise AssertionError(f"tokens do not spell {text!r}")
+    return tokens
+
+
 class JudgeServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0,
                  faults: dict[int, str] | None = None, fault_fn: Callable[[int], str | None] | None = None,
                  slow_s: float = 5.0, scorer: Callable[[bytes, int, int], float] = blueness_score,
-                 score_min: int = 1, score_max: int = 9) -> None:
+                 score_min: int = 1, score_max: int = 9,
+                 prompt_scorer: Callable[[bytes, str, int, int], float | tuple[float, str]] | None = None,
+                 answer_style: str = "score") -> None:
+        if answer_style not in ANSWER_STYLES:
+            raise ValueError(f"answer_style must be one of {ANSWER_STYLES}, got {answer_style!r}")
         self.latency_s, self.faults, self.fault_fn, self.slow_s = latency_s, dict(faults or {}), fault_fn, slow_s
         self.scorer, self.score_min, self.score_max = scorer, score_min, score_max
+        self.prompt_scorer, self.answer_style = prompt_scorer, answer_style
         self.requests = self.connections = 0
         self.auth_headers: list[str | None] = []
         self.lock = threading.Lock()
@@ -92,9 +120,19 @@ class JudgeServer:
                 if kind in ("stray_digits", "malformed_logprobs"):
                     return self._send(200, server.stray_digit_completion(kind == "malformed_logprobs"))
                 png = server.image_of(body)
-                s = server.scorer(png, server.score_min, server.score_max)
+                reasoning = None
+                if server.prompt_scorer is not None:
+                    try:
+                        s = server.prompt_scorer(png, server.text_of(body), server.score_min, server.score_max)
+                    except ValueError as e:
+                        return self._send(400, {"error": {"message": str(e)}})
+                    if isinstance(s, tuple):
+                        s, reasoning = s
+                else:
+                    s = server.scorer(png, server.score_min, server.score_max)
                 want_lp = body.get("logprobs") and kind != "nologprobs"
-                self._send(200, server.completion_for_score(s, int(body.get("top_logprobs") or 5) if want_lp else 0))
+                top = int(body.get("top_logprobs") or 5) if want_lp else 0
+                self._send(200, server.completion_for_score(s, top, reasoning))
 
             def _send(self, code, payload):
                 data = json.dumps(payload).encode()
@@ -123,6 +161,14 @@ class JudgeServer:
                 return base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
         raise ValueError("no image in request")
 
+    @staticmethod
+    def text_of(body: dict) -> str:
+        """The text of the last (user) message: its text parts joined, or its content if a string."""
+        content = body["messages"][-1]["content"]
+        if isinstance(content, str):
+            return content
+        return "\n".join(part.get("text", "") for part in content if part.get("type") == "text")
+
     def completion(self, text: str, logprobs: list | None) -> dict:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
         if logprobs is not None:
@@ -144,11 +190,19 @@ class JudgeServer:
                 lp.append({"token": t, "logprob": alts[0]["logprob"], "top_logprobs": alts})
         return self.completion("".join(self.STRAY_TOKENS), lp)
 
-    def completion_for_score(self, s: float, top: int) -> dict:
-        """An answer ending in "Score: round(s)"; the answer token's top log-probs are a softmax
-        over integers around s, so their expectation recovers s closely."""
+    def completion_for_score(self, s: float, top: int, reasoning: str | None = None) -> dict:
+        """An answer ending in "Score: round(s)" ("score" style) or "Reasoning: ...\nAnswer: round(s)"
+        ("free2guide"); the answer token's top log-probs are a softmax over integers around s, so their
+        expectation recovers s closely (and the top-1 token is round(s))."""
         k = int(min(self.score_max, max(self.score_min, round(s))))
-        text = f"The image shows the requested content.\nScore: {k}"
+        if self.answer_style == "free2guide":
+            reasoning = " ".join((reasoning or "The video shows the requested content.").split())
+            prefix = f"Reasoning: {reasoning}\nAnswer: "
+            words = word_tokens(prefix)
+        else:
+            prefix = "The image shows the requested content.\nScore: "
+            words = ["The", " image", " shows", " the", " requested", " content", ".", "\n", "Score", ":", " "]
+        text = prefix + str(k)
         if not top:
             return self.completion(text, None)
         ks = list(range(self.score_min, self.score_max + 1))
@@ -157,7 +211,6 @@ class JudgeServer:
         alts = sorted(({"token": str(j), "logprob": math.log(max(wj / z, 1e-30))} for j, wj in zip(ks, w)),
                       key=lambda a: -a["logprob"])[:top]
         # the tokens spell the text exactly, as real servers' do (the client checks that before trusting them)
-        words = ["The", " image", " shows", " the", " requested", " content", ".", "\n", "Score", ":", " "]
         lp = [{"token": t, "logprob": 0.0, "top_logprobs": []} for t in words]
         lp.append({"token": str(k), "logprob": next((a["logprob"] for a in alts if a["token"] == str(k)), -1.0),
                    "top_logprobs": alts})

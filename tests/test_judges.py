@@ -261,7 +261,8 @@ def test_videos_are_sent_as_a_grid_of_key_frames():
 
     video = torch.rand(8, 3, 16, 20)
     img = Image.open(BytesIO(to_png(video)))
-    assert img.size == (40, 32)  # 2x2 grid of 20x16 frames
+    assert img.size == (240, 192)  # 2x2 grid of 20x16 frames, each upscaled x6 (short side >= min_tile = 96)
+    assert Image.open(BytesIO(to_png(video, min_tile=1))).size == (40, 32)  # no upscaling
     with pytest.raises(ValueError, match="images"):
         to_png(torch.rand(16, 16))
 

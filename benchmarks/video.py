@@ -230,7 +230,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_video"))
     p.add_argument("--json", default=None, help="write the raw rows here (default: <out>/video.json)")
     p.add_argument("--no-page", action="store_true", help="print only; do not write benchmarks/results/video.md")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                   help="write the page from earlier runs' JSON files (e.g. steering and fine-tuning run side by side)")
+    p.add_argument("--command", default=None, help="with --report: the commands that produced the JSON files")
     args = p.parse_args(argv)
+    if args.report:
+        steer, ft = [], []
+        for f in args.report:
+            data = json.loads(Path(f).read_text())
+            steer += data["steering"]
+            ft += data["finetune"]
+        tables = [t for t in (steering_table(steer, args.seeds) if steer else "", finetune_table(ft)) if t]
+        for t in tables:
+            print(t)
+        write_result("video", tables, seeds=args.seeds, title=TITLE, notes=NOTES, command=args.command)
+        return
 
     import torch
 
@@ -258,10 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     for t in tables:
         print(t)
     if not args.no_page:
-        write_result("video", tables, seeds=args.seeds, title="Text-to-video: steering and fine-tuning, graded by "
-                     "the independent evaluator", notes=NOTES)
+        write_result("video", tables, seeds=args.seeds, title=TITLE, notes=NOTES)
 
 
+TITLE = "Text-to-video: steering and fine-tuning, graded by the independent evaluator"
 NOTES = """\
 Setup: `embedded:tiny-moving-shapes` (16x16, 8 frames, pixel-space UNet3D), DDIM 16 steps, eta = 1, CFG 3.
 Prompts: held-out moving-shapes prompts (every third of the 24 held out from fine-tuning), one video per prompt

@@ -179,6 +179,8 @@ def run_finetuning(args, evaluator, prompts: list[str]) -> list[dict]:
             res[which] = grade(evaluator, torch.cat(vids), used)
         rows.append({"seed": seed, "train_wall_s": train_wall, "steps": args.ft_steps, **{
             f"{w}_{k}": v for w, d in res.items() for k, v in d.items()}})
+        partial = Path(args.out) / "finetune_partial.json"  # each finished seed survives an interrupted run
+        partial.write_text(json.dumps({"steering": [], "finetune": rows}, indent=1))
         r = rows[-1]
         print(f"  DRaFT-K seed {seed}: alignment {r['base_all']:.3f} -> {r['fine-tuned_all']:.3f}  direction "
               f"{r['base_direction']:.3f} -> {r['fine-tuned_direction']:.3f}  ({train_wall:.0f} s)", flush=True)
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
                    help="write the page from earlier runs' JSON files (e.g. steering and fine-tuning run side by side)")
     p.add_argument("--command", default=None, help="with --report: the commands that produced the JSON files")
+    p.add_argument("--append", default=None, help="with --report: a markdown file appended to the page (e.g. a run "
+                   "that stopped early, quoted from its log)")
     args = p.parse_args(argv)
     if args.report:
         steer, ft = [], []
@@ -241,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
             steer += data["steering"]
             ft += data["finetune"]
         tables = [t for t in (steering_table(steer, args.seeds) if steer else "", finetune_table(ft)) if t]
+        if args.append:
+            tables.append(Path(args.append).read_text())
         for t in tables:
             print(t)
         write_result("video", tables, seeds=args.seeds, title=TITLE, notes=NOTES, command=args.command)
@@ -285,7 +291,14 @@ judge recipe's judge). The judge is the project's grid-reading model behind its 
 (HTTP, "Reasoning: ... Answer: N", top-1 answer token). The independent evaluator is a different model
 (`domains.video.evaluator`) never used as a reward. Free²Guide guides the first 2 of 16 steps (the public
 code's 12%), step 0 among n initial noises. The ensemble is the min-max normalised sum with beta = 0.75 on
-the judge. NFE counts one per video per guided denoiser evaluation (CFG pairs count once)."""
+the judge. NFE counts one per video per guided denoiser evaluation (CFG pairs count once).
+Budgets match NFE only: at equal NFE Free²Guide asks the judge n x 2 times per video (18 at 2x, 50 at 4x)
+against Best-of-N's N (2, 4). The grid judge here is a small CNN, so its calls are nearly free in wall time; an
+LVLM's would not be — read the calls column with that in mind. The plain sampler is timed first (cold caches).
+DRaFT-K: the recipe's own sampler (DDIM eta = 0, CFG 3), base and fine-tuned drawn with the same noise, graded on
+all 24 held-out prompts; its base row is therefore not the steering table's plain row (eta = 1, fewer prompts).
+The per-frame image reward includes the image classifier's shape head, which reads resized 16-px frames poorly
+(shape accuracy 0.65 on procedural frames; colour 0.99, count 0.98)."""
 
 
 if __name__ == "__main__":

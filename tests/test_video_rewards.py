@@ -152,6 +152,10 @@ def test_key_frame_reward_prompt_transform_and_resize(clips):
         KeyFrameImageReward(shape_reward, prompt_transform=image_prompt)(videos[:2], prompts[:2])
     out = KeyFrameImageReward(shape_reward, resize=24, prompt_transform=image_prompt)(videos[:8], prompts[:8])
     assert out.total.shape == (8,) and (out.total > 4 * torch.log(torch.tensor(0.5))).float().mean() >= 0.75
+    v = videos[:2].clone().requires_grad_(True)  # the resize is differentiable: the gradient reaches key frames only
+    KeyFrameImageReward(shape_reward, resize=24, prompt_transform=image_prompt)(v, prompts[:2]).total.sum().backward()
+    touched = v.grad.abs().flatten(2).sum(-1).sum(0) > 0
+    assert touched.tolist() == [f in (0, 2, 5, 7) for f in range(8)]
 
 
 def test_image_prompt():

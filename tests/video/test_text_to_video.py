@@ -198,3 +198,37 @@ def test_free2guide_judge_calls_on_video_are_candidates_times_guided_steps():
         exp = m.expected_cost()
         assert exp["reward_calls"] == 3 * 2
         assert g.counter.nfe - n0 == 2 * exp["nfe"] == 2 * (4 + (3 - 1) * 2)  # T, plus n - 1 per guided step
+
+
+def test_ddim_eta_one_step_on_video_states_matches_the_scheduler():
+    """The steering recipes' sampler (η = 1) on (B, C, F, h, w) states: each step equals diffusers'
+    ``DDIMScheduler.step(eta=1, variance_noise=...)`` applied to the same state (the pipeline's frame
+    reshape around it changes no number: the step is elementwise)."""
+    from diffusers import DDIMScheduler
+
+    g = tiny_video(eta=1.0, num_steps=4)
+    cond = g.encode_condition(PROMPTS[:2])
+    sched = DDIMScheduler.from_config(g.scheduler.config)
+    sched.set_timesteps(4)
+    x = g.init_state(cond, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            noise = torch.randn_like(x)
+            out = g.model_output(x, i, cond)
+            ref = sched.step(out, t, x, eta=1.0, variance_noise=noise).prev_sample
+            assert (g.step(x, i, cond, noise=noise, out=out) - ref).abs().max() <= 1e-5, f"step {i}"
+            x = ref
+
+
+@pytest.mark.parametrize("name,kw", [("best_of_n", {"n": 3}), ("svdd", {"num_children": 2})])
+def test_counted_compute_on_video_equals_the_expected_cost(name, kw):
+    g = tiny_video(eta=1.0, num_steps=3)
+    cls = {"best_of_n": BestOfN, "svdd": SVDD}[name]
+    r = Brightness()
+    m = cls(g, r, seed=0, save_samples=False, **kw)
+    c0, r0 = m.counts(), r.calls
+    m.generate(PROMPTS[:2], batch_idx=0)
+    c1, exp = m.counts(), m.expected_cost()
+    assert c1["nfe"] - c0["nfe"] == 2 * exp["nfe"]
+    assert r.calls - r0 == 2 * exp["reward_calls"] > 2
+    assert c1["decodes"] - c0["decodes"] == 2 * exp["decodes"]

@@ -146,7 +146,11 @@ def test_vard_benchmark_kl_is_zero_at_the_pretrained_model_and_grows_with_the_ad
 def test_video_benchmark_builds_each_steering_method_from_its_recipe_with_only_the_stated_swaps():
     """Each row's reward is its recipe's (or the named swap), every judge points at the benchmark's server,
     and the budget is the only other change."""
-    import video
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_video", ROOT / "benchmarks" / "video.py")
+    video = importlib.util.module_from_spec(spec)  # by path: "video" is also the tests/video package
+    spec.loader.exec_module(video)
 
     url = "http://127.0.0.1:1/v1"
     rec = video.recipe

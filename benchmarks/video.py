@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 from results_md import write_result
+from vard import build  # one recipe-section builder for the benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "video"
@@ -43,19 +44,6 @@ STEERING = {
     "SVDD (classifier)": ("svdd_classifier_tiny", None),
 }
 HEAD_KEYS = ("colour", "shape", "count", "direction")
-
-
-def build(spec):
-    """Instantiate a recipe section: dicts with ``class_path`` (and ``init_args``) become objects, as the CLI."""
-    if isinstance(spec, list):
-        return [build(s) for s in spec]
-    if not isinstance(spec, dict):
-        return spec
-    if "class_path" not in spec:
-        return {k: build(v) for k, v in spec.items()}
-    module, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(**{k: build(v) for k, v in (spec.get("init_args") or {}).items()})
 
 
 def recipe(name: str) -> dict:

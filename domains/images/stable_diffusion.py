@@ -114,22 +114,26 @@ class StableDiffusionGenerator(ImageSamples, SavesPretrained, DiffusionGenerator
         comps = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler, "vae": vae}
         return cls(pretrained=kwargs.pop("pretrained", "<in-memory>"), _components=comps, **kwargs)
 
-    @staticmethod
-    def load_components(path: str, revision: str | None = None) -> dict:
-        """Load each component with its family's own ``from_pretrained``."""
+    #: the denoiser class ``load_components`` loads (subclasses of other families set theirs) and its family's name
+    unet_class = UNet2DConditionModel
+    family = "Stable Diffusion"
+
+    @classmethod
+    def load_components(cls, path: str, revision: str | None = None) -> dict:
+        """Load each component with its family's own ``from_pretrained`` (the VAE when the folder has one)."""
         from diffusers import DDIMScheduler
 
         kw = {"revision": revision} if revision else {}
         try:
             comps = {
-                "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+                "unet": cls.unet_class.from_pretrained(path, subfolder="unet", **kw),
                 "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
                 "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
                 "scheduler": DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
             }
         except OSError as e:
             raise FileNotFoundError(
-                f"could not load a Stable Diffusion model from {path!r}: {e}. Offline machines need a "
+                f"could not load a {cls.family} model from {path!r}: {e}. Offline machines need a "
                 "local folder (or a filled HF cache with HF_HUB_OFFLINE=1)."
             ) from e
         local_vae = Path(path) / "vae"

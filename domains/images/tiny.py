@@ -27,10 +27,14 @@ MAX_TOKENS = 8
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer for the shapes vocabulary, saved and loaded like any HF tokenizer."""
+    return word_level_tokenizer(list(COUNTS) + list(COLOURS) + [w for s in SHAPES for w in (s, s + "s")], MAX_TOKENS)
+
+
+def word_level_tokenizer(words: list[str], max_tokens: int) -> PreTrainedTokenizerFast:
+    """A CLIP-style (start/end tokens, padded) word-level tokenizer over ``words``."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
 
-    words = list(COUNTS) + list(COLOURS) + [w for s in SHAPES for w in (s, s + "s")]
     vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
     tk = Tokenizer(WordLevel(vocab, unk_token="<|unk|>"))
     tk.normalizer = normalizers.Lowercase()
@@ -41,7 +45,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<|pad|>", unk_token="<|unk|>", bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>", model_max_length=MAX_TOKENS,
+        eos_token="<|endoftext|>", model_max_length=max_tokens,
     )
 
 

@@ -22,9 +22,8 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet3DConditionModel
+from diffusers import UNet3DConditionModel
 from einops import rearrange
-from transformers import AutoTokenizer, CLIPTextModel
 
 from domains.images.stable_diffusion import StableDiffusionGenerator
 from rewardopt.generators.capabilities import VideoSamples
@@ -75,30 +74,8 @@ class TextToVideoGenerator(VideoSamples, StableDiffusionGenerator):
         if not isinstance(self.denoiser, UNet3DConditionModel):
             raise TypeError(f"TextToVideoGenerator needs a UNet3DConditionModel, got {type(self.denoiser).__name__}")
 
-    @staticmethod
-    def load_components(path: str, revision: str | None = None) -> dict:
-        """Each component with its family's own ``from_pretrained`` (the VAE when the folder has one)."""
-        from diffusers import DDIMScheduler
-
-        kw = {"revision": revision} if revision else {}
-        try:
-            comps = {
-                "unet": UNet3DConditionModel.from_pretrained(path, subfolder="unet", **kw),
-                "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
-                "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-                "scheduler": DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
-            }
-        except OSError as e:
-            raise FileNotFoundError(f"could not load a text-to-video model from {path!r}: {e}. Offline machines "
-                                    "need a local folder (or a filled HF cache with HF_HUB_OFFLINE=1).") from e
-        local_vae = Path(path) / "vae"
-        if local_vae.is_dir() or not Path(path).exists():
-            try:
-                comps["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-            except OSError:
-                if local_vae.is_dir():
-                    raise
-        return comps
+    unet_class = UNet3DConditionModel  # loaded by StableDiffusionGenerator.load_components
+    family = "text-to-video"
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         super().save_pretrained(path)

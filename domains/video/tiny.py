@@ -15,7 +15,7 @@ from diffusers import UNet3DConditionModel
 from transformers import PreTrainedTokenizerFast
 
 from domains.images.shapes import COLOURS, SHAPES
-from domains.images.tiny import SPECIALS, TinyTextToImagePretraining, tiny_scheduler, tiny_text_encoder
+from domains.images.tiny import TinyTextToImagePretraining, tiny_scheduler, tiny_text_encoder, word_level_tokenizer
 from domains.video.moving_shapes import COUNT_WORDS, DIRECTIONS, MovingShapesDataset, split_prompts
 from domains.video.text_to_video import TextToVideoGenerator
 from rewardopt.data import PromptDataModule
@@ -25,20 +25,8 @@ MAX_TOKENS = 8  # "<s> two blue squares moving up </s>" is 7
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer for the moving-shapes vocabulary, saved and loaded like any HF tokenizer."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-
     words = list(COUNT_WORDS) + list(COLOURS) + [w for s in SHAPES for w in (s, s + "s")] + ["moving", *DIRECTIONS]
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
-    tk = Tokenizer(WordLevel(vocab, unk_token="<|unk|>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", vocab["<|startoftext|>"]), ("<|endoftext|>", vocab["<|endoftext|>"])],
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", unk_token="<|unk|>",
-                                   bos_token="<|startoftext|>", eos_token="<|endoftext|>", model_max_length=MAX_TOKENS)
+    return word_level_tokenizer(words, MAX_TOKENS)
 
 
 def tiny_unet3d(size: int = 16, in_channels: int = 3, cross_attention_dim: int = 32,

@@ -175,3 +175,73 @@ def test_ddpo_updates_with_black_box_reward(tmp_path):
     assert g.counter.samples == 4
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["reward_calls"] == 4 and s["method"] == "DDPO"
+
+
+# --------------------------------------------------------------------------- DRaFT + paired denoising loss
+class _PairedLoss:
+    """Gives a tiny text-to-image generator a ``denoising_loss`` (ε-MSE towards an all-blue image),
+    recording each value it returns."""
+
+    def __init__(self, g):
+        self.g, self.values = g, []
+
+    def __call__(self, raw, generator=None):
+        g = self.g
+        x0 = torch.zeros(len(raw), 3, g.height, g.width)
+        x0[:, 2] = 1.0
+        noise = torch.randn(x0.shape, generator=generator)
+        t = g.timesteps[:1].expand(len(raw))
+        xt = g.add_noise(x0, t.view(-1, 1, 1, 1), noise)
+        g.counter.nfe += len(raw)
+        g.counter.nfe_grad += len(raw)
+        cond = g.encode_condition(list(raw))
+        loss = torch.nn.functional.mse_loss(g._denoiser_output(g.denoiser, xt, t, cond.tensors), noise)
+        self.values.append(float(loss))
+        return loss
+
+
+def paired_generator():
+    from rewardopt.generators.capabilities import PairedDenoisingLoss
+
+    g = tiny_generator()
+    cls = type("PairedTiny", (PairedDenoisingLoss, type(g)), {"denoising_loss": lambda self, raw, generator=None:
+                                                             self._paired(raw, generator)})
+    g.__class__ = cls
+    g._paired = _PairedLoss(g)
+    return g
+
+
+def test_draft_denoising_weight_needs_the_capability_and_something_to_train():
+    with pytest.raises(TypeError, match="PairedDenoisingLoss"):
+        DRaFT(tiny_generator(), ColourReward("blue"), denoising_weight=1.0)
+    with pytest.raises(ValueError, match="nothing to train"):
+        DRaFT(paired_generator(), ColourReward("blue"), reward_weight=0.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        DRaFT(paired_generator(), ColourReward("blue"), reward_weight=-1.0)
+
+
+def test_draft_reward_weight_zero_is_supervised_only():
+    g = paired_generator()
+    m = DRaFT(g, ColourReward("blue"), k=1, reward_weight=0.0, denoising_weight=0.5)
+    m.training_rng = lambda: torch.Generator().manual_seed(0)
+    m.log = lambda *a, **k: None
+    loss = m.training_step(["one red circle", "two blue squares"], 0)
+    assert loss.item() == pytest.approx(0.5 * g._paired.values[-1], rel=1e-6)
+    assert g.counter.samples == 0 and m.reward.calls == 0  # no rollout, no reward
+    assert g.counter.nfe == 2 and g.counter.nfe_grad == 2  # the paired loss's own rows
+    loss.backward()
+    named = [(n, p) for n, p in g.named_parameters() if p.requires_grad]
+    assert all(p.grad is not None for _, p in named)
+    assert all(p.grad.abs().sum() > 0 for n, p in named if "lora_B" in n)  # lora_A's is 0 while B is 0
+
+
+def test_draft_loss_is_denoising_plus_lambda_reward():
+    g = paired_generator()
+    m = DRaFT(g, ColourReward("blue"), k=1, reward_weight=3.0, denoising_weight=2.0)
+    m.training_rng = lambda: torch.Generator().manual_seed(0)
+    m.log = lambda *a, **k: None
+    loss = m.training_step(["one red circle", "two blue squares"], 0)
+    expected = 2.0 * g._paired.values[-1] - 3.0 * m._last_train_reward
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    T = g.num_steps
+    assert g.counter.nfe == 2 + 2 * T and g.counter.nfe_grad == 2 + 2  # paired rows + K=1 grad steps

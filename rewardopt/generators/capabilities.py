@@ -140,6 +140,20 @@ class SavesPretrained(Capability):
         """Write the model (weights, configs, tokenizer) under ``path``."""
 
 
+class PairedDenoisingLoss(Capability):
+    """The generator's own supervised training loss on paired data: ``denoising_loss(raw)`` -> a scalar,
+    differentiable into the trainable weights, for raw conditions that carry their target (super-resolution:
+    the ground-truth image of each low-resolution input). Fine-tuning methods add it to the reward loss
+    (DRaFT's ``denoising_weight``), the SR papers' "denoising loss + λ·reward". Implementations count the
+    denoiser rows they evaluate in ``counter`` (``nfe``, and ``nfe_grad`` with autograd on)."""
+
+    provides = "denoising_loss"
+
+    @abstractmethod
+    def denoising_loss(self, raw: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The diffusion training loss on the paired items of ``raw`` (a list of raw conditions)."""
+
+
 class FrozenCopy:
     """A frozen copy of the trained network, the network named by ``network_attr``, kept as the
     pretrained model for full fine-tuning. The copy sits in a list so that it is not in
@@ -223,4 +237,4 @@ def require(generator: Any, capability: type[Capability], user: str) -> None:
 
 
 __all__ = ["Capability", "Trainable", "Renderable", "ImageSamples", "TextSerialisable", "TransitionLogProbs",
-           "DeterministicStep", "SavesPretrained", "FrozenCopy", "require"]
+           "DeterministicStep", "SavesPretrained", "PairedDenoisingLoss", "FrozenCopy", "require"]

@@ -16,6 +16,11 @@ to the LoRA weights only, checkpointing every denoiser call so memory stays flat
   differentiable step, with ε_base from the frozen model (adapters disabled). Off by default. It is
   on ε whatever the model predicts: v- and x0-prediction outputs are converted to ε with the
   scheduler's ᾱ_t first (``eps_penalty``; for v, ||ε_θ - ε_base||² = ᾱ_t ||v_θ - v_base||²).
+* ``denoising_weight`` > 0 adds the generator's own supervised loss on paired data (a
+  ``PairedDenoisingLoss`` generator, e.g. super-resolution: ε-MSE on (LR, ground truth) pairs), and
+  ``reward_weight`` is the λ on the reward term: loss = w_d·L_denoise − λ·r (+ KL). This is the
+  fine-tuning of Ren et al. (Hallucination Score, arXiv 2507.14367): "denoising loss + λ·proxy".
+  With ``reward_weight=0`` no rollout is drawn (the plain supervised fine-tuning control).
 Paper defaults (SD 1.4): DDIM 50 steps, CFG 7.5, LoRA rank 8, AdamW lr 4e-4, weight decay 0.1.
 """
 
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardopt.generators.base import Condition
+from rewardopt.generators.capabilities import PairedDenoisingLoss, require
 from rewardopt.generators.diffusion import DiffusionGenerator
 from rewardopt.methods.base import RewardFineTuning
 from rewardopt.rewards.base import Reward, RewardOutput, require_gradient
@@ -48,6 +54,9 @@ class DRaFT(RewardFineTuning):
         k: differentiate through the last k steps (None: all steps).
         lv_samples: DRaFT-LV re-noisings n (requires k=1); None disables LV.
         kl_weight: DRaFT+ ε-MSE to the frozen base model (0 = off).
+        reward_weight: λ, the weight of the reward term (1: plain DRaFT; 0: no rollout, supervised only).
+        denoising_weight: weight of the generator's ``denoising_loss`` on the batch's paired data (0 = off;
+            needs a ``PairedDenoisingLoss`` generator).
         samples_per_prompt: samples drawn per prompt in a batch.
         seed: seed of the training noise (combined with step and rank, so resumes are exact).
         lr, weight_decay: AdamW (paper: 4e-4, 0.1).
@@ -55,7 +64,8 @@ class DRaFT(RewardFineTuning):
 
     def __init__(self, generator: DiffusionGenerator, reward: Reward, k: int | None = 1, lv_samples: int | None = None,
                  kl_weight: float = 0.0, samples_per_prompt: int = 1, seed: int = 0, lr: float = 4e-4,
-                 weight_decay: float = 0.1, eval_seed: int = 1234, output_dir: str | None = None) -> None:
+                 weight_decay: float = 0.1, eval_seed: int = 1234, output_dir: str | None = None,
+                 reward_weight: float = 1.0, denoising_weight: float = 0.0) -> None:
         super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed,
                          output_dir=output_dir)
         self.grad_reward = require_gradient(type(self).__name__, reward)
@@ -71,7 +81,15 @@ class DRaFT(RewardFineTuning):
                             f"got {type(generator).__name__} (masked diffusion: DRAKES; token LMs: DiffRO)")
         if kl_weight > 0 and not generator.has_base_model:
             raise ValueError("kl_weight > 0 needs a frozen base model: enable LoRA or full_finetune on the generator")
+        if reward_weight < 0 or denoising_weight < 0:
+            raise ValueError(f"reward_weight and denoising_weight must be >= 0, got {reward_weight}, "
+                             f"{denoising_weight}")
+        if reward_weight == 0 and denoising_weight == 0:
+            raise ValueError("reward_weight and denoising_weight are both 0: nothing to train")
+        if denoising_weight > 0:
+            require(generator, PairedDenoisingLoss, f"{type(self).__name__}(denoising_weight > 0)")
         self.k, self.lv_samples, self.kl_weight = k, lv_samples, kl_weight
+        self.reward_weight, self.denoising_weight = float(reward_weight), float(denoising_weight)
         self.samples_per_prompt, self.seed = samples_per_prompt, seed
 
     # ------------------------------------------------------------------ sampling with gradients
@@ -125,15 +143,24 @@ class DRaFT(RewardFineTuning):
     def training_step(self, batch: list[str], batch_idx: int) -> torch.Tensor:
         g = self.generator
         prompts = [p for p in batch for _ in range(self.samples_per_prompt)]
-        cond = g.encode_condition(prompts)
         rng = self.training_rng()
+        loss = torch.zeros((), device=self.device)
+        if self.denoising_weight > 0:  # on the batch's own pairs, before the rollout consumes rng
+            denoise = g.denoising_loss(list(batch), generator=rng)
+            loss = loss + self.denoising_weight * denoise
+            self.log("train/denoising_loss", denoise, batch_size=len(batch))
+        if self.reward_weight == 0:
+            self.log("train/loss", loss, batch_size=len(batch))
+            self.log_compute()
+            return loss
+        cond = g.encode_condition(prompts)
         if self.lv_samples:
             r, kl = self.lv_rewards(cond, prompts, rng)
         else:
             x0, kl = self.rollout(cond, rng, self.choose_k(rng))
             r = self.grad_reward(g.decode(x0), prompts)
         g.counter.samples += len(prompts)
-        loss = -r.total.mean() + self.kl_weight * kl
+        loss = loss - self.reward_weight * r.total.mean() + self.kl_weight * kl
         self._last_train_reward = float(r.total.detach().mean())
         self.log("train/reward", r.total.mean(), prog_bar=True, batch_size=len(prompts), sync_dist=True)
         if self.kl_weight > 0:

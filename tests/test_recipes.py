@@ -42,7 +42,6 @@ from tests.conftest import ROOT
 
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 HEADER_KEYS = ("Goal:", "Launch:", "Hardware:")
-JUDGE = "rewardopt.rewards.judges.OpenAIJudge"
 
 
 # ---------------------------------------------------------------------------------------- the header
@@ -304,19 +303,31 @@ def nothing_written_to(folders: list[Path]):
             assert _files(f) == before[f], f"the run wrote into {f}"
 
 
+def is_judge(spec: Any) -> bool:
+    """Whether a reward spec's class is ``OpenAIJudge`` or a subclass (a domain's judge, e.g. the SR one)."""
+    from rewardopt.rewards.judges import OpenAIJudge
+
+    path = spec.get("class_path") if isinstance(spec, dict) else None
+    if not path:
+        return False
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    return isinstance(cls, type) and issubclass(cls, OpenAIJudge)
+
+
 def judge_overrides(recipe: Path, base_url: str) -> list[str]:
     """CLI overrides pointing the recipe's HTTP judges at ``base_url``: the reward itself, or the judge
     members of an ensemble (its ``rewards`` given again as JSON with the URL replaced). Empty: no judge."""
     import yaml
 
     reward = yaml.safe_load(recipe.read_text())["model"]["init_args"].get("reward") or {}
-    if reward.get("class_path") == JUDGE:
+    if is_judge(reward):
         return [f"--model.init_args.reward.init_args.base_url={base_url}"]
     members = (reward.get("init_args") or {}).get("rewards")
-    if not isinstance(members, dict) or not any(m.get("class_path") == JUDGE for m in members.values()):
+    if not isinstance(members, dict) or not any(is_judge(m) for m in members.values()):
         return []
     for m in members.values():
-        if m.get("class_path") == JUDGE:
+        if is_judge(m):
             m.setdefault("init_args", {})["base_url"] = base_url
     return ["--model.init_args.reward.init_args.rewards", json.dumps(members)]
 

@@ -18,6 +18,12 @@ from domains.super_resolution.glyphs import upsample
 SCALE = 3  # each 32 px tile shown at 96 px
 CAPTION = 14
 DIFF_GAIN = 4.0
+GAP = 6  # px after the LR | GT pair and after each model's pair
+
+
+def column_x(col: int, side: int) -> int:
+    """Left edge of tile column ``col`` (0 LR, 1 GT, then SR, diff per model) for tiles ``side`` px wide."""
+    return col * side + (0 if col < 2 else GAP * (1 + (col - 2) // 2))
 
 
 def _tile(img: torch.Tensor) -> Image.Image:
@@ -39,14 +45,13 @@ def comparison_rows(conds: Sequence[dict], rows: Sequence[tuple[str, torch.Tenso
     lr_up = upsample(torch.stack([c["image"] for c in conds]), hr.shape[-1] // conds[0]["image"].shape[-1])
     side = hr.shape[-1] * SCALE
     cols = 2 + 2 * len(rows)
-    gap = 6
-    width = cols * side + (len(rows) + 1) * gap
+    width = cols * side + (len(rows) + 1) * GAP
     height = CAPTION + n * (side + CAPTION)
     panel = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(panel)
 
-    def x_of(col: int) -> int:  # a gap after LR|GT and after each model's pair
-        return col * side + (0 if col < 2 else gap * (1 + (col - 2) // 2))
+    def x_of(col: int) -> int:
+        return column_x(col, side)
 
     heads = ["LR (bicubic)", "GT"] + [h for name, _, _ in rows for h in (name, "|SR - GT| x4")]
     for col, h in enumerate(heads):

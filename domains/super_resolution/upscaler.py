@@ -389,13 +389,16 @@ class SuperResolutionGenerator(PairedDenoisingLoss, StableDiffusionGenerator):
 
 
 def glyph_conditions(dataset, indices: Sequence[int], seed: int | None = None) -> list[dict]:
-    """Raw condition dicts of ``dataset`` items (``GlyphDataset``): LR image, prompt, HR, label, and (given a
-    ``seed``) a fixed ``lr_noise`` per item, drawn from (seed, index) so a condition is the same every time."""
+    """Raw conditions (``SRCondition`` dicts) of ``dataset`` items (``GlyphDataset``): LR image, prompt, HR,
+    label, index, a short ``name``, and (given a ``seed``) a fixed ``lr_noise`` per item, drawn from (seed,
+    index) so a condition is the same every time."""
+    from domains.super_resolution.data import SRCondition
+
     out = []
     for i in indices:
         item = dataset[i]
-        d = {"image": item["lr"], "prompt": item["prompt"], "hr": item["hr"], "label": int(item["label"]),
-             "index": int(i)}
+        d = SRCondition(image=item["lr"], prompt=item["prompt"], hr=item["hr"], label=int(item["label"]),
+                        index=int(i), name=f"glyph {int(i)} ({item['prompt']})")
         if seed is not None:
             d["lr_noise"] = torch.randn(item["lr"].shape, generator=torch.Generator().manual_seed(
                 random.Random(seed * 1_000_003 + int(i)).getrandbits(62)))

@@ -117,16 +117,16 @@ class GlyphConditionDataModule(PromptDataModule):
     """Raw super-resolution conditions (lists of dicts: ``image`` LR, ``prompt``, ``hr``, ``label``,
     ``index``) for fine-tuning, steering and prediction: ``num_train`` glyphs of ``train_seed`` and
     ``num_val`` held-out glyphs of ``val_seed`` (other seeds than the pretraining data's 0 and 1).
-    Held-out conditions carry a fixed ``lr_noise`` (drawn from ``val_seed`` and the index), so before/after
-    evaluations see the same noised LR; training conditions draw theirs when encoded. Batching, shuffling
-    and resuming are ``PromptDataModule``'s."""
+    Every condition carries a fixed ``lr_noise`` (drawn from its seed and index), so before/after evaluations
+    see the same noised LR and a resumed run encodes the same conditions as an uninterrupted one. Batching,
+    shuffling and resuming are ``PromptDataModule``'s."""
 
     def __init__(self, batch_size: int = 4, val_batch_size: int = 16, val_repeats: int = 1, epoch_size: int = 1024,
-                 num_train: int = 2048, num_val: int = 64, train_seed: int = 10, val_seed: int = 11, size: int = 32,
+                 num_train: int = 1024, num_val: int = 64, train_seed: int = 10, val_seed: int = 11, size: int = 32,
                  factor: int = 4, seed: int = 0) -> None:
         if train_seed == val_seed:
             raise ValueError("train_seed and val_seed must differ (held-out glyphs)")
-        train = glyph_conditions(GlyphDataset(num_train, size, train_seed, factor), range(num_train))
+        train = glyph_conditions(GlyphDataset(num_train, size, train_seed, factor), range(num_train), seed=train_seed)
         held_out = glyph_conditions(GlyphDataset(num_val, size, val_seed, factor), range(num_val), seed=val_seed)
         super().__init__(train, held_out, batch_size, val_batch_size, val_repeats, epoch_size, seed)
 

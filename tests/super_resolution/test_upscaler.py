@@ -229,7 +229,8 @@ def test_condition_datamodule_batches_are_raw_dicts_with_fixed_held_out_noise():
     dm = GlyphConditionDataModule(batch_size=2, val_batch_size=3, num_train=6, num_val=3, epoch_size=4)
     train = next(iter(dm.train_dataloader()))
     val, val2 = next(iter(dm.val_dataloader())), next(iter(dm.val_dataloader()))
-    assert len(train) == 2 and {"image", "prompt", "hr", "label"} <= set(train[0]) and "lr_noise" not in train[0]
+    assert len(train) == 2 and {"image", "prompt", "hr", "label"} <= set(train[0])
+    assert train[0]["lr_noise"].shape == (3, 8, 8)
     assert len(val) == 3 and torch.equal(val[0]["lr_noise"], val2[0]["lr_noise"])
     assert not torch.equal(val[0]["hr"], GlyphDataset(1, 32, 10)[0]["hr"])  # held-out seed, not the training one
     with pytest.raises(ValueError, match="differ"):

@@ -205,3 +205,12 @@ def test_proxy_gradients_reach_the_sr_models_lora_through_sampling_and_decode():
     for make in (FeatureDistance, LPIPSStyleDistance, LRFeatureDistance, PixelDistance):
         grads = torch.autograd.grad(make()(sr, raw).total.sum(), lora, retain_graph=True, allow_unused=True)
         assert any(g is not None and float(g.abs().sum()) > 0 for g in grads), make.__name__
+
+
+def test_a_failed_judge_call_is_excluded_from_selection_not_negated_to_plus_infinity(pool):
+    gt, wrong, labels = pool
+    with serve(port=0, faults={0: "500"}) as server:
+        judge = HallucinationJudge(server.base_url, max_workers=1, retries=0, cache_size=0).for_selection()
+        out = judge(gt[:3], conds(gt[:3], labels[:3]))
+    assert out.excluded.tolist() == [True, False, False]
+    assert out.total[0] == float("-inf") and torch.isfinite(out.total[1:]).all() and (out.total[1:] < 0).all()

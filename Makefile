@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/tts.py
 	$(PY) benchmarks/qa.py
 	$(PY) benchmarks/video.py
+	$(PY) benchmarks/superres.py
 
 # Regenerate the shipped tiny weights (domains/*/assets/) from their recipes.
 pretrain-tiny: $(STAMP)
@@ -56,6 +57,11 @@ pretrain-tiny: $(STAMP)
 	$(VENV)/bin/rewardopt fit --config recipes/video/train_judge_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/video/train_motion_classifier_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/video/train_evaluator_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/super_resolution/pretrain_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/super_resolution/train_oracle_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/super_resolution/train_checker_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/super_resolution/train_lr_classifier_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/super_resolution/train_features_tiny.yaml
 
 # The TTS corpus is spoken by espeak-ng (installed here if missing, on Debian/Ubuntu as root).
 tts-assets: $(STAMP)

@@ -18,6 +18,12 @@ pipeline's constructor forces it).
 ``vae_steps`` on, freezes it, rescales its latent space so that latents x 0.08333 have unit std (an exact
 reparametrisation of ``quant_conv`` / ``post_quant_conv``, so the pipeline's forced scaling factor is the
 right one), and trains the UNet with ``SuperResolutionGenerator.denoising_loss``.
+
+The shipped model (``recipes/super_resolution/pretrain_tiny.yaml``: 1,000 VAE + 3,000 UNet steps at batch 32,
+24 min on one shared CPU core; VAE 242 k and UNet 1.06 M parameters): held-out VAE MSE 0.0013 (29.6 dB),
+v-MSE 0.153. On 256 held-out glyphs (seed 11), 20 DDIM steps, noise level 20, CFG 1: PSNR(SR, GT) 22.1 dB
+against bicubic's 20.0 dB; mean gradient magnitude 0.0319, GT's 0.0319, bicubic's 0.0222 (as sharp as the
+ground truth); CFG 9: 19.4 dB. The VAE keeps about half of the glyphs' colour tint, and SR inherits that.
 """
 
 from __future__ import annotations

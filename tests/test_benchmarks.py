@@ -165,3 +165,26 @@ def test_video_benchmark_builds_each_steering_method_from_its_recipe_with_only_t
     for label, (name, _) in video.STEERING.items():  # one generator (the recipes share it) serves every row
         assert rec(name)["model"]["init_args"]["generator"] == rec("free2guide_judge_tiny")["model"]["init_args"][
             "generator"], label
+
+
+def test_superres_benchmark_shares_one_sampler_across_its_steering_recipes_and_measures_sharpness():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_superres", ROOT / "benchmarks" / "superres.py")
+    sr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sr)
+
+    gens = [sr.recipe(name)["model"]["init_args"]["generator"] for name in sr.STEERING.values()]
+    assert all(g == gens[0] for g in gens)  # one generator (built from the first recipe) serves every row
+    steps = gens[0]["init_args"]["num_steps"]
+    assert all(sr.recipe(n)["model"]["init_args"]["budget"] == 4 * steps for n in sr.STEERING.values())
+    ft = sr.recipe("draft_k_feature_tiny")["model"]["init_args"]
+    assert ft["generator"]["init_args"]["num_steps"] == steps and ft["denoising_weight"] > 0
+    flat = torch.full((2, 3, 8, 8), 0.5)
+    checker = ((torch.arange(8)[:, None] + torch.arange(8)[None]) % 2).float().expand(2, 3, 8, 8)
+    assert torch.equal(sr.sharpness(flat), torch.zeros(2)) and torch.allclose(sr.sharpness(checker), torch.ones(2))
+    row = {"proxy": "judge (LR | SR)", "rho_hs": 0.5, "lo": 0.4, "hi": 0.6, "rho_flip": 0.1, "flo": 0.0, "fhi": 0.2}
+    table = sr.correlation_md([row], 10)
+    assert "LR \\| SR" in table and table.splitlines()[-1].count(" | ") == 2  # a pipe in a name is escaped

@@ -64,19 +64,25 @@ class ImageFolderPairs(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> SRCondition:
-        img = load_rgb(self.paths[i])
+        """Item ``i``: image ``i % len(paths)`` (an epoch's cycled position may exceed the folder), with its crop and
+        the LR's augmentation noise (``lr_noise``, for the generator's low-resolution scheduler) seeded by
+        (seed, i) — so a condition is the same on every visit and on resume, and repeats of one image within an
+        epoch get different crops."""
+        path = self.paths[i % len(self.paths)]
+        img = load_rgb(path)
         s = self.hr_size
         h, w = img.shape[-2:]
         if h < s or w < s:
-            raise ValueError(f"{self.paths[i]} is {w}x{h}, smaller than hr_size {s}: resize it or lower hr_size")
+            raise ValueError(f"{path} is {w}x{h}, smaller than hr_size {s}: resize it or lower hr_size")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         if self.random_crop:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
             y, x = (int(torch.randint(0, n - s + 1, (1,), generator=g)) for n in (h, w))
         else:
             y, x = (h - s) // 2, (w - s) // 2
         hr = img[:, y:y + s, x:x + s]
         lr = downsample(hr[None], self.factor)[0]
-        return SRCondition(image=lr, hr=hr, prompt=self.prompt, name=self.paths[i].name)
+        return SRCondition(image=lr, hr=hr, prompt=self.prompt, name=path.name,
+                           lr_noise=torch.randn(lr.shape, generator=g))
 
 
 class ImageFolderSRDataModule(PromptDataModule):
@@ -87,16 +93,19 @@ class ImageFolderSRDataModule(PromptDataModule):
         hr_size: the HR crop side (the LR input is hr_size / factor); factor: the SR factor (x4 upscaler: 4).
         prompt: the text prompt of every condition (the x4 upscaler is text-conditioned; "" is allowed).
         batch_size, val_batch_size: per device; epoch_size: training items per epoch (the folder is cycled).
-    Batching, shuffling and exact mid-epoch resume are ``PromptDataModule``'s, over image indices; images are
-    read when their batch is collated.
+    Batching, shuffling and exact mid-epoch resume are ``PromptDataModule``'s, over item positions; images are
+    read when their batch is collated. Each condition carries a seeded ``lr_noise``, so before/after evaluations
+    and resumed runs see the same noised LR. Crops are fixed per (seed, position): the same in every epoch.
     """
 
     def __init__(self, train_dir: str, val_dir: str, hr_size: int = 512, factor: int = 4, prompt: str = "",
                  batch_size: int = 1, val_batch_size: int = 4, epoch_size: int = 1024, seed: int = 0) -> None:
         self.train = ImageFolderPairs(train_dir, hr_size, factor, prompt, random_crop=True, seed=seed)
         self.val = ImageFolderPairs(val_dir, hr_size, factor, prompt, random_crop=False)
-        super().__init__(list(range(len(self.train))), list(range(len(self.val))), batch_size=batch_size,
-                         val_batch_size=val_batch_size, val_repeats=1, epoch_size=epoch_size, seed=seed)
+        # training items are an epoch's positions (image = position % folder size: its own crop and LR noise)
+        super().__init__(list(range(max(epoch_size, len(self.train)))), list(range(len(self.val))),
+                         batch_size=batch_size, val_batch_size=val_batch_size, val_repeats=1,
+                         epoch_size=epoch_size, seed=seed)
 
     @staticmethod
     def _loading(loader: torch.utils.data.DataLoader, dataset: ImageFolderPairs) -> torch.utils.data.DataLoader:

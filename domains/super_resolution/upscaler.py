@@ -121,6 +121,15 @@ class SuperResolutionGenerator(PairedDenoisingLoss, StableDiffusionGenerator):
         if comps.get("vae") is None:
             raise ValueError("SuperResolutionGenerator needs a VAE (its decoder does the upscaling); the model at "
                              f"{pretrained!r} has no vae/")
+        vae = comps["vae"]
+        if getattr(vae.config, "scaling_factor", None) != PIPELINE_SCALING_FACTOR:
+            import warnings
+
+            # as StableDiffusionUpscalePipeline.__init__ does: it forces 0.08333 on any VAE it is given
+            warnings.warn(f"the VAE's scaling_factor is {getattr(vae.config, 'scaling_factor', None)}; "
+                          f"StableDiffusionUpscalePipeline forces {PIPELINE_SCALING_FACTOR}, and so does this "
+                          "generator (fix the checkpoint's vae/config.json)", stacklevel=2)
+            vae.register_to_config(scaling_factor=PIPELINE_SCALING_FACTOR)
         if comps.get("low_res_scheduler") is None:
             raise ValueError("SuperResolutionGenerator needs a low_res_scheduler (the DDPMScheduler that noises "
                              "the LR)")

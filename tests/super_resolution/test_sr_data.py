@@ -72,3 +72,14 @@ def test_comparison_panel_layout(tmp_path):
     assert save_panel(panel, tmp_path / "p.png").is_file()
     with pytest.raises(ValueError, match="captions"):
         comparison_rows(conds, [("bad", sr, ["one"])])
+
+
+def test_conditions_carry_seeded_lr_noise_and_repeats_get_their_own_crop(tmp_path):
+    train = image_folder(tmp_path / "train", n=2)
+    dm = ImageFolderSRDataModule(str(train), str(train), hr_size=16, batch_size=4, epoch_size=4, seed=3)
+    items = {str(i): dm.train[i] for i in range(4)}  # positions 0..3 of the epoch: images 0, 1, 0, 1
+    assert str(items["0"]) == str(items["2"]) == "0.png"
+    assert not torch.equal(items["0"]["hr"], items["2"]["hr"])  # the same image, another crop
+    again = dm.train[0]
+    assert torch.equal(again["lr_noise"], items["0"]["lr_noise"]) and again["lr_noise"].shape == (3, 4, 4)
+    assert not torch.equal(items["0"]["lr_noise"], items["1"]["lr_noise"])

@@ -60,3 +60,18 @@ def test_best_of_n_with_the_gt_free_proxy_keeps_the_best_child():
     for j in range(2):  # the kept output is the candidate of condition j the proxy scored highest
         top = 3 * j + int(out.total[3 * j:3 * j + 3].argmax())
         torch.testing.assert_close(best[j], samples[top], atol=1e-6, rtol=0)
+
+
+def test_a_vae_with_another_scaling_factor_is_forced_to_the_pipelines(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from domains.super_resolution.upscaler import PIPELINE_SCALING_FACTOR, SuperResolutionGenerator
+
+    g = tiny_sr()
+    g.save_pretrained(tmp_path / "m")
+    vae = AutoencoderKL.from_pretrained(tmp_path / "m", subfolder="vae")
+    vae.register_to_config(scaling_factor=0.18215)
+    vae.save_pretrained(tmp_path / "m" / "vae")
+    with pytest.warns(UserWarning, match="forces 0.08333"):
+        g2 = SuperResolutionGenerator(str(tmp_path / "m"), num_steps=2, lora_rank=None)
+    assert g2.vae.config.scaling_factor == PIPELINE_SCALING_FACTOR

@@ -9,6 +9,11 @@ interval of a paired statistic: resample the (x_i, y_i) pairs with replacement `
 (numpy's seeded generator), compute the statistic on each resample, take the (1-level)/2 and
 (1+level)/2 quantiles (linear interpolation). Resamples whose statistic is undefined (a constant
 resample: NaN) are dropped and counted. ``correlation_table`` gives, per proxy, rho and its interval.
+
+``groups``: when observations come in dependent clusters (several SR outputs of one input), resample
+the clusters instead of the pairs (the cluster bootstrap: every observation of a drawn cluster enters,
+as often as the cluster is drawn), so the interval is not narrowed by treating them as independent.
+``difference_ci`` is the interval of rho(a, t) - rho(b, t) on the same resamples (is one proxy better?).
 """
 
 from __future__ import annotations
@@ -77,32 +82,64 @@ class Interval:
         return f"{self.value:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
 
 
-def bootstrap_ci(x, y, stat: Callable[[np.ndarray, np.ndarray], float] = spearman, n_boot: int = 1000,
-                 level: float = 0.95, seed: int = 0) -> Interval:
-    """The percentile bootstrap interval of ``stat(x, y)``, resampling the pairs (seeded)."""
-    x, y = _vector("x", x), _vector("y", y)
-    if len(x) != len(y):
-        raise ValueError(f"x and y differ in length ({len(x)} vs {len(y)})")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+def _resamples(n: int, n_boot: int, seed: int, groups=None):
+    """Index arrays of ``n_boot`` bootstrap resamples of n observations (of whole groups when given)."""
     rng = np.random.default_rng(seed)
-    n = len(x)
-    values = []
+    if groups is None:
+        for _ in range(n_boot):
+            yield rng.integers(0, n, n)
+        return
+    g = np.asarray(groups).reshape(-1)
+    if len(g) != n:
+        raise ValueError(f"groups has {len(g)} entries for {n} observations")
+    members = [np.flatnonzero(g == u) for u in np.unique(g)]
     for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        values.append(stat(x[idx], y[idx]))
+        pick = rng.integers(0, len(members), len(members))
+        yield np.concatenate([members[k] for k in pick])
+
+
+def _interval(full: float, values: list[float], level: float, n_boot: int) -> Interval:
     values = np.asarray(values, dtype=np.float64)
     ok = values[np.isfinite(values)]
     if not len(ok):
         raise ValueError("every bootstrap resample gave an undefined statistic (constant values?)")
     lo, hi = np.quantile(ok, [(1 - level) / 2, (1 + level) / 2])
-    return Interval(float(stat(x, y)), float(lo), float(hi), level, n_boot, int(len(values) - len(ok)))
+    return Interval(float(full), float(lo), float(hi), level, n_boot, int(len(values) - len(ok)))
+
+
+def _check(level: float, n_boot: int) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+
+
+def bootstrap_ci(x, y, stat: Callable[[np.ndarray, np.ndarray], float] = spearman, n_boot: int = 1000,
+                 level: float = 0.95, seed: int = 0, groups=None) -> Interval:
+    """The percentile bootstrap interval of ``stat(x, y)``, resampling the pairs (seeded), or whole
+    ``groups`` of pairs (the cluster bootstrap)."""
+    x, y = _vector("x", x), _vector("y", y)
+    if len(x) != len(y):
+        raise ValueError(f"x and y differ in length ({len(x)} vs {len(y)})")
+    _check(level, n_boot)
+    values = [stat(x[idx], y[idx]) for idx in _resamples(len(x), n_boot, seed, groups)]
+    return _interval(stat(x, y), values, level, n_boot)
+
+
+def difference_ci(a, b, target, stat: Callable[[np.ndarray, np.ndarray], float] = spearman, n_boot: int = 1000,
+                  level: float = 0.95, seed: int = 0, groups=None) -> Interval:
+    """The bootstrap interval of stat(a, target) - stat(b, target), both on each same resample."""
+    a, b, t = _vector("a", a), _vector("b", b), _vector("target", target)
+    if not len(a) == len(b) == len(t):
+        raise ValueError(f"a, b and target differ in length ({len(a)}, {len(b)}, {len(t)})")
+    _check(level, n_boot)
+    values = [stat(a[i], t[i]) - stat(b[i], t[i]) for i in _resamples(len(t), n_boot, seed, groups)]
+    return _interval(stat(a, t) - stat(b, t), values, level, n_boot)
 
 
 def correlation_table(proxies: Mapping[str, Sequence[float]], target: Sequence[float], n_boot: int = 1000,
-                      level: float = 0.95, seed: int = 0) -> dict[str, Interval]:
+                      level: float = 0.95, seed: int = 0, groups=None) -> dict[str, Interval]:
     """Spearman's rho of each proxy with ``target`` (e.g. oracle HS), with its bootstrap interval; every
-    proxy is resampled with the same pair indices (one seed), so the intervals are comparable."""
-    return {k: bootstrap_ci(v, target, spearman, n_boot, level, seed) for k, v in proxies.items()}
+    proxy is resampled with the same indices (one seed; ``groups``: the cluster bootstrap), so the intervals
+    are comparable."""
+    return {k: bootstrap_ci(v, target, spearman, n_boot, level, seed, groups) for k, v in proxies.items()}

@@ -73,3 +73,30 @@ def test_correlation_table_uses_the_same_resamples():
     assert table["good"].value < -0.8 and table["good"].high < 0
     assert table["noise"].low < 0 < table["noise"].high
     assert "[" in str(table["good"])
+
+
+def test_cluster_bootstrap_resamples_whole_groups_and_is_wider_for_duplicated_data():
+    from rewardopt.stats import difference_ci
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=30)
+    y = x + rng.normal(size=30)
+    xs, ys, groups = np.repeat(x, 8), np.repeat(y, 8), np.repeat(np.arange(30), 8)  # 8 copies of each item
+    naive = bootstrap_ci(xs, ys, n_boot=300, seed=1)
+    cluster = bootstrap_ci(xs, ys, n_boot=300, seed=1, groups=groups)
+    per_item = bootstrap_ci(x, y, n_boot=300, seed=1)
+    assert naive.high - naive.low < 0.6 * (cluster.high - cluster.low)  # copies are not evidence
+    assert cluster.high - cluster.low == pytest.approx(per_item.high - per_item.low, rel=0.35)
+    # by hand: the same generator draws cluster ids
+    g = np.random.default_rng(1)
+    vals = []
+    for _ in range(300):
+        idx = np.concatenate([np.flatnonzero(groups == k) for k in g.integers(0, 30, 30)])
+        vals.append(spearman(xs[idx], ys[idx]))
+    assert (cluster.low, cluster.high) == pytest.approx(tuple(np.quantile(vals, [0.025, 0.975])))
+    with pytest.raises(ValueError, match="groups"):
+        bootstrap_ci(xs, ys, groups=groups[:-1])
+    # a difference of correlations on the same resamples: a good proxy minus noise is > 0
+    noise = rng.normal(size=240)
+    d = difference_ci(xs, noise, ys, n_boot=200, groups=groups)
+    assert d.value == pytest.approx(spearman(xs, ys) - spearman(noise, ys)) and d.low > 0

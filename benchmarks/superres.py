@@ -40,11 +40,13 @@ from vard import build  # one recipe-section builder for the benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "super_resolution"
+JUDGE = "HS judge (LR | SR panel, HTTP; checker network)"
+PIXEL = "pixel MSE to GT (= -PSNR)"
 BENCH_SEED = 4242  # the held-out glyphs (pretraining used seeds 0/1, fine-tuning 10/11)
 #: the correlation pool: (label, num_steps, noise_level, guidance_scale, sampler seed)
 POOL = [
     ("20 steps", 20, 20, 1.0, 0),
-    ("20 steps, seed 2", 20, 20, 1.0, 1),
+    ("20 steps, another seed", 20, 20, 1.0, 1),
     ("5 steps", 5, 20, 1.0, 0),
     ("2 steps", 2, 20, 1.0, 0),
     ("noise level 150", 20, 150, 1.0, 0),
@@ -106,11 +108,11 @@ class Scorer:
             "d_feat(SR, GT)": FeatureDistance(),
             "LPIPS-style(SR, GT)": LPIPSStyleDistance(),
             "d_feat(down(SR), LR) (GT-free)": LRFeatureDistance(),
-            "pixel MSE to GT (= -PSNR)": PixelDistance("hr"),
+            PIXEL: PixelDistance("hr"),
             "pixel MSE of down(SR) to LR (GT-free)": PixelDistance("lr"),
         }
         if judge_url is not None:
-            self.proxies["HS judge (LR | SR panel, HTTP)"] = HallucinationJudge(judge_url, timeout_s=60)
+            self.proxies[JUDGE] = HallucinationJudge(judge_url, timeout_s=60)
 
     @torch.no_grad()
     def __call__(self, sr: torch.Tensor, conds: list[dict], proxies: bool = False) -> dict[str, torch.Tensor]:
@@ -140,9 +142,9 @@ def summarise(res: dict[str, torch.Tensor]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------ 1. correlation
 def run_correlation(args, scorer: Scorer, conds: list[dict]) -> tuple[list[dict], dict, list[dict]]:
-    from rewardopt.stats import correlation_table
+    from rewardopt.stats import correlation_table, difference_ci
 
-    pooled: dict[str, list[float]] = {}
+    pooled: dict[str, list[float]] = {"glyph": []}
     per_config = []
     for label, steps, level, cfg, seed in POOL:
         g = generator(num_steps=steps, noise_level=level, guidance_scale=cfg, eta=0.0)
@@ -151,13 +153,22 @@ def run_correlation(args, scorer: Scorer, conds: list[dict]) -> tuple[list[dict]
         res = scorer(sr, conds, proxies=True)
         for k, v in res.items():
             pooled.setdefault(k, []).extend(v.tolist())
+        pooled["glyph"].extend(range(len(conds)))
         per_config.append({"config": label, **summarise(res)})
         print(f"  pool {label:18s} halluc {per_config[-1]['halluc']:.3f}  HS {per_config[-1]['hs']:.3f}  "
               f"PSNR {per_config[-1]['psnr']:.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    table = correlation_table({k: pooled[k] for k in scorer.proxies}, pooled["hs"], n_boot=args.n_boot, seed=0)
-    flips = correlation_table({k: pooled[k] for k in scorer.proxies}, pooled["flip"], n_boot=args.n_boot, seed=0)
-    rows = [{"proxy": k, "rho_hs": table[k].value, "lo": table[k].low, "hi": table[k].high,
-             "rho_flip": flips[k].value, "flo": flips[k].low, "fhi": flips[k].high} for k in scorer.proxies]
+    # the cluster bootstrap: a glyph's 8 outputs are resampled together (they are not independent)
+    kw = dict(n_boot=args.n_boot, seed=0, groups=pooled["glyph"])
+    table = correlation_table({k: pooled[k] for k in scorer.proxies}, pooled["hs"], **kw)
+    flips = correlation_table({k: pooled[k] for k in scorer.proxies}, pooled["flip"], **kw)
+    rows = []
+    for k in scorer.proxies:
+        row = {"proxy": k, "rho_hs": table[k].value, "lo": table[k].low, "hi": table[k].high,
+               "rho_flip": flips[k].value, "flo": flips[k].low, "fhi": flips[k].high}
+        if k != PIXEL:  # is it better than the pixel metric? rho(proxy) - rho(pixel MSE), same resamples
+            d = difference_ci(pooled[k], pooled[PIXEL], pooled["hs"], **kw)
+            row.update(diff=d.value, dlo=d.low, dhi=d.high)
+        rows.append(row)
     return rows, pooled, per_config
 
 
@@ -209,8 +220,8 @@ def run_steering(args, scorer: Scorer, conds: list[dict], judge_url: str | None)
 
     gen = build(recipe("best_of_n_lr_proxy_tiny")["model"]["init_args"]["generator"]).eval()
     lr = torch.stack([d["image"] for d in conds])
-    rows = [{"method": "bicubic upsampling", "nfe": 0.0, "seed": s, **summarise(scorer(upsample(lr), conds))}
-            for s in args.seeds]
+    rows = [{"method": "bicubic upsampling", "nfe": 0.0, "calls": 0.0, "wall": 0.0, "seed": args.seeds[0],
+             **summarise(scorer(upsample(lr), conds))}]  # deterministic: one row
     labels = ["plain sampler (η = 1)"] + [k for k in STEERING if judge_url is not None or "judge" not in k]
     for label in labels:
         for seed in args.seeds:
@@ -252,10 +263,11 @@ def mean_sd(vals: list[float], fmt: str = "{:.3f}") -> str:
 def correlation_md(rows: list[dict], n: int) -> str:
     lines = [f"### Proxies vs the oracle Hallucination Score ({n} SR outputs)", "",
              "| proxy (a distance or rating: higher = worse) | Spearman ρ with oracle HS [95% CI] | "
-             "ρ with the class flip [95% CI] |", "|---|---|---|"]
+             "ρ − ρ(pixel MSE to GT) [95% CI] | ρ with the class flip [95% CI] |", "|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r["rho_hs"]):
         name = r["proxy"].replace("|", "\\|")  # a markdown cell
-        lines.append(f"| {name} | {r['rho_hs']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | "
+        diff = f"{r['diff']:+.3f} [{r['dlo']:+.3f}, {r['dhi']:+.3f}]" if "diff" in r else "—"
+        lines.append(f"| {name} | {r['rho_hs']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] | {diff} | "
                      f"{r['rho_flip']:+.3f} [{r['flo']:+.3f}, {r['fhi']:+.3f}] |")
     return "\n".join(lines)
 
@@ -294,10 +306,15 @@ def mitigation_md(rows: list[dict], steps: int) -> str:
 
 def steering_md(rows: list[dict]) -> str:
     lines = ["### Inference-time steering at 4x the plain sampler's NFE", "",
-             "| method | seeds | NFE per output | hallucination rate (oracle) | mean oracle HS | checker flip rate | "
-             "PSNR (dB) | sharpness (SR/GT) |", "|---|---|---|---|---|---|---|---|"]
+             "| method | seeds | NFE per output | reward calls per output | wall per output (x plain) | "
+             "hallucination rate (oracle) | mean oracle HS | checker flip rate | PSNR (dB) | sharpness (SR/GT) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    plain = [r["wall"] for r in rows if r["method"].startswith("plain")]
+    base = statistics.mean(plain) if plain else float("nan")
     for label, rs in group(rows, "method").items():
+        wall = statistics.mean(r["wall"] for r in rs) / base if rs[0]["wall"] else 0.0
         lines.append(f"| {label} | {len(rs)} | {statistics.mean(r['nfe'] for r in rs):.0f} | "
+                     f"{statistics.mean(r['calls'] for r in rs):.0f} | {wall:.1f} | "
                      f"{mean_sd([r['halluc'] for r in rs])} | {mean_sd([r['hs'] for r in rs])} | "
                      f"{mean_sd([r['checker'] for r in rs])} | {mean_sd([r['psnr'] for r in rs], '{:.2f}')} | "
                      f"{mean_sd([r['sharp'] for r in rs], '{:.2f}')} |")
@@ -414,7 +431,8 @@ def run_parts(args, conds: list[dict]) -> None:
 
     out = Path(args.out)
     need_judge = not args.no_judge and bool({"correlation", "steering"} & set(args.parts))
-    with (serve(port=0) if need_judge else nullcontext()) as server:
+    # the judge reads SR tiles with the checker, not the oracle that grades every table (no circularity)
+    with (serve(port=0, oracle="embedded:sr-checker") if need_judge else nullcontext()) as server:
         url = None if server is None else server.base_url
         scorer = Scorer(url)
         if "correlation" in args.parts:
@@ -438,8 +456,16 @@ NOTES = """\
 {glyphs} held-out glyphs (`GlyphDataset` seed 4242, never seen in pretraining or fine-tuning), 32x32 ground truth,
 8x8 LR inputs (antialiased bicubic x4). The oracle Hallucination Score is 1 - P(true class | SR) under the frozen
 HR classifier `embedded:sr-oracle`; a hallucination is a class flip (the oracle's argmax is not the true class).
-The checker (`embedded:sr-checker`, a patch-mixer trained on other seeds) repeats the flip count as a hacking
-check: a fine-tuned model that fools only the reward's network would lower the oracle's count and not the checker's.
+The checker (`embedded:sr-checker`, a patch-mixer: another architecture, other data seeds and augmentation) repeats
+the flip count: outputs that only the oracle reads as right would lower its count and not the checker's. The HS
+judge is served here with the checker as its HR network (`serve(oracle="embedded:sr-checker")`; the default serves
+the oracle's), so the judge row of the correlation table and judge-chosen Best-of-N are graded by a network the judge
+never used; the checker column of that row is the judge's own network and is not an independent check. The judge
+still reads the LR with `embedded:sr-lr-classifier` and never sees the ground truth. Correlation intervals are a
+cluster bootstrap over glyphs (each glyph's 8 outputs resampled together), 1,000 resamples; "ρ − ρ(pixel)" is the
+difference to the pixel metric on the same resamples. The feature network is trained on other characters than the
+10 classes (disjoint labels) but with the same renderer and fonts: independent of the oracle's weights and labels,
+not of the image distribution.
 Proxies use the feature network `embedded:sr-features` (another architecture, trained only on characters outside
 the 10 classes), never the oracle. Fine-tuning: {steps} steps of the committed DRaFT-K recipe per λ and seed,
 batch 8; evaluation: the plain 20-step DDIM sampler on the held-out glyphs, base and fine-tuned with the same noise.

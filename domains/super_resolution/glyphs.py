@@ -148,7 +148,7 @@ class GlyphDataset(torch.utils.data.Dataset):
     (3, size/factor, size/factor), ``label`` (index into ``classes``), ``prompt``.
 
     ``chars``: the characters drawn (default CLASSES; the feature network trains on OTHER_CHARS);
-    ``fonts``: which of Pillow's fonts to use (the hacking-check classifier trains on one font only).
+    ``fonts``: which of Pillow's fonts to use (default both).
     """
 
     def __init__(self, length: int, size: int = 32, seed: int = 0, factor: int = 4,

@@ -25,7 +25,8 @@ The oracle (a plain CNN: convolutions, SiLU, average pooling)
 and the checker (an MLP-Mixer over 4x4 patches) differ in architecture, initialisation seed, training
 draws and augmentation, so a generator that games one is caught by the other. The feature network (a
 residual CNN with GroupNorm, GELU and strided convolutions) never sees a class of CLASSES: proxies
-built on it are independent of the oracle by construction. ``GlyphClassifierTraining`` trains each of
+built on it share no weights or labels with the oracle (disjoint classes), though its images come from the
+same renderer and fonts (B, D, P, 6, 9 resemble some classes). ``GlyphClassifierTraining`` trains each of
 them (``recipes/super_resolution/train_{oracle,checker,lr_classifier,features}_tiny.yaml``).
 """
 

@@ -15,6 +15,23 @@ import torch
 from einops import rearrange
 
 
+def decode_image(image) -> torch.Tensor:
+    """PNG/JPEG bytes, a PIL image or an (H, W, 3) uint8 array -> (3, H, W) float in [0, 1] (what a judge
+    server receives, back as a tensor)."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(image))
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+    a = np.array(image, dtype=np.float32, copy=True)
+    if a.ndim != 3 or a.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image, got an array of shape {a.shape}")
+    return torch.from_numpy(a / 255.0).permute(2, 0, 1)
+
+
 def key_frames(num_frames: int, k: int = 4) -> list[int]:
     """``k`` evenly spaced frame indices from the first to the last (all frames when there are fewer)."""
     if num_frames < 1 or k < 1:

@@ -38,18 +38,18 @@ import argparse
 import functools
 import io
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from domains.super_resolution.glyphs import downsample, upsample
 from domains.super_resolution.hallucination import GlyphClassifier, load_classifier
+from rewardopt.media import decode_image as decode  # PNG bytes / PIL / array -> (3, H, W)
+from rewardopt.testing.judge_server import wait_until_interrupted
 
 LABELS = ("LR input (upsampled)", "SR output")
 HEADER, GAP = 1 / 4, 1 / 8  # caption strip height and gap width, as fractions of the tile side
@@ -127,20 +127,6 @@ def panel_png(lr: torch.Tensor, sr: torch.Tensor, min_tile: int = 128, labels: t
     buf = io.BytesIO()
     hallucination_panel(lr, sr, min_tile, labels).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def decode(image: bytes | Any) -> torch.Tensor:
-    """PNG bytes, a PIL image or an (H, W, 3) uint8 array -> (3, H, W) float in [0, 1]."""
-    from PIL import Image
-
-    if isinstance(image, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(image))
-    if isinstance(image, Image.Image):
-        image = image.convert("RGB")
-    a = np.array(image, dtype=np.float32, copy=True)
-    if a.ndim != 3 or a.shape[-1] != 3:
-        raise ValueError(f"expected an RGB image, got an array of shape {a.shape}")
-    return torch.from_numpy(a / 255.0).permute(2, 0, 1)
 
 
 def panel_tiles(image: bytes | Any, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,11 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     with serve(a.port, a.host, a.oracle, a.lr_classifier, latency_s=a.latency) as server:
         print(f"hallucination judge on {server.base_url} (Ctrl-C to stop)", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        wait_until_interrupted()
 
 
 if __name__ == "__main__":

@@ -36,17 +36,14 @@ model shipped at ``domains/video/assets/grid_judge`` (``embedded:grid-judge``).
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import re
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,7 +52,9 @@ from domains.images.shapes import COLOURS, SHAPES
 from domains.video.moving_shapes import COUNT_WORDS, DIRECTIONS, HEADS, MotionSpec
 from domains.video.rewards import load_module, save_module
 from rewardopt.fitting import NetworkFit
+from rewardopt.media import decode_image as decode  # PNG bytes / PIL / array -> (3, H, W)
 from rewardopt.rewards.judges import key_frame_grid
+from rewardopt.testing.judge_server import wait_until_interrupted
 
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {"embedded:grid-judge": ASSETS / "grid_judge"}
@@ -65,20 +64,6 @@ VALUES = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNT_WO
 
 
 # --- reading the grid ---------------------------------------------------------------------------------
-def decode(image: bytes | Any) -> torch.Tensor:
-    """PNG/JPEG bytes, a PIL image or an (H, W, 3) uint8 array -> (3, H, W) float in [0, 1]."""
-    from PIL import Image
-
-    if isinstance(image, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(image))
-    if isinstance(image, Image.Image):
-        image = image.convert("RGB")
-    a = np.array(image, dtype=np.float32, copy=True)
-    if a.ndim != 3 or a.shape[-1] != 3:
-        raise ValueError(f"expected an RGB image, got an array of shape {a.shape}")
-    return torch.from_numpy(a / 255.0).permute(2, 0, 1)
-
-
 def grid_tiles(image: bytes | Any, frames: int = 4, tile: int = 16) -> torch.Tensor:
     """The key frames of a grid image (``to_png``'s layout: 2x2 for 4 frames, else one row), each
     area-averaged to ``tile`` x ``tile``: (frames, 3, tile, tile). A grid resized on the way (a client
@@ -331,11 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # one tiny forward per request, on the server's request threads
     with serve(a.port, a.host, a.model, latency_s=a.latency) as server:
         print(f"grid judge ({a.model}) on {server.base_url} (Ctrl-C to stop)", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        wait_until_interrupted()
 
 
 if __name__ == "__main__":

@@ -225,6 +225,15 @@ class JudgeServer:
         self.httpd.server_close()
 
 
+def wait_until_interrupted() -> None:
+    """Block until Ctrl-C (what a served judge's command line does while its server thread answers)."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
@@ -233,11 +242,7 @@ def main() -> None:
     a = p.parse_args()
     with JudgeServer(a.host, a.port, latency_s=a.latency) as srv:
         print(f"judge server on {srv.base_url} (Ctrl-C to stop)")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        wait_until_interrupted()
 
 
 if __name__ == "__main__":

@@ -513,6 +513,7 @@ def test_black_box_reward_with_draft_fails_at_config_time(tmp_path):
         cli(["--config", str(recipe), "--model.init_args.reward", "domains.images.rewards.JpegCompressibilityReward"])
 
 
+@pytest.mark.slow  # a killed subprocess and its resume (~100 s); qa_text and test_ddpo keep exact resume in default
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     recipe = ROOT / "recipes/images/draft_k_tiny.yaml"
     ckpt = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -545,6 +546,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     assert not torch.allclose(lora_at_2[0], c2.model.generator.trainable_parameters()[0])
 
 
+@pytest.mark.slow  # 2 spawned processes (~45 s); test_ddpo's DDP test stays in the default suite
 def test_ddp_two_processes_keep_lora_in_sync(tmp_path):
     recipe = ROOT / "recipes/images/draft_k_tiny.yaml"
     cmd = [sys.executable, "-m", "rewardopt.cli", "fit", "--config", str(recipe), "--trainer.devices", "2",
@@ -562,6 +564,7 @@ def test_ddp_two_processes_keep_lora_in_sync(tmp_path):
     assert s["last_train_reward_reduced"] == pytest.approx(sum(per_rank) / 2, rel=1e-5)
 
 
+@pytest.mark.slow  # 2 spawned processes (~30 s)
 def test_ddp_predict_shards_prompts_and_gathers_one_summary(tmp_path):
     cmd = [sys.executable, "-m", "rewardopt.cli", "predict", "--config",
            str(ROOT / "recipes/images/steer/best_of_n_classifier_tiny.yaml"), "--trainer.devices", "2",

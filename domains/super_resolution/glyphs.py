@@ -10,8 +10,8 @@ The classes come in pairs that differ by a detail a few HR pixels wide — 3/8, 
 shapes (circle, square) as an easy control. Glyphs are 35-75% of the image high (11-24 HR pixels, 3-6 LR
 pixels): at x4 the detail falls below one LR pixel for the small ones, so a sharp SR model *must*
 sometimes commit to the wrong member of a pair: a hallucination. (With 50-85% the oracle still read 98% of
-bicubic-upsampled LR inputs correctly and the tiny SR model flipped 2.3% of classes: too few to measure.) Prompts give the
-coarse category only ("a digit", "a letter", "a shape"), never the class.
+bicubic-upsampled LR inputs correctly and the tiny SR model flipped 2.3% of classes: too few to measure.)
+Prompts give the coarse category only ("a digit", "a letter", "a shape"), never the class.
 
 Our reading: the paper's SR data are natural photographs; glyphs make the truth of a hallucination
 decidable (the class), which is what the oracle Hallucination Score needs.

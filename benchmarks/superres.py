@@ -366,7 +366,8 @@ def panels_png(conds: list[dict], examples: dict[str, torch.Tensor], scorer: Sco
         s = sr[:n]
         res = scorer(s, sub, proxies=False)
         d = -scorer.proxies["d_feat(SR, GT)"](s, sub).total
-        rows.append((name, s, [f"HS {h:.2f} d {v:.3f}" for h, v in zip(res["hs"].tolist(), d.tolist())]))
+        label = name.replace("λ", "lambda")  # PIL's default font has no Greek
+        rows.append((label, s, [f"HS {h:.2f} d {v:.3f}" for h, v in zip(res["hs"].tolist(), d.tolist())]))
     return save_panel(comparison_rows(sub, rows), path)
 
 

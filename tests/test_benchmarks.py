@@ -187,4 +187,4 @@ def test_superres_benchmark_shares_one_sampler_across_its_steering_recipes_and_m
     assert torch.equal(sr.sharpness(flat), torch.zeros(2)) and torch.allclose(sr.sharpness(checker), torch.ones(2))
     row = {"proxy": "judge (LR | SR)", "rho_hs": 0.5, "lo": 0.4, "hi": 0.6, "rho_flip": 0.1, "flo": 0.0, "fhi": 0.2}
     table = sr.correlation_md([row], 10)
-    assert "LR \\| SR" in table and table.splitlines()[-1].count(" | ") == 2  # a pipe in a name is escaped
+    assert "LR \\| SR" in table and table.splitlines()[-1].count(" | ") == 3  # a pipe in a name is escaped

@@ -97,3 +97,39 @@ class NetworkFit(RunMixin, L.LightningModule):
         path = write_json(folder / f"{self.fit_name}_fit.json", report)
         self.print(f"[rewardopt] {type(self).__name__}: {report}; report: {path}")
         return path
+
+
+# ----------------------------------------------------------------------------- small shipped networks
+def save_module(module: nn.Module, path: str | Path) -> None:
+    """``config.json`` (the constructor's arguments, ``module.config``) and ``model.safetensors``: the folder
+    layout of the project's small reward / judge / classifier networks."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(module.config))
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path / "model.safetensors"))
+
+
+def read_module(path: str | Path, embedded: dict[str, Path], what: str, recipe: str) -> tuple[dict, dict]:
+    """(config, state dict) of a ``save_module`` folder or an ``embedded:<name>`` id (-> its shipped folder);
+    a FileNotFoundError naming ``what``, the shipped ids and the ``recipe`` that trains one otherwise."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(embedded.get(str(path), path))
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no {what} at {folder} (shipped: {', '.join(embedded)}); train one with "
+                                f"`rewardopt fit --config {recipe}`")
+    return json.loads((folder / "config.json").read_text()), load_file(str(folder / "model.safetensors"))
+
+
+def load_module(cls, path: str | Path, embedded: dict[str, Path], recipe: str):
+    """``cls(**config.json)`` with ``model.safetensors`` loaded, in eval mode (``read_module``)."""
+    config, state = read_module(path, embedded, cls.__name__, recipe)
+    model = cls(**config)
+    model.load_state_dict(state)
+    return model.eval()

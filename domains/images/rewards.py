@@ -14,7 +14,6 @@ Real-model rewards (weights from a local folder or hub id):
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from domains.images.shapes import COLOURS, SHAPES, ShapeSpec
+from rewardopt.fitting import load_module, save_module
 from rewardopt.rewards.base import Reward
 from rewardopt.rewards.blackbox import BlackBoxReward
 
@@ -70,30 +70,13 @@ class ShapeClassifier(nn.Module):
         return {k: head(h) for k, head in self.heads.items()}
 
     def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.config))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+        save_module(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ShapeClassifier":
-        from safetensors.torch import load_file
-
-        embedded = {"embedded:shape-classifier": "shape_classifier",
-                     "embedded:shape-classifier-hackable": "shape_classifier_hackable"}
-        if str(path) in embedded:
-            path = ASSETS / embedded[str(path)]
-        path = Path(path)
-        if not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(
-                f"no shape classifier at {path}; train one with "
-                "`rewardopt fit --config recipes/images/train_classifier_tiny.yaml`"
-            )
-        model = cls(**json.loads((path / "config.json").read_text()))
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
-        return model.eval()
+        embedded = {"embedded:shape-classifier": ASSETS / "shape_classifier",
+                    "embedded:shape-classifier-hackable": ASSETS / "shape_classifier_hackable"}
+        return load_module(cls, path, embedded, "recipes/images/train_classifier_tiny.yaml")
 
 
 class ShapeAttributeReward(Reward):

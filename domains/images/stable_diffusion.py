@@ -29,18 +29,23 @@ ASSETS = Path(__file__).parent / "assets"
 EMBEDDED = {"embedded:tiny-shapes": ASSETS / "tiny_shapes"}
 
 
-def resolve_pretrained(pretrained: str) -> str:
-    """Map ``embedded:<name>`` to the shipped folder; check that local-looking paths exist."""
-    if pretrained in EMBEDDED:
-        path = EMBEDDED[pretrained]
+def resolve_pretrained(pretrained: str, embedded: dict[str, Path] | None = None,
+                       recipe: str = "recipes/images/pretrain_tiny.yaml", family: str = "") -> str:
+    """Map ``embedded:<name>`` to the shipped folder (of ``embedded``, default this domain's; a missing one names
+    the ``recipe`` that regenerates it); check that local-looking paths exist. Other diffusers families (video,
+    super-resolution) pass their own ``embedded``, ``recipe`` and ``family``."""
+    embedded = EMBEDDED if embedded is None else embedded
+    if pretrained in embedded:
+        path = embedded[pretrained]
         if not (path / "unet").is_dir():
             raise FileNotFoundError(
                 f"the embedded model {pretrained!r} is missing at {path}; regenerate it with "
-                "`rewardopt fit --config recipes/images/pretrain_tiny.yaml`"
+                f"`rewardopt fit --config {recipe}`"
             )
         return str(path)
     if pretrained.startswith("embedded:"):
-        raise ValueError(f"unknown embedded model {pretrained!r}; known: {sorted(EMBEDDED)}")
+        raise ValueError(f"unknown embedded {family + ' ' if family else ''}model {pretrained!r}; known: "
+                         f"{sorted(embedded)}")
     # hub ids look like "org/name"; anything else (./x, /x, ~/x, a/b/c) must be an existing folder
     looks_local = pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1 or Path(pretrained).exists()
     if looks_local and not Path(pretrained).expanduser().is_dir():

@@ -33,7 +33,6 @@ them (``recipes/super_resolution/train_{oracle,checker,lr_classifier,features}_t
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,7 +44,7 @@ from einops import rearrange
 from torch import nn
 
 from domains.super_resolution.glyphs import CLASSES, FONTS, OTHER_CHARS, GlyphDataset, downsample, upsample
-from rewardopt.fitting import NetworkFit
+from rewardopt.fitting import NetworkFit, read_module, save_module
 from rewardopt.rewards.base import Reward, RewardOutput
 
 ASSETS = Path(__file__).parent / "assets"
@@ -90,33 +89,23 @@ class GlyphClassifier(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> None:
         """``config.json`` (``arch`` and the constructor's arguments) + ``model.safetensors``."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.config))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
+        save_module(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "GlyphClassifier":
         """A ``save_pretrained`` folder or an ``embedded:<name>`` id (see the module docstring); the class
         is the one ``config.json``'s ``arch`` names (it must be ``cls`` or a subclass); eval mode."""
-        from safetensors.torch import load_file
-
-        folder = EMBEDDED.get(str(path), Path(path))
-        if not (folder / "model.safetensors").is_file():
-            recipe = RECIPES.get(str(path), "train_oracle_tiny")
-            raise FileNotFoundError(f"no glyph classifier at {folder} (shipped: {', '.join(EMBEDDED)}); train one "
-                                    f"with `rewardopt fit --config recipes/super_resolution/{recipe}.yaml`")
-        config = json.loads((folder / "config.json").read_text())
+        recipe = f"recipes/super_resolution/{RECIPES.get(str(path), 'train_oracle_tiny')}.yaml"
+        config, state = read_module(path, EMBEDDED, "glyph classifier", recipe)
         arch = config.pop("arch", None)
         if arch not in GlyphClassifier.registry:
-            raise ValueError(f"{folder}/config.json: unknown arch {arch!r}; known: {sorted(GlyphClassifier.registry)}")
+            raise ValueError(f"{path}: config.json has an unknown arch {arch!r}; known: "
+                             f"{sorted(GlyphClassifier.registry)}")
         klass = GlyphClassifier.registry[arch]
         if not issubclass(klass, cls):
             raise TypeError(f"{path} holds a {klass.__name__}, not a {cls.__name__}")
         model = klass(**config)
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        model.load_state_dict(state)
         return model.eval()
 
 

@@ -23,7 +23,8 @@ from einops import rearrange
 from torch import nn
 
 from domains.video.moving_shapes import HEADS
-from domains.video.rewards import HeadsFit, check_videos, load_module, prompt_specs, save_module
+from domains.video.rewards import HeadsFit, check_videos, prompt_specs
+from rewardopt.fitting import load_module, save_module
 from rewardopt.rewards.base import Reward, RewardOutput
 
 ASSETS = Path(__file__).parent / "assets"

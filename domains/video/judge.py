@@ -50,8 +50,7 @@ from torch import nn
 
 from domains.images.shapes import COLOURS, SHAPES
 from domains.video.moving_shapes import COUNT_WORDS, DIRECTIONS, HEADS, MotionSpec
-from domains.video.rewards import load_module, save_module
-from rewardopt.fitting import NetworkFit
+from rewardopt.fitting import NetworkFit, load_module, save_module
 from rewardopt.media import decode_image as decode  # PNG bytes / PIL / array -> (3, H, W)
 from rewardopt.rewards.judges import key_frame_grid
 from rewardopt.testing.judge_server import wait_until_interrupted

@@ -14,7 +14,6 @@ The independent evaluator (never a reward to steer with) is ``domains.video.eval
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from torch import nn
 
 from domains.images.shapes import ShapeSpec
 from domains.video.moving_shapes import HEADS, MotionSpec
-from rewardopt.fitting import NetworkFit
+from rewardopt.fitting import NetworkFit, load_module, save_module
 from rewardopt.media import key_frames
 from rewardopt.rewards.base import Reward, RewardOutput
 
@@ -117,30 +116,6 @@ class MotionClassifier(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "MotionClassifier":
         return load_module(cls, path, EMBEDDED, "recipes/video/train_motion_classifier_tiny.yaml")
-
-
-def save_module(module: nn.Module, path: str | Path) -> None:
-    """``config.json`` (the constructor's arguments, ``module.config``) and ``model.safetensors``."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(module.config))
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path / "model.safetensors"))
-
-
-def load_module(cls, path: str | Path, embedded: dict[str, Path], recipe: str):
-    """Build ``cls(**config.json)`` and load ``model.safetensors``; ``embedded:<name>`` -> shipped folder."""
-    from safetensors.torch import load_file
-
-    path = embedded.get(str(path), Path(path))
-    if not (path / "model.safetensors").is_file():
-        known = ", ".join(embedded)
-        raise FileNotFoundError(f"no {cls.__name__} at {path} (shipped: {known}); train one with "
-                                f"`rewardopt fit --config {recipe}`")
-    model = cls(**json.loads((path / "config.json").read_text()))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
-    return model.eval()
 
 
 def augment(videos: torch.Tensor, noise_std: float) -> torch.Tensor:

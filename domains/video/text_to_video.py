@@ -37,15 +37,7 @@ def resolve_pretrained(pretrained: str) -> str:
     """``embedded:<name>`` -> the shipped folder; otherwise the image domain's rules (hub id or folder)."""
     from domains.images.stable_diffusion import resolve_pretrained as resolve_image
 
-    if pretrained in EMBEDDED:
-        path = EMBEDDED[pretrained]
-        if not (path / "unet").is_dir():
-            raise FileNotFoundError(f"the embedded model {pretrained!r} is missing at {path}; regenerate it with "
-                                    "`rewardopt fit --config recipes/video/pretrain_tiny.yaml`")
-        return str(path)
-    if pretrained.startswith("embedded:"):
-        raise ValueError(f"unknown embedded video model {pretrained!r}; known: {sorted(EMBEDDED)}")
-    return resolve_image(pretrained)
+    return resolve_image(pretrained, EMBEDDED, "recipes/video/pretrain_tiny.yaml", "video")
 
 
 class TextToVideoGenerator(VideoSamples, StableDiffusionGenerator):

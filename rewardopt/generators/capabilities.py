@@ -17,6 +17,8 @@ capability               members                                         needed 
 ``TransitionLogProbs``   log_prob                                        DDPO
 ``DeterministicStep``    deterministic_step                              DSearch look-ahead
 ``SavesPretrained``      save_pretrained                                 pre-training
+``PairedDenoisingLoss``  denoising_loss                                  DRaFT's denoising_weight
+``ImagePrompted``        image_prompt_scale; ``ImagePrompt`` conditions  VP-SDS (a visual prompt)
 =======================  ==============================================  =========================
 """
 
@@ -152,6 +154,34 @@ class PairedDenoisingLoss(Capability):
     @abstractmethod
     def denoising_loss(self, raw: Any, generator: torch.Generator | None = None) -> torch.Tensor:
         """The diffusion training loss on the paired items of ``raw`` (a list of raw conditions)."""
+
+
+class ImagePrompt(dict):
+    """A text prompt with a reference image (an IP-Adapter-style visual prompt): a dict with ``prompt`` (str) and
+    ``image`` ((3, H, W) in [0, 1]) whose text form is the prompt, so logs, CSV files and text rewards see the prompt.
+    Rewards that compare with the reference (visual consistency) read ``cond["image"]``."""
+
+    def __init__(self, prompt: str, image: torch.Tensor) -> None:
+        if not isinstance(prompt, str):
+            raise TypeError(f"ImagePrompt.prompt must be a string, got {type(prompt).__name__}")
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"ImagePrompt.image must be a (3, H, W) tensor in [0, 1], got {shape}")
+        super().__init__(prompt=prompt, image=image)
+
+    def __str__(self) -> str:
+        return self["prompt"]
+
+    __repr__ = __str__
+
+
+class ImagePrompted(Capability):
+    """``encode_condition`` also accepts ``ImagePrompt`` items (text + a reference image, IP-Adapter style) and
+    conditions the denoiser on both; plain strings mean no image. ``image_prompt_scale`` weighs the image branch
+    (diffusers' ``set_ip_adapter_scale``). Score distillation with a visual prompt (VP-SDS) needs it."""
+
+    provides = "image_prompt_scale"
+    image_prompt_scale: float
 
 
 class FrozenCopy:

@@ -267,4 +267,4 @@ def require(generator: Any, capability: type[Capability], user: str) -> None:
 
 
 __all__ = ["Capability", "Trainable", "Renderable", "ImageSamples", "TextSerialisable", "TransitionLogProbs",
-           "DeterministicStep", "SavesPretrained", "PairedDenoisingLoss", "FrozenCopy", "require"]
+           "DeterministicStep", "SavesPretrained", "PairedDenoisingLoss", "ImagePrompt", "ImagePrompted", "FrozenCopy", "require"]

@@ -140,3 +140,15 @@ class TokenDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(self.val, batch_size=256)
+
+
+class StepsDataModule(L.LightningDataModule):
+    """One empty item per training step, for methods that draw their own inputs (score distillation renders its
+    own random views): ``trainer.max_steps`` ends the run."""
+
+    def __init__(self, length: int = 10 ** 7) -> None:
+        super().__init__()
+        self.length = int(length)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(range(self.length), batch_size=1, collate_fn=list)  # a range: lazy

@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
 from rewardopt.generators.base import Condition
-from rewardopt.generators.capabilities import ImageSamples, SavesPretrained
+from rewardopt.generators.capabilities import EncodesImages, ImageSamples, SavesPretrained
 from rewardopt.generators.diffusion import DEFAULT_LORA_TARGETS, DiffusionGenerator, make_scheduler
 
 ASSETS = Path(__file__).parent / "assets"
@@ -57,7 +57,7 @@ def resolve_pretrained(pretrained: str, embedded: dict[str, Path] | None = None,
     return str(Path(pretrained).expanduser()) if looks_local else pretrained
 
 
-class StableDiffusionGenerator(ImageSamples, SavesPretrained, DiffusionGenerator):
+class StableDiffusionGenerator(ImageSamples, EncodesImages, SavesPretrained, DiffusionGenerator):
     """A UNet2DConditionModel text-to-image sampler (SD 1.x/2.x layout).
 
     Args:

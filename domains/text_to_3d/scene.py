@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from rewardopt.scenes import Scene, view_dependent_prompt
+
 #: where views count as front / side / back (azimuth, degrees from the front), and overhead (elevation)
 FRONT_HALF_WIDTH, BACK_HALF_WIDTH, OVERHEAD_ELEVATION = 45.0, 45.0, 60.0
 
@@ -45,8 +47,8 @@ def view_name(azimuth: float, elevation: float = 0.0) -> str:
 
 
 def view_prompt(prompt: str, azimuth: float, elevation: float = 0.0) -> str:
-    """``"<prompt>, <front|side|back|overhead> view"``."""
-    return f"{prompt}, {view_name(azimuth, elevation)} view"
+    """``"<prompt>, <front|side|back|overhead> view"`` (``rewardopt.scenes.view_dependent_prompt``)."""
+    return view_dependent_prompt(prompt, view_name(azimuth, elevation))
 
 
 @dataclass
@@ -278,3 +280,49 @@ def export_mesh(scene: VoxelGrid, path: str | Path, level: float = 5.0) -> Path:
     lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces.tolist()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- the scene score distillation trains
+class VoxelScene(Scene):
+    """A ``VoxelGrid`` seen by orbit cameras: what ``rewardopt.methods.sds`` optimises in the text-to-3D domain.
+
+    Args:
+        resolution: the grid's R (32-64). init_density: the starting blob's density (None: an empty grid).
+        render_size: training/evaluation render size (square). num_samples: points per ray.
+        elevation_range: training cameras' elevation, degrees (azimuth is uniform over 360).
+        radius, fov: the orbit cameras'. background: an RGB triple or "random" (per training view; evaluation
+            renders use ``eval_background``).
+        seed: seeds the grid's colour initialisation.
+    """
+
+    def __init__(self, resolution: int = 32, init_density: float | None = 10.0, render_size: int = 32,
+                 num_samples: int = 64, elevation_range: tuple[float, float] = (0.0, 30.0), radius: float = 2.5,
+                 fov: float = 40.0, background: str | Sequence[float] = (1.0, 1.0, 1.0),
+                 eval_background: Sequence[float] = (1.0, 1.0, 1.0), eval_elevation: float = 15.0,
+                 density_shift: float = -5.0, seed: int = 0) -> None:
+        super().__init__()
+        self.grid = VoxelGrid(resolution, density_shift, init_density, torch.Generator().manual_seed(seed))
+        self.render_size, self.num_samples = int(render_size), int(num_samples)
+        self.elevation_range = (float(elevation_range[0]), float(elevation_range[1]))
+        self.radius, self.fov = float(radius), float(fov)
+        background_colours(1, background)  # validate now, not mid-run
+        self.background = background if isinstance(background, str) else tuple(float(c) for c in background)
+        self.eval_background = tuple(float(c) for c in eval_background)
+        self.eval_elevation = float(eval_elevation)
+
+    def random_views(self, n: int, generator: torch.Generator | None = None) -> Cameras:
+        return Cameras.random(n, generator, self.elevation_range, radius=self.radius, fov=self.fov)
+
+    def render(self, views: Cameras, generator: torch.Generator | None = None) -> torch.Tensor:
+        bg = self.background if generator is not None else self.eval_background
+        return render(self.grid, views, self.render_size, self.render_size, self.num_samples, bg, generator)
+
+    def view_names(self, views: Cameras) -> list[str]:
+        return [view_name(float(a), float(e)) for a, e in zip(views.azimuth, views.elevation)]
+
+    def evaluation_views(self, n: int) -> Cameras:
+        return Cameras.orbit(n, elevation=self.eval_elevation, radius=self.radius, fov=self.fov)
+
+    def save_turntable(self, path: str | Path, frames: int = 24, size: int = 64) -> Path:
+        return save_turntable(self.grid, path, frames, elevation=self.eval_elevation, size=size,
+                              background=self.eval_background, radius=self.radius, fov=self.fov)

@@ -18,6 +18,7 @@ capability               members                                         needed 
 ``DeterministicStep``    deterministic_step                              DSearch look-ahead
 ``SavesPretrained``      save_pretrained                                 pre-training
 ``PairedDenoisingLoss``  denoising_loss                                  DRaFT's denoising_weight
+``EncodesImages``        encode_images, height, width                    SDS, pre-training
 ``ImagePrompted``        image_prompt_scale; ``ImagePrompt`` conditions  VP-SDS (a visual prompt)
 =======================  ==============================================  =========================
 """
@@ -156,6 +157,20 @@ class PairedDenoisingLoss(Capability):
         """The diffusion training loss on the paired items of ``raw`` (a list of raw conditions)."""
 
 
+class EncodesImages(Capability):
+    """Images map to the sampler's states: ``encode_images`` (B, 3, H, W) in [0, 1] -> x_0 (latents through the VAE,
+    or pixels in [-1, 1]), differentiably; ``height`` / ``width`` are the sizes it takes. Pretraining and score
+    distillation (which noises an encoded render) need it."""
+
+    provides = "encode_images"
+    height: int
+    width: int
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> states x_0."""
+
+
 class ImagePrompt(dict):
     """A text prompt with a reference image (an IP-Adapter-style visual prompt): a dict with ``prompt`` (str) and
     ``image`` ((3, H, W) in [0, 1]) whose text form is the prompt, so logs, CSV files and text rewards see the prompt.
@@ -267,4 +282,4 @@ def require(generator: Any, capability: type[Capability], user: str) -> None:
 
 
 __all__ = ["Capability", "Trainable", "Renderable", "ImageSamples", "TextSerialisable", "TransitionLogProbs",
-           "DeterministicStep", "SavesPretrained", "PairedDenoisingLoss", "ImagePrompt", "ImagePrompted", "FrozenCopy", "require"]
+           "DeterministicStep", "SavesPretrained", "PairedDenoisingLoss", "EncodesImages", "ImagePrompt", "ImagePrompted", "FrozenCopy", "require"]

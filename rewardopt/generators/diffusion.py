@@ -302,6 +302,7 @@ class DiffusionGenerator(FrozenCopy, Trainable, TransitionLogProbs, Deterministi
         return self.predict_noise_at(x_t, self.timesteps[i], cond)
 
     def predict_noise_at(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Condition) -> torch.Tensor:
+        """The guided model output at timestep ``t`` (a scalar, or one per row (B,))."""
         t = torch.as_tensor(t, device=x_t.device).long()
         self.counter.nfe += x_t.shape[0]
         if torch.is_grad_enabled():
@@ -310,13 +311,34 @@ class DiffusionGenerator(FrozenCopy, Trainable, TransitionLogProbs, Deterministi
         if uncond is None:
             return self._call_denoiser(x_t, t, cond.tensors)
         tensors = {k: torch.cat([uncond[k], cond.tensors[k]]) for k in cond.tensors}
-        out = self._call_denoiser(torch.cat([x_t, x_t]), t, tensors)
+        t2 = torch.cat([t, t]) if t.dim() == 1 and t.numel() > 1 else t  # one timestep per row: both halves
+        out = self._call_denoiser(torch.cat([x_t, x_t]), t2, tensors)
         out_u, out_c = out.chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
+    def noise_prediction(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Condition) -> torch.Tensor:
+        """The guided ε̂(x_t; c, t) whatever the scheduler's parameterisation (ε, v or x0: converted as diffusers'
+        schedulers convert it; the conversion is affine in the model output, so guiding then converting equals
+        converting then guiding). ``t``: a scalar or one timestep per row (B,). Counts NFE as ``predict_noise_at``."""
+        t = torch.as_tensor(t, device=x_t.device).long()
+        out = self.predict_noise_at(x_t, t, cond)
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return out
+        a = self.alphas_cumprod[t].to(x_t.dtype)
+        a = a.reshape(-1, *[1] * (x_t.dim() - 1)) if a.dim() == 1 else a
+        if kind == "sample":
+            return (x_t - a.sqrt() * out) / (1 - a).sqrt()
+        if kind == "v_prediction":
+            return a.sqrt() * out + (1 - a).sqrt() * x_t
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor) -> torch.Tensor:
-        """Forward process q(x_t | x_0) = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε."""
-        a = self.alphas_cumprod[torch.as_tensor(t).long()].to(x0.dtype)
+        """Forward process q(x_t | x_0) = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε; ``t`` a scalar, one timestep per row (B,),
+        or any shape that broadcasts against ``x0``."""
+        a = self.alphas_cumprod[torch.as_tensor(t, device=self.alphas_cumprod.device).long()].to(x0.dtype)
+        if a.dim() == 1 and a.numel() == x0.shape[0] and x0.dim() > 1:
+            a = a.reshape(-1, *[1] * (x0.dim() - 1))
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     # ----------------------------------------------------------------------------- transitions

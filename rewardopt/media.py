@@ -114,3 +114,31 @@ def save_side_by_side_gif(videos: list[torch.Tensor], path: str | Path, fps: flo
             parts.append(torch.ones(v.shape[0], 3, v.shape[2], gap))
         parts.append(v)
     return save_gif(torch.cat(parts, dim=3), path, fps, scale)
+
+
+# ----------------------------------------------------------------------------- image comparisons
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio (dB) of images in [0, 1], one per row of (B, C, H, W)."""
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004: an 11x11 Gaussian window with sigma 1.5, C1 = 0.01^2, C2 = 0.03^2,
+    per channel, averaged over valid windows and channels), one per row of (B, C, H, W) images in [0, 1]."""
+    import torch.nn.functional as F
+
+    a, b = a.float(), b.float()
+    c = a.shape[1]
+    window = min(window, a.shape[-1], a.shape[-2])
+    x = torch.arange(window, dtype=torch.float32) - (window - 1) / 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window).to(a.device)
+    blur = lambda t: F.conv2d(t, kernel, groups=c)  # noqa: E731  (valid windows only)
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)

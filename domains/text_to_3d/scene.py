@@ -242,21 +242,11 @@ def turntable_frames(scene: VoxelGrid, frames: int = 24, elevation: float = 15.0
     return render(scene, cams, size, size, num_samples, background)
 
 
-def save_gif(frames: torch.Tensor, path: str | Path, fps: int = 12) -> Path:
-    """Write (F, 3, H, W) frames in [0, 1] as a looping GIF (Pillow)."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = (rearrange(frames.detach().float().cpu().clamp(0, 1), "f c h w -> f h w c") * 255).round().byte().numpy()
-    imgs = [Image.fromarray(a) for a in arr]
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0, disposal=2)
-    return path
-
-
 def save_turntable(scene: VoxelGrid, path: str | Path, frames: int = 24, **kwargs) -> Path:
-    """A turntable GIF of ``scene`` (``turntable_frames`` arguments)."""
-    return save_gif(turntable_frames(scene, frames, **kwargs), path)
+    """A turntable GIF of ``scene`` (``turntable_frames`` arguments; ``rewardopt.media.save_gif``, 2x upscaled)."""
+    from rewardopt.media import save_gif
+
+    return save_gif(turntable_frames(scene, frames, **kwargs), path, fps=12, scale=2)
 
 
 def export_mesh(scene: VoxelGrid, path: str | Path, level: float = 5.0) -> Path:

@@ -163,7 +163,7 @@ def test_turntable_gif_and_errors(tmp_path):
 
     path = save_turntable(ground_truth_scene("a green cone", 24), tmp_path / "t.gif", frames=6, size=24, num_samples=24)
     with Image.open(path) as im:
-        assert im.n_frames == 6 and im.size == (24, 24)
+        assert im.n_frames == 6 and im.size == (48, 48)
     with pytest.raises(ValueError, match="RGB triple or 'random'"):
         VoxelScene(background="white")
     with pytest.raises(ValueError, match="differ"):

@@ -16,7 +16,7 @@ def test_ssim_on_constant_images_is_the_luminance_term():
     a, b = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), 0.7)
     c1 = 0.01 ** 2
     expected = (2 * 0.2 * 0.7 + c1) / (0.2 ** 2 + 0.7 ** 2 + c1)  # no variance: the structure term is c2 / c2
-    assert float(ssim(a, b)) == pytest.approx(expected, rel=1e-4)
+    assert float(ssim(a, b)) == pytest.approx(expected, rel=1e-3)  # float32 variances
 
 
 def test_ssim_identity_symmetry_and_noise():

@@ -161,8 +161,8 @@ def render_bank(prompts: list[str] | None = None, instances: int = 16, views: in
                 resolution: int = 48) -> dict:
     """Multi-view renders of jittered instances, for the prior's pretraining and the classifiers.
 
-    Returns a dict of tensors: ``images`` (N, 3, size, size) uint8, ``front`` (N, 3, size, size) uint8 (the front view of
-    the same instance: the visual prompt), ``label`` (N,) the prompt index in ``prompts``, ``instance`` (N,) a global
+    Returns a dict of tensors: ``images`` (N, 3, size, size) uint8, ``front`` (N, 3, size, size) uint8 (the front view
+    of the same instance: the visual prompt), ``label`` (N,) the prompt index in ``prompts``, ``instance`` (N,) a global
     instance id, ``azimuth`` / ``elevation`` (N,) degrees; and ``prompts`` (the list). N = len(prompts) * instances *
     views. Deterministic in ``seed``."""
     prompts = list(PROMPTS if prompts is None else prompts)

@@ -76,7 +76,8 @@ class Cameras:
         return cls(az, torch.full((n,), float(elevation)), **kwargs)
 
     @classmethod
-    def random(cls, n: int, generator: torch.Generator | None = None, elevation_range: tuple[float, float] = (0.0, 30.0),
+    def random(cls, n: int, generator: torch.Generator | None = None,
+               elevation_range: tuple[float, float] = (0.0, 30.0),
                **kwargs) -> "Cameras":
         """``n`` cameras with azimuth ~ U[0, 360) and elevation ~ U[elevation_range]."""
         u = torch.rand(2, n, generator=generator)
@@ -88,7 +89,8 @@ class Cameras:
         a, e = torch.deg2rad(self.azimuth), torch.deg2rad(self.elevation)
         return self.radius * torch.stack([torch.sin(a) * torch.cos(e), torch.sin(e), torch.cos(a) * torch.cos(e)], -1)
 
-    def rays(self, height: int, width: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rays(self, height: int, width: int, device: torch.device | str | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Ray origins and unit directions through pixel centres: each (B, H, W, 3)."""
         origin = self.positions().to(device)
         forward = F.normalize(-origin, dim=-1)
@@ -140,14 +142,14 @@ class VoxelGrid(nn.Module):
                 self.density_raw.copy_(rearrange(inside * raw, "d h w -> 1 1 d h w"))
 
     def lattice(self) -> torch.Tensor:
-        """(R, R, R, 3) world coordinates (x, y, z) of the lattice points, indexed [z, y, x] as grid_sample reads them."""
+        """(R, R, R, 3) world coordinates (x, y, z) of the lattice points, indexed [z, y, x] (grid_sample's order)."""
         lin = torch.linspace(-1.0, 1.0, self.resolution)
         z, y, x = torch.meshgrid(lin, lin, lin, indexing="ij")
         return torch.stack([x, y, z], -1)
 
     @classmethod
     def from_fields(cls, density: torch.Tensor, rgb: torch.Tensor, density_shift: float = -5.0) -> "VoxelGrid":
-        """A grid whose lattice holds ``density`` (R, R, R) >= 0 and ``rgb`` (3, R, R, R) in (0, 1), indexed [z, y, x]."""
+        """A grid whose lattice holds ``density`` (R, R, R) >= 0 and ``rgb`` (3, R, R, R) in (0, 1), both [z, y, x]."""
         r = density.shape[-1]
         if density.shape != (r, r, r) or rgb.shape != (3, r, r, r):
             raise ValueError(f"expected density (R, R, R) and rgb (3, R, R, R), got {tuple(density.shape)} and "
@@ -266,7 +268,8 @@ def export_mesh(scene: VoxelGrid, path: str | Path, level: float = 5.0) -> Path:
         _, rgb = scene.query(xyz)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"v {x:.5f} {y:.5f} {z:.5f} {c[0]:.4f} {c[1]:.4f} {c[2]:.4f}" for (x, y, z), c in zip(xyz.tolist(), rgb.tolist())]
+    lines = [f"v {x:.5f} {y:.5f} {z:.5f} {c[0]:.4f} {c[1]:.4f} {c[2]:.4f}"
+             for (x, y, z), c in zip(xyz.tolist(), rgb.tolist())]
     lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces.tolist()]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -282,4 +282,5 @@ def require(generator: Any, capability: type[Capability], user: str) -> None:
 
 
 __all__ = ["Capability", "Trainable", "Renderable", "ImageSamples", "TextSerialisable", "TransitionLogProbs",
-           "DeterministicStep", "SavesPretrained", "PairedDenoisingLoss", "EncodesImages", "ImagePrompt", "ImagePrompted", "FrozenCopy", "require"]
+           "DeterministicStep", "SavesPretrained", "PairedDenoisingLoss", "EncodesImages", "ImagePrompt",
+           "ImagePrompted", "FrozenCopy", "require"]

@@ -217,7 +217,8 @@ class SDS(RunMixin, L.LightningModule):
                                    "wall": self.wall_time(), **self.extra_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = [f"scene.{n}" for n, _ in self.scene.named_parameters() if f"scene.{n}" not in checkpoint["state_dict"]]
+        saved = checkpoint["state_dict"]
+        missing = [f"scene.{n}" for n, _ in self.scene.named_parameters() if f"scene.{n}" not in saved]
         if missing:
             raise KeyError(f"the checkpoint lacks the scene weights {missing[:3]}: it was written for another scene")
         state = checkpoint.get("rewardopt", {})
@@ -267,7 +268,8 @@ class SDS(RunMixin, L.LightningModule):
         summary = {
             "method": type(self).__name__, "prompt": self.prompt, "steps": int(self.global_step),
             "views_per_step": self.views_per_step, "guidance_scale": self.guidance_scale,
-            "t_range": [self.t_min, self.t_max], "prior_nfe": self.prior_nfe, "nfe_grad": self.generator.counter.nfe_grad,
+            "t_range": [self.t_min, self.t_max], "prior_nfe": self.prior_nfe,
+            "nfe_grad": self.generator.counter.nfe_grad,
             "reward_calls": {r.name: r.calls for r in self.rewards},
             "reward_weights": {r.name: w for r, w in zip(self.rewards, self.reward_weights)},
             "eval_rewards": ev["rewards"], "wall_time_s": round(self.wall_time(), 2), "files": files,

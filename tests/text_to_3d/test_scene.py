@@ -8,9 +8,18 @@ import math
 import pytest
 import torch
 
-from domains.text_to_3d.objects import (PROMPTS, canonical, ground_truth_scene, parse_prompt, render_views, voxelize)
-from domains.text_to_3d.scene import (Cameras, VoxelGrid, VoxelScene, composite, export_mesh, render, save_turntable,
-                                      view_name, view_prompt)
+from domains.text_to_3d.objects import PROMPTS, canonical, ground_truth_scene, parse_prompt, render_views, voxelize
+from domains.text_to_3d.scene import (
+    Cameras,
+    VoxelGrid,
+    VoxelScene,
+    composite,
+    export_mesh,
+    render,
+    save_turntable,
+    view_name,
+    view_prompt,
+)
 
 
 def reference_render_pixel(density, rgb, az, el, radius, fov, height, width, row, col, num_samples, background,
@@ -22,7 +31,8 @@ def reference_render_pixel(density, rgb, az, el, radius, fov, height, width, row
     norm = lambda v: [c / math.sqrt(sum(x * x for x in v)) for c in v]  # noqa: E731
     fwd = norm([-c for c in cam])
     right = norm([fwd[1] * 0 - fwd[2] * 1, fwd[2] * 0 - fwd[0] * 0, fwd[0] * 1 - fwd[1] * 0])  # fwd x (0, 1, 0)
-    up = [right[1] * fwd[2] - right[2] * fwd[1], right[2] * fwd[0] - right[0] * fwd[2], right[0] * fwd[1] - right[1] * fwd[0]]
+    up = [right[1] * fwd[2] - right[2] * fwd[1], right[2] * fwd[0] - right[0] * fwd[2],
+          right[0] * fwd[1] - right[1] * fwd[0]]  # right x fwd
     f = 0.5 * height / math.tan(math.radians(fov) / 2)
     u, v = (col + 0.5 - width / 2) / f, (row + 0.5 - height / 2) / f
     d = norm([u * right[i] - v * up[i] + fwd[i] for i in range(3)])

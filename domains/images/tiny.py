@@ -50,21 +50,25 @@ def word_level_tokenizer(words: list[str], max_tokens: int) -> PreTrainedTokeniz
 
 
 def tiny_unet(size: int = 24, in_channels: int = 3, cross_attention_dim: int = 32,
-              channels: tuple[int, ...] = (16, 32, 64)) -> UNet2DConditionModel:
+              channels: tuple[int, ...] = (16, 32, 64), plain_levels: int = 1) -> UNet2DConditionModel:
+    """A small UNet2DConditionModel; the first ``plain_levels`` resolutions have no attention (self-attention at
+    the high resolutions is what costs most on a CPU), the others cross-attend to the condition."""
     n = len(channels)
+    if not 1 <= plain_levels < n:
+        raise ValueError(f"plain_levels={plain_levels}: between 1 and {n - 1} of the {n} levels go without attention")
     return UNet2DConditionModel(
         sample_size=size, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
         block_out_channels=channels,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        down_block_types=("DownBlock2D",) * plain_levels + ("CrossAttnDownBlock2D",) * (n - plain_levels),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - plain_levels) + ("UpBlock2D",) * plain_levels,
         cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
     )
 
 
-def tiny_text_encoder(vocab_size: int, hidden: int = 32) -> CLIPTextModel:
+def tiny_text_encoder(vocab_size: int, hidden: int = 32, max_tokens: int = MAX_TOKENS) -> CLIPTextModel:
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=0, bos_token_id=2,
+        num_attention_heads=4, max_position_embeddings=max_tokens, pad_token_id=0, bos_token_id=2,
         eos_token_id=3, projection_dim=hidden,
     ))
 

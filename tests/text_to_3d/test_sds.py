@@ -118,3 +118,51 @@ def test_bad_configurations_are_refused():
         SDS(g, scene, " ")
     with pytest.raises(TypeError, match="ImagePrompted"):
         VPSDS(g, scene, "x")
+
+
+def tiny_image_prior():
+    from domains.text_to_3d.tiny import build_tiny_prior
+
+    return build_tiny_prior(seed=0, size=16, channels=(8, 16), plain_levels=1, num_steps=3, guidance_scale=3.0)
+
+
+def test_vpsds_draws_its_visual_prompt_from_the_text_first_and_conditions_every_view_on_it(tmp_path):
+    from rewardopt.generators.capabilities import ImagePrompt
+
+    g = tiny_image_prior()
+    scene = VoxelScene(resolution=8, render_size=16, num_samples=8)
+    m = VPSDS(g, scene, "a red cube", views_per_step=2, visual_prompt_seed=5, output_dir=str(tmp_path))
+    vp = m.ensure_visual_prompt()
+    assert vp.shape == (3, 16, 16) and m.visual_prompt_nfe == 3  # one text-only sample: num_steps NFE
+    cond = g.encode_condition(["a red cube, front view"])
+    expected = g.decode(g.sample(cond, generator=torch.Generator().manual_seed(5), grad_last_k=0))[0]
+    torch.testing.assert_close(vp, expected)
+    raw = m.raw_condition("back")
+    assert isinstance(raw, ImagePrompt) and str(raw) == "a red cube, back view" and raw["image"] is vp
+    c = m.view_conditions(["front", "side", "back"])
+    emb = c.tensors["image_embeds"]
+    assert emb.abs().sum() > 0 and torch.equal(emb[0], emb[1]) and torch.equal(emb[1], emb[2])
+    assert isinstance(m.reward_condition(), ImagePrompt) and str(m.reward_condition()) == "a red cube"
+    nfe_before = g.counter.nfe
+    fit(m, 2)
+    assert m.prior_nfe == 4 and g.counter.nfe - nfe_before == 4 and m.visual_prompt_nfe == 3  # not drawn again
+    import json
+
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["visual_prompt_nfe"] == 3 and s["prior_nfe"] == 4 and s["method"] == "VPSDS"
+
+
+def test_stylised_mode_reads_the_reference_image(tmp_path):
+    from PIL import Image
+
+    ref = torch.zeros(40, 30, 3, dtype=torch.uint8)
+    ref[..., 2] = 255  # a blue picture, not square
+    Image.fromarray(ref.numpy()).save(tmp_path / "ref.png")
+    g = tiny_image_prior()
+    m = VPSDS(g, VoxelScene(resolution=8, render_size=16, num_samples=8), "a red cube",
+              visual_prompt=str(tmp_path / "ref.png"))
+    vp = m.ensure_visual_prompt()
+    assert vp.shape == (3, 16, 16) and m.visual_prompt_nfe == 0
+    assert vp[2].min() > 0.99 and vp[:2].max() < 0.01
+    with pytest.raises(FileNotFoundError, match="no image"):
+        VPSDS(g, m.scene, "a red cube", visual_prompt=str(tmp_path / "missing.png"))

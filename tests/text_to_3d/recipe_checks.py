@@ -82,7 +82,31 @@ def check_built(cli) -> None:
     assert set(logs) == {"text_alignment", "visual_consistency"} and torch.isfinite(r_loss)
 
 
+TRAINING_REPORTS = {"TinyMultiViewPriorPretraining": ("generator_fit.json", {"val/loss", "val/loss_text_only"}),
+                    "AlignmentClassifierTraining": ("alignment_fit.json", {"val/acc", "val/degraded_acc"}),
+                    "RenderEvaluatorTraining": ("evaluator_fit.json", {"val/acc", "val/degraded_acc"}),
+                    "FeatureNetTraining": ("features_fit.json", {"val/instance_retrieval", "val/pos_cos"})}
+
+
+def _check_training(run, name: str) -> None:
+    """The domain's training recipes (prior, reward classifiers, evaluator) write their report and weights that load
+    back through the same path the rewards and benchmark use."""
+    report, keys = TRAINING_REPORTS[name]
+    out = run.out
+    fit = json.loads((out / report).read_text())
+    assert keys <= set(fit) and fit["steps"] == run.spec.steps, fit
+    if name == "TinyMultiViewPriorPretraining":
+        from domains.text_to_3d.prior import MultiViewPrior
+
+        assert MultiViewPrior(str(out), num_steps=2).has_ip_adapter  # the SD + h94 layout loads back
+    else:
+        assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
 def check_fit(run) -> None:
+    name = type(run.cli.model).__name__
+    if name in TRAINING_REPORTS:
+        return _check_training(run, name)
     s = run.summary
     assert s is not None and s["prior_nfe"] == s["steps"] * s["views_per_step"] and s["nfe_grad"] == 0
     for key in ("scene", "turntable", "views"):

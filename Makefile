@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/qa.py
 	$(PY) benchmarks/video.py
 	$(PY) benchmarks/superres.py
+	$(PY) benchmarks/text_to_3d.py
 
 # Regenerate the shipped tiny weights (domains/*/assets/) from their recipes.
 pretrain-tiny: $(STAMP)
@@ -62,6 +63,10 @@ pretrain-tiny: $(STAMP)
 	$(VENV)/bin/rewardopt fit --config recipes/super_resolution/train_checker_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/super_resolution/train_lr_classifier_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/super_resolution/train_features_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/text_to_3d/pretrain_prior_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/text_to_3d/train_alignment_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/text_to_3d/train_evaluator_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/text_to_3d/train_features_tiny.yaml
 
 # The TTS corpus is spoken by espeak-ng (installed here if missing, on Debian/Ubuntu as root).
 tts-assets: $(STAMP)

@@ -189,9 +189,9 @@ def render_bank(prompts: list[str] | None = None, instances: int = 16, views: in
     return bank
 
 
-class MultiViewDataset(torch.utils.data.Dataset):
-    """Items of a ``render_bank``: ``image`` / ``front`` float (3, H, W) in [0, 1], ``prompt`` (the view-suffixed
-    prompt, "a red cube, side view"), ``base_prompt``, ``label``, ``instance``, ``azimuth``, ``elevation``."""
+class Renders(torch.utils.data.Dataset):
+    """A ``render_bank``'s renders: ``image`` and ``front`` (its instance's front view) float (3, H, W) in [0, 1],
+    ``label``, ``instance``."""
 
     def __init__(self, bank: dict) -> None:
         self.bank = bank
@@ -201,8 +201,17 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         b = self.bank
+        return {"image": b["images"][i].float() / 255, "front": b["front"][i].float() / 255,
+                "label": int(b["label"][i]), "instance": int(b["instance"][i])}
+
+
+class MultiViewDataset(Renders):
+    """``Renders`` items with the view's camera and prompts: ``prompt`` (view-suffixed, "a red cube, side view"),
+    ``base_prompt``, ``azimuth``, ``elevation``."""
+
+    def __getitem__(self, i: int) -> dict:
+        b = self.bank
         base = b["prompts"][int(b["label"][i])]
         az, el = float(b["azimuth"][i]), float(b["elevation"][i])
-        return {"image": b["images"][i].float() / 255, "front": b["front"][i].float() / 255,
-                "prompt": view_prompt(base, az, el), "base_prompt": base, "label": int(b["label"][i]),
-                "instance": int(b["instance"][i]), "azimuth": az, "elevation": el}
+        return {**super().__getitem__(i), "prompt": view_prompt(base, az, el), "base_prompt": base,
+                "azimuth": az, "elevation": el}

@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import nn
 
 from domains.super_resolution.hallucination import ResBlock, blur
-from domains.text_to_3d.objects import PROMPTS, render_bank
+from domains.text_to_3d.objects import PROMPTS, Renders, render_bank
 from rewardopt.fitting import NetworkFit, load_module, save_module
 from rewardopt.rewards.base import Reward, RewardOutput
 
@@ -218,21 +218,6 @@ class RenderBankDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(Renders(self.val_bank), batch_size=self.val_batch_size)
-
-
-class Renders(torch.utils.data.Dataset):
-    """A bank's renders: ``image``, ``front`` (its instance's front view), ``label``, ``instance``."""
-
-    def __init__(self, bank: dict) -> None:
-        self.bank = bank
-
-    def __len__(self) -> int:
-        return len(self.bank["label"])
-
-    def __getitem__(self, i: int) -> dict:
-        b = self.bank
-        return {"image": b["images"][i].float() / 255, "front": b["front"][i].float() / 255,
-                "label": int(b["label"][i]), "instance": int(b["instance"][i])}
 
 
 class ViewPairs(Renders):

@@ -1,0 +1,240 @@
+"""A jointly differentially private kernelized contextual bandit (explore, release once, exploit).
+
+Paper: Pavlovic, Salgia & Zhao, "Differentially Private Kernelized Contextual Bandits", AISTATS 2025
+(arXiv 2501.07046). The reward f(context, action) lies in a known RKHS, contexts are i.i.d., and the
+sequence of queries must be jointly DP with respect to every user's context and reward. The paper's
+recipe: data-independent exploration (the queries of the learning phase do not look at anyone's data,
+so they are private for free), then one low-sensitivity, covariance-based estimate of f released with
+the Gaussian mechanism; error O(sqrt(gamma_T / T) + gamma_T / (T epsilon)) after T queries.
+
+Our reading (the paper's constants and some steps are not available to us; what follows is derived here
+and tested in tests/feedback/test_bandit.py):
+
+**Features.** A (context c, action a) pair is one input z = [c; a] (concatenated embeddings) to a
+``KernelFeatures`` map phi with ||phi(z)|| <= 1. For the RBF kernel this is exactly the product kernel
+k_c(c, c') k_a(a, a') with one lengthscale (exp(-||z - z'||^2 / 2l^2) factorises over the blocks); for
+Matérn it is the Matérn kernel of the joint distance. Scale the embeddings to weigh the two parts.
+
+**Exploration.** While t < explore_rounds, ``select`` returns k distinct candidates drawn uniformly by a
+generator seeded with (seed, t) alone: the query at round t depends on nothing but (seed, t, K, k).
+
+**Statistics.** S = sum_t phi_t phi_t^T (m x m) and b = sum_t phi_t y_t, with y clipped to [-B, B]. The
+neighbouring notion is *replace one user*: one user's (context, action, reward) rows are replaced by
+anything else (the action is a function of the public seed during exploration, but we do not need that:
+the bound below holds for arbitrary rows). For one row per user, with u = phi, v = phi' (||u||, ||v|| <= 1):
+
+    ||u u^T - v v^T||_F^2 = ||u||^4 + ||v||^4 - 2 (u^T v)^2 <= 2          (max at u perpendicular to v)
+    ||u y - v y'||        <= |y| ||u|| + |y'| ||v|| <= 2B                  (max at v = -u, y = B = y')
+
+so the pair (S, b), seen as one vector, has L2 sensitivity Delta = sqrt(2 + 4 B^2). With k ratings per user
+(``ratings_per_user``), a user's contribution to S is a PSD matrix A = sum_j u_j u_j^T with ||A||_F <= tr A <= k,
+and for two PSD matrices <A, A'> >= 0, so ||A - A'||_F^2 <= ||A||_F^2 + ||A'||_F^2 <= 2 k^2; with
+||sum_j u_j y_j - sum_j v_j y'_j|| <= 2 k B this gives Delta = k sqrt(2 + 4 B^2).
+
+**The symmetric noise.** S is symmetric, so its information is the half-vectorisation
+h(S) = (S_ii; sqrt(2) S_ij for i < j), whose Euclidean norm is the Frobenius norm of S: the Frobenius bound
+above *is* the L2 sensitivity of h(S). The Gaussian mechanism adds N(0, sigma^2) to every coordinate of
+(h(S), b); mapped back to a matrix this is S + E with E = (G + G^T)/2, G an i.i.d. N(0, sigma^2) m x m matrix:
+diagonal entries of E are N(0, sigma^2) and off-diagonal N(0, sigma^2 / 2), which is sigma^2 on the
+sqrt(2)-scaled coordinate. (Noising the upper triangle with variance sigma^2 and mirroring it would also
+be private but adds twice the needed variance off the diagonal; noising all m^2 entries independently
+would not give a symmetric release.) sigma comes from ``gaussian_sigma(Delta, epsilon, delta)``.
+
+**The estimate.** S~ is projected onto the PSD cone (negative eigenvalues clipped to 0: post-processing,
+no privacy cost) and theta~ = (S~_+ + lambda I)^-1 b~. lambda = lam + (the noise's spectral-norm bound):
+||E|| <= ||G|| <= sigma (2 sqrt(m) + sqrt(2 ln(1/beta))) with probability >= 1 - beta (Gordon's bound
+E||G|| <= 2 sigma sqrt(m) and Gaussian concentration of the 1-Lipschitz map G -> ||G||), so with that
+probability S + lambda I - ||E|| I >= lam I: the regulariser absorbs the noise as in Shariff & Sheffet's
+private linear bandits, and S~_+ + lambda I >= lambda I is well conditioned always. With epsilon = inf
+there is no noise, lambda = lam and theta~ is kernel ridge regression on the same features.
+
+**Exploitation and joint DP.** After the release ``select`` is greedy (top-k of phi(z)^T theta~). The
+release is (epsilon, delta)-DP; every later query is a function of the public release and that user's own
+context only (the billboard lemma, Hsu et al. 2016), so the sequence of all queries is jointly DP.
+Observations after the release are counted (``t``) but do not change the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from rewardopt.feedback.kernels import KernelFeatures
+from rewardopt.feedback.privacy import ZCDPAccountant, gaussian_mechanism, gaussian_sigma
+from rewardopt.run import derived_seed
+
+#: the stream index of the release noise (exploration rounds use the indices 0, 1, 2, ...: t)
+NOISE_STREAM = 2**31 - 1
+
+
+def joint_sensitivity(reward_bound: float, ratings_per_user: int = 1) -> float:
+    """L2 sensitivity of (h(S), b) under replace-one-user: k sqrt(2 + 4 B^2) (module docstring)."""
+    return ratings_per_user * math.sqrt(2 + 4 * reward_bound**2)
+
+
+def half_vec(S: torch.Tensor) -> torch.Tensor:
+    """h(S) = (S_ii; sqrt(2) S_ij for i < j): ||h(S)|| = ||S||_F for symmetric S. (m, m) -> (m(m+1)/2,)."""
+    i, j = torch.triu_indices(len(S), len(S))
+    scale = torch.where(i == j, 1.0, math.sqrt(2)).to(S.dtype)
+    return S[i, j] * scale
+
+
+def release_vector(S: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The vector the Gaussian mechanism noises: (h(S), b)."""
+    return torch.cat([half_vec(S), b])
+
+
+def symmetric_noise(m: int, sigma: float, generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    """E = (G + G^T)/2 with G i.i.d. N(0, sigma^2): h(E) is i.i.d. N(0, sigma^2) in every coordinate."""
+    G = gaussian_mechanism(torch.zeros(m, m, dtype=dtype), sigma, generator)
+    return (G + G.T) / 2
+
+
+def noise_spectral_bound(m: int, sigma: float, beta: float = 0.01) -> float:
+    """A bound on ||E||_2 that holds with probability >= 1 - beta: sigma (2 sqrt(m) + sqrt(2 ln(1/beta)))."""
+    return sigma * (2 * math.sqrt(m) + math.sqrt(2 * math.log(1 / beta)))
+
+
+def psd_project(S: torch.Tensor) -> torch.Tensor:
+    """The nearest PSD matrix in Frobenius norm: eigenvalues clipped at 0."""
+    s, U = torch.linalg.eigh((S + S.T) / 2)
+    return (U * s.clamp_min(0)) @ U.T
+
+
+class PrivateKernelBandit:
+    """Explore uniformly for ``explore_rounds`` observations, release a private estimate, then be greedy.
+
+    Args:
+        features: phi over the concatenation [context; action] (``features.in_dim`` = dc + da).
+        epsilon, delta: the release's (epsilon, delta)-DP (epsilon = inf: no noise, the non-private baseline).
+        reward_bound: B; rewards are clipped to [-B, B] (ratings 1-9 map to (s - 5)/4 in [-1, 1]: B = 1).
+        lam: the ridge; the noise's spectral bound is added to it (``noise_lambda``) unless that is False.
+        explore_rounds: observations gathered before the one release.
+        seed: fixes the exploration draws (stream t) and the release noise (a stream of its own).
+        ratings_per_user: how many observations one user contributes (scales the sensitivity).
+        noise_lambda: add ``noise_spectral_bound(m, sigma, beta)`` to lam.
+        beta: failure probability of that bound.
+    """
+
+    def __init__(self, features: KernelFeatures, epsilon: float, delta: float = 1e-5, reward_bound: float = 1.0,
+                 lam: float = 1.0, explore_rounds: int = 256, seed: int = 0, ratings_per_user: int = 1,
+                 noise_lambda: bool = True, beta: float = 0.01) -> None:
+        if explore_rounds < 1:
+            raise ValueError(f"explore_rounds must be >= 1, got {explore_rounds}")
+        if reward_bound <= 0 or lam <= 0:
+            raise ValueError(f"reward_bound and lam must be > 0; got {reward_bound}, {lam}")
+        if ratings_per_user < 1:
+            raise ValueError(f"ratings_per_user must be >= 1, got {ratings_per_user}")
+        self.features = features
+        self.epsilon, self.delta, self.reward_bound = float(epsilon), float(delta), float(reward_bound)
+        self.explore_rounds, self.seed, self.ratings_per_user = int(explore_rounds), int(seed), int(ratings_per_user)
+        self.sensitivity = joint_sensitivity(self.reward_bound, self.ratings_per_user)
+        self.sigma = gaussian_sigma(self.sensitivity, self.epsilon, self.delta)
+        m = features.dim
+        self.lam = float(lam) + (noise_spectral_bound(m, self.sigma, beta) if noise_lambda else 0.0)
+        self.accountant = ZCDPAccountant()
+        self.t = 0
+        self._S = torch.zeros(m, m, dtype=torch.float64)
+        self._b = torch.zeros(m, dtype=torch.float64)
+        self._n = 0  # observations in the statistics
+        self.theta: torch.Tensor | None = None  # theta~, (m,), once released
+        self.observed_rewards: list[float] = []  # every clipped reward seen (for reporting; never released)
+
+    # --- queries ------------------------------------------------------------------------------
+    def exploration_generator(self, t: int) -> torch.Generator:
+        """The generator of round t's exploration draw: seeded by (seed, t) only."""
+        return torch.Generator().manual_seed(derived_seed(self.seed, t))
+
+    def select(self, context: torch.Tensor, candidates: torch.Tensor, k: int = 1) -> list[int]:
+        """Indices of the k candidates (K, da) to show for ``context`` (dc,).
+
+        Before the release: k distinct uniform draws depending only on (seed, t, K, k). After: the
+        top-k of the released estimate."""
+        K = len(candidates)
+        if not 1 <= k <= K:
+            raise ValueError(f"k must be in [1, {K}] (the number of candidates), got {k}")
+        if not self.released:
+            return torch.randperm(K, generator=self.exploration_generator(self.t))[:k].tolist()
+        scores = self.predict(context, candidates)
+        return torch.topk(scores, k).indices.tolist()
+
+    # --- data ---------------------------------------------------------------------------------
+    def joint(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """z = [c; a]: context (dc,) or (N, dc), actions (N, da) -> (N, dc + da)."""
+        actions = actions.reshape(len(actions), -1) if actions.ndim > 1 else actions.unsqueeze(0)
+        context = context.to(actions.dtype)
+        if context.ndim == 1:
+            context = context.unsqueeze(0).expand(len(actions), -1)
+        if len(context) != len(actions):
+            raise ValueError(f"{len(context)} contexts for {len(actions)} actions")
+        return torch.cat([context, actions], dim=1)
+
+    def clip(self, reward: float) -> float:
+        B = self.reward_bound
+        return float(min(max(float(reward), -B), B))
+
+    def observe(self, context: torch.Tensor, action: torch.Tensor, reward: float) -> None:
+        """Record one rating: clipped to [-B, B] and added to the statistics until the release, which
+        happens once, when t reaches ``explore_rounds``."""
+        if not math.isfinite(float(reward)):
+            raise ValueError(f"reward must be finite, got {reward}")
+        y = self.clip(reward)
+        self.observed_rewards.append(y)
+        if not self.released:
+            with torch.no_grad():
+                phi = self.features(self.joint(context, action.reshape(1, -1))).to(torch.float64)[0]
+            self._S += torch.outer(phi, phi)
+            self._b += phi * y
+            self._n += 1
+        self.t += 1
+        if self.t == self.explore_rounds and not self.released:
+            self.release()
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact (S, b) gathered so far — private data: tests and audits only, never publish it."""
+        return self._S.clone(), self._b.clone()
+
+    # --- the release ----------------------------------------------------------------------------
+    @property
+    def released(self) -> bool:
+        return self.theta is not None
+
+    def release(self) -> torch.Tensor:
+        """Release theta~ once (called by ``observe`` at t = explore_rounds; call it yourself to release
+        fewer observations). The noise is drawn from a generator seeded by ``seed``: same data, same release."""
+        if self.released:
+            raise RuntimeError("the statistics were already released once; a second release would spend "
+                               "more privacy (build a new bandit with its own budget)")
+        g = torch.Generator().manual_seed(derived_seed(self.seed, NOISE_STREAM))
+        m = len(self._b)
+        E = symmetric_noise(m, self.sigma, g)
+        b = gaussian_mechanism(self._b, self.sigma, g)
+        S = self._S + E
+        if self.sigma > 0:
+            S = psd_project(S)
+        self.accountant.add("S, b", self.sensitivity, self.sigma)
+        self.theta = torch.linalg.solve(S + self.lam * torch.eye(m, dtype=S.dtype), b)
+        return self.theta
+
+    def predict(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """phi([c; a])^T theta~: context (dc,) or (N, dc), actions (N, da) -> (N,). Differentiable in both."""
+        if not self.released:
+            raise RuntimeError(f"nothing released yet: {self.t} of {self.explore_rounds} exploration observations")
+        phi = self.features(self.joint(context, actions))
+        return phi @ self.theta.to(phi.dtype)
+
+
+def simple_regret(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  contexts: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Simple regret of the greedy policy of ``predict`` against the true ``f``, per context:
+    max_a f(c, a) - f(c, argmax_a predict(c, a)). contexts (N, dc), candidates (N, K, da) -> (N,)."""
+    out = []
+    for c, cand in zip(contexts, candidates):
+        with torch.no_grad():
+            true = f(c, cand)
+            chosen = int(predict(c, cand).argmax())
+        out.append(true.max() - true[chosen])
+    return torch.stack(out)

@@ -21,15 +21,23 @@ generator seeded with (seed, t) alone: the query at round t depends on nothing b
 **Statistics.** S = sum_t phi_t phi_t^T (m x m) and b = sum_t phi_t y_t, with y clipped to [-B, B]. The
 neighbouring notion is *replace one user*: one user's (context, action, reward) rows are replaced by
 anything else (the action is a function of the public seed during exploration, but we do not need that:
-the bound below holds for arbitrary rows). For one row per user, with u = phi, v = phi' (||u||, ||v|| <= 1):
+the bound below holds for arbitrary rows). For one row per user, with u = phi, v = phi' (||u||, ||v|| <= 1)
+and p = |u^T v|:
 
-    ||u u^T - v v^T||_F^2 = ||u||^4 + ||v||^4 - 2 (u^T v)^2 <= 2          (max at u perpendicular to v)
-    ||u y - v y'||        <= |y| ||u|| + |y'| ||v|| <= 2B                  (max at v = -u, y = B = y')
+    ||u u^T - v v^T||_F^2 = ||u||^4 + ||v||^4 - 2 (u^T v)^2                 <= 2 - 2 p^2  (unit norms)
+    ||u y - v y'||^2      = y^2 ||u||^2 + y'^2 ||v||^2 - 2 y y' u^T v        <= 2 B^2 (1 + p)
 
-so the pair (S, b), seen as one vector, has L2 sensitivity Delta = sqrt(2 + 4 B^2). With k ratings per user
-(``ratings_per_user``), a user's contribution to S is a PSD matrix A = sum_j u_j u_j^T with ||A||_F <= tr A <= k,
-and for two PSD matrices <A, A'> >= 0, so ||A - A'||_F^2 <= ||A||_F^2 + ||A'||_F^2 <= 2 k^2; with
-||sum_j u_j y_j - sum_j v_j y'_j|| <= 2 k B this gives Delta = k sqrt(2 + 4 B^2).
+(both grow with ||u||, ||v|| at fixed p, and p <= ||u|| ||v||, so unit norms are the worst case). The sum of
+the two separate suprema, 2 + 4 B^2, is a valid bound but is never attained: the first needs u
+perpendicular to v, the second v = -u. Jointly, the squared L2 distance between the (S, b) of neighbours is
+at most F(p) = 2 - 2 p^2 + 2 B^2 (1 + p), maximised at p* = min(B^2 / 2, 1):
+
+    Delta = (B^2 + 2) / sqrt(2)   for B^2 <= 2      (B = 1: 3 / sqrt(2) ~ 2.121, vs sqrt(6) ~ 2.449)
+    Delta = 2 B                   for B^2 >= 2      (p* = 1: v = u, y = -y' = B, S unchanged)
+
+which is attained (any p in [0, 1] is a feature inner product of two inputs some distance apart; the test
+finds pairs within 3% of it). With k ratings per user (``ratings_per_user``) replace them one at a time: by
+the triangle inequality Delta_k = k Delta.
 
 **The symmetric noise.** S is symmetric, so its information is the half-vectorisation
 h(S) = (S_ii; sqrt(2) S_ij for i < j), whose Euclidean norm is the Frobenius norm of S: the Frobenius bound
@@ -60,6 +68,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from einops import rearrange
 
 from rewardopt.feedback.kernels import KernelFeatures
 from rewardopt.feedback.privacy import ZCDPAccountant, gaussian_mechanism, gaussian_sigma
@@ -70,8 +79,11 @@ NOISE_STREAM = 2**31 - 1
 
 
 def joint_sensitivity(reward_bound: float, ratings_per_user: int = 1) -> float:
-    """L2 sensitivity of (h(S), b) under replace-one-user: k sqrt(2 + 4 B^2) (module docstring)."""
-    return ratings_per_user * math.sqrt(2 + 4 * reward_bound**2)
+    """L2 sensitivity of (h(S), b) under replace-one-user (module docstring): k (B^2 + 2) / sqrt(2) for
+    B^2 <= 2, else 2 k B."""
+    B2 = reward_bound**2
+    one = (B2 + 2) / math.sqrt(2) if B2 <= 2 else 2 * reward_bound
+    return ratings_per_user * one
 
 
 def half_vec(S: torch.Tensor) -> torch.Tensor:
@@ -140,6 +152,8 @@ class PrivateKernelBandit:
         self._b = torch.zeros(m, dtype=torch.float64)
         self._n = 0  # observations in the statistics
         self.theta: torch.Tensor | None = None  # theta~, (m,), once released
+        #: the Gaussian mechanism's output (S + E, b + e), once released; theta is post-processing of it
+        self.noisy_statistics: tuple[torch.Tensor, torch.Tensor] | None = None
         self.observed_rewards: list[float] = []  # every clipped reward seen (for reporting; never released)
 
     # --- queries ------------------------------------------------------------------------------
@@ -163,7 +177,8 @@ class PrivateKernelBandit:
     # --- data ---------------------------------------------------------------------------------
     def joint(self, context: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """z = [c; a]: context (dc,) or (N, dc), actions (N, da) -> (N, dc + da)."""
-        actions = actions.reshape(len(actions), -1) if actions.ndim > 1 else actions.unsqueeze(0)
+        # (N, da) or (N, ...) flattened; a 1-D tensor is one action
+        actions = rearrange(actions, "n ... -> n (...)") if actions.ndim > 1 else actions.unsqueeze(0)
         context = context.to(actions.dtype)
         if context.ndim == 1:
             context = context.unsqueeze(0).expand(len(actions), -1)
@@ -192,6 +207,26 @@ class PrivateKernelBandit:
         if self.t == self.explore_rounds and not self.released:
             self.release()
 
+    def observe_batch(self, contexts: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor) -> None:
+        """``observe`` for N ratings at once (contexts (N, dc), actions (N, da), rewards (N,)), in order:
+        the same statistics and the same release as N ``observe`` calls (the release still happens once,
+        at t = explore_rounds, on the first explore_rounds rows; later rows are only counted)."""
+        rewards = torch.as_tensor(rewards, dtype=torch.float64).flatten()
+        if not torch.isfinite(rewards).all():
+            raise ValueError("rewards must be finite")
+        y = rewards.clamp(-self.reward_bound, self.reward_bound)
+        self.observed_rewards.extend(y.tolist())
+        n_stat = 0 if self.released else min(len(y), self.explore_rounds - self.t)
+        if n_stat:
+            with torch.no_grad():
+                phi = self.features(self.joint(contexts[:n_stat], actions[:n_stat])).to(torch.float64)
+            self._S += phi.T @ phi
+            self._b += phi.T @ y[:n_stat]
+            self._n += n_stat
+        self.t += len(y)
+        if n_stat and self.t >= self.explore_rounds:
+            self.release()
+
     def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact (S, b) gathered so far — private data: tests and audits only, never publish it."""
         return self._S.clone(), self._b.clone()
@@ -212,6 +247,7 @@ class PrivateKernelBandit:
         E = symmetric_noise(m, self.sigma, g)
         b = gaussian_mechanism(self._b, self.sigma, g)
         S = self._S + E
+        self.noisy_statistics = (S.clone(), b.clone())
         if self.sigma > 0:
             S = psd_project(S)
         self.accountant.add("S, b", self.sensitivity, self.sigma)

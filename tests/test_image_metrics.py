@@ -27,3 +27,20 @@ def test_ssim_identity_symmetry_and_noise():
     values = [float(ssim(a, n).mean()) for n in noisy]
     assert values[0] > values[1] > values[2]
     torch.testing.assert_close(ssim(a, noisy[1]), ssim(noisy[1], a))
+
+
+def test_ssim_matches_torchmetrics_on_valid_windows():
+    """Cross-check with an independent implementation (torchmetrics, a lightning dependency): its full SSIM map
+    (reflect-padded) cropped to the windows that lie inside the image equals ours. Its default scalar differs by
+    design: it also averages the padded border windows, which inflates SSIM on renders with flat backgrounds; ours
+    averages valid windows only, as Wang et al.'s reference code ('valid' filtering) does."""
+    tm = pytest.importorskip("torchmetrics.functional.image")
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(3, 3, 32, 32, generator=g)
+    b = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    b[:, :, :12] = a[:, :, :12] = 1.0  # a flat white band, where border windows matter
+    _, full = tm.structural_similarity_index_measure(b, a, data_range=1.0, return_full_image=True)
+    pad = 5  # (11 - 1) / 2
+    expected = full[..., pad:-pad, pad:-pad].flatten(1).mean(1)
+    torch.testing.assert_close(ssim(a, b), expected, rtol=1e-4, atol=1e-4)
+    assert float(tm.structural_similarity_index_measure(b, a, data_range=1.0)) > float(ssim(a, b).mean()) + 1e-3

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from domains.text_to_3d.scene import Cameras, VoxelGrid, render, view_prompt
+from domains.text_to_3d.scene import FRONT_HALF_WIDTH, Cameras, VoxelGrid, render, view_prompt
 
 SHAPES = ("sphere", "cube", "cone")
 COLOURS = {"red": (0.85, 0.15, 0.15), "green": (0.2, 0.7, 0.25), "blue": (0.2, 0.3, 0.85), "yellow": (0.9, 0.8, 0.2)}
@@ -155,19 +155,32 @@ def front_camera(**kwargs) -> Cameras:
     return Cameras(torch.tensor([FRONT_AZIMUTH]), torch.tensor([FRONT_ELEVATION]), **kwargs)
 
 
+def front_cone_cameras(n: int, generator: torch.Generator, half_width: float = FRONT_HALF_WIDTH,
+                       elevation_range: tuple[float, float] = (0.0, 30.0), **kwargs) -> Cameras:
+    """``n`` cameras anywhere a view is called "front" (azimuth ~ U[-half_width, half_width], elevation ~
+    U[elevation_range]): where a text-to-image sample of "<prompt>, front view" may be seen from, so a visual
+    prompt drawn by text-to-image first matches the references the image branch was trained on."""
+    u = torch.rand(2, n, generator=generator)
+    lo, hi = elevation_range
+    return Cameras((2 * u[0] - 1) * half_width, lo + u[1] * (hi - lo), **kwargs)
+
+
 @torch.no_grad()
 def render_bank(prompts: list[str] | None = None, instances: int = 16, views: int = 24, size: int = 32,
                 seed: int = 0, elevation_range: tuple[float, float] = (0.0, 30.0), num_samples: int = 64,
-                resolution: int = 48) -> dict:
+                resolution: int = 48, front_cone: bool = True) -> dict:
     """Multi-view renders of jittered instances, for the prior's pretraining and the classifiers.
 
-    Returns a dict of tensors: ``images`` (N, 3, size, size) uint8, ``front`` (N, 3, size, size) uint8 (the front view
-    of the same instance: the visual prompt), ``label`` (N,) the prompt index in ``prompts``, ``instance`` (N,) a global
+    Returns a dict of tensors: ``images`` (N, 3, size, size) uint8, ``front`` (N, 3, size, size) uint8 (a front view
+    of the same instance: the visual prompt; with ``front_cone`` one per view from a camera anywhere in the front cone,
+    ``front_cone_cameras``, drawn by its own generator so ``images`` do not depend on it; else the fixed
+    ``front_camera``), ``label`` (N,) the prompt index in ``prompts``, ``instance`` (N,) a global
     instance id, ``azimuth`` / ``elevation`` (N,) degrees; and ``prompts`` (the list). N = len(prompts) * instances *
     views. Deterministic in ``seed``."""
     prompts = list(PROMPTS if prompts is None else prompts)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
+    front_gen = torch.Generator().manual_seed(seed + 7919)
     out = {k: [] for k in ("images", "front", "label", "instance", "azimuth", "elevation")}
     for li, prompt in enumerate(prompts):
         base = canonical(prompt)
@@ -175,9 +188,13 @@ def render_bank(prompts: list[str] | None = None, instances: int = 16, views: in
             grid = VoxelGrid.from_fields(*voxelize(jitter(base, rng), resolution))
             cams = Cameras.random(views, gen, elevation_range)
             imgs = render(grid, cams, size, size, num_samples, BACKGROUND)
-            front = render(grid, front_camera(), size, size, num_samples, BACKGROUND)
+            if front_cone:
+                front = render(grid, front_cone_cameras(views, front_gen, elevation_range=elevation_range), size, size,
+                               num_samples, BACKGROUND)
+            else:
+                front = render(grid, front_camera(), size, size, num_samples, BACKGROUND).expand(views, -1, -1, -1)
             out["images"].append(imgs)
-            out["front"].append(front.expand(views, -1, -1, -1))
+            out["front"].append(front)
             out["label"].append(torch.full((views,), li))
             out["instance"].append(torch.full((views,), li * instances + k))
             out["azimuth"].append(cams.azimuth)

@@ -194,7 +194,7 @@ class RenderBankDataModule(L.LightningDataModule):
         args = {"instances": instances, "views": views, "seed": seed, **self.bank_args}
         path = None
         if self.cache_dir:
-            path = Path(self.cache_dir) / ("bank_" + "_".join(f"{k}{v}" for k, v in args.items()) + ".pt")
+            path = Path(self.cache_dir) / ("bank_cone_" + "_".join(f"{k}{v}" for k, v in args.items()) + ".pt")
             if path.is_file():
                 return torch.load(path, weights_only=True)
         bank = render_bank(PROMPTS, **args)

@@ -316,14 +316,14 @@ class VPSDS(SDS):
                                  antialias=True)[0].clamp(0, 1)
         before = g.counter.nfe
         with torch.no_grad():
-            cond = g.encode_condition([view_dependent_prompt(self.prompt, "front")])
+            cond = g.encode_condition([SDS.raw_condition(self, "front")])  # the front-view prompt if view-dependent
             rng = torch.Generator().manual_seed(self.visual_prompt_seed)
             img = g.decode(g.sample(cond, generator=rng, grad_last_k=0))[0]
         self.visual_prompt_nfe += g.counter.nfe - before
         return img
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
+    def on_fit_start(self) -> None:
+        # after the strategy moved the module to its device: the text-to-image step runs where training runs
         self.ensure_visual_prompt()
 
     def ensure_visual_prompt(self) -> torch.Tensor:

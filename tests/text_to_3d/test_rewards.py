@@ -295,3 +295,26 @@ def test_info_nce_and_feature_metrics():
     m = feature_metrics(emb, emb, emb, inst, inst)
     assert m["instance_retrieval"] == m["front_retrieval"] == m["front_prompt_retrieval"] == 1.0
     assert abs(m["pos_cos"] - 1) < 1e-5
+
+
+def test_the_evaluator_is_not_fooled_by_what_hacks_the_reward(alignment):
+    """The benchmark's hacking check: renders pushed (L-inf 8/255, 30 signed-gradient steps) to maximise the text-
+    alignment reward for ANOTHER prompt gain a lot of reward, while the independent evaluator still reads the object
+    that is actually there. If the evaluator shared the reward's blind spots, reward gains would count as accuracy."""
+    evaluator = RenderEvaluator()
+    cams = Cameras(torch.tensor([0.0, 120.0]), torch.tensor([15.0, 20.0]))
+    source = [PROMPTS[i] for i in (12, 24, 13, 25) for _ in range(2)]
+    target = [PROMPTS[i] for i in (13, 25, 12, 24) for _ in range(2)]
+    x0 = torch.cat([render_views(p, cams, 32, 48) for p in source[::2]])
+    x = x0.clone().requires_grad_(True)
+    budget = 8 / 255
+    for _ in range(30):
+        (grad,) = torch.autograd.grad(alignment(x, target).total.sum(), x)
+        with torch.no_grad():
+            x += grad.sign() / 255
+            x.copy_((x0 + (x - x0).clamp(-budget, budget)).clamp(0, 1))
+    with torch.no_grad():
+        before, after = alignment(x0, target).total.exp().mean(), alignment(x, target).total.exp().mean()
+        assert after > 0.1 and after > 100 * before  # the reward is hacked
+        assert evaluator.prompt_probability(x, target).mean() < 0.01  # the evaluator is not
+        assert evaluator.prompt_probability(x, source).mean() > 0.9

@@ -161,6 +161,27 @@ def test_pairs_are_mirrored_from_behind():
     assert psnr(back, torch.flip(front, dims=[-1])) > psnr(back, front) + 5  # the mirror image, up to shading
 
 
+def test_handedness_left_right_and_up_in_the_image():
+    """The renderer's image axes: from the front (azimuth 0, the camera on +z) world +x is image right and +y image
+    up; from behind (180) +x is image left. A mirrored renderer would still pass the test above, not this one."""
+    prompt = PROMPTS[24]
+    assert prompt == "a green cube and a red cone"  # the green cube at x = -0.45 (left), the red cone at +0.45
+    front, back = render_views(prompt, Cameras(torch.tensor([0.0, 180.0]), torch.tensor([0.0, 0.0])), 32, 48)
+    w = front.shape[-1] // 2
+
+    def greener(img):  # green minus red, per image half
+        return float((img[1] - img[0])[:, :w].mean()), float((img[1] - img[0])[:, w:].mean())
+
+    left, right = greener(front)
+    assert left > 0.1 and right < -0.1  # green on the left, red on the right
+    left, right = greener(back)
+    assert left < -0.1 and right > 0.1
+    stack = render_views("a blue cone on a red cube", Cameras(torch.tensor([0.0]), torch.tensor([0.0])), 32, 48)[0]
+    h = stack.shape[-2] // 2
+    blueness = stack[2] - stack[0]
+    assert float(blueness[:h].mean()) > 0.05 > float(blueness[h:].mean())  # the cone (on top) is in the upper half
+
+
 def test_voxelize_puts_density_inside_the_parts():
     spec = canonical("a red sphere")
     dens, rgb = voxelize(spec, 17)
@@ -190,3 +211,19 @@ def test_export_mesh_needs_scikit_image_or_writes_obj(tmp_path):
         return
     text = export_mesh(grid, tmp_path / "m.obj").read_text()
     assert text.count("\nf ") > 100
+
+
+def test_render_bank_visual_prompts_come_from_the_whole_front_cone():
+    """The prior's image branch and the feature net learn from ``front`` references seen from anywhere a view is
+    called "front" (as a text-to-image sample of "<prompt>, front view" is), not from one fixed camera; the
+    training views themselves do not depend on that choice."""
+    from domains.text_to_3d.objects import front_cone_cameras, render_bank
+
+    args = dict(prompts=[PROMPTS[24]], instances=1, views=4, size=16, seed=0, num_samples=16, resolution=16)
+    cone, fixed = render_bank(**args), render_bank(**args, front_cone=False)
+    assert torch.equal(cone["images"], fixed["images"])
+    assert all(torch.equal(fixed["front"][0], f) for f in fixed["front"])  # one camera
+    assert not all(torch.equal(cone["front"][0], f) for f in cone["front"])  # several cameras
+    cams = front_cone_cameras(1000, torch.Generator().manual_seed(0))
+    assert all(view_name(float(a), float(e)) == "front" for a, e in zip(cams.azimuth, cams.elevation))
+    assert float(cams.azimuth.min()) < -40 and float(cams.azimuth.max()) > 40

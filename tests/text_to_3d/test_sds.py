@@ -28,8 +28,8 @@ def test_sds_gradient_is_weighted_noise_residual_without_the_unet_jacobian(predi
     g = tiny_prior(prediction_type)
     m = SDS(g, VoxelScene(resolution=8, render_size=16, num_samples=16), "a red circle", guidance_scale=7.5,
             views_per_step=3)
-    unet_backward = []
-    g.denoiser.register_full_backward_hook(lambda *a: unet_backward.append(1))
+    on_graph = []  # per UNet call: whether its output is on the autograd graph (so a backward would go through it)
+    g.denoiser.register_forward_hook(lambda mod, args, out: on_graph.append(out[0].requires_grad))
     rng = torch.Generator().manual_seed(0)
     views = m.scene.random_views(3, rng)
     images = m.scene.render(views, rng)
@@ -40,9 +40,14 @@ def test_sds_gradient_is_weighted_noise_residual_without_the_unet_jacobian(predi
     expected = w.reshape(-1, 1, 1, 1) * (terms["eps_hat"] - terms["noise"]) / 3
     # pixel-space prior: x = 2 * image - 1, so dL/dimage = 2 dL/dx
     torch.testing.assert_close(images.grad, 2 * expected, rtol=1e-5, atol=1e-7)
-    assert unet_backward == [] and g.counter.nfe_grad == 0
+    assert on_graph and not any(on_graph) and g.counter.nfe_grad == 0
     assert all(p.grad is None for p in g.parameters())
     assert m.scene.grid.density_raw.grad is not None and m.scene.grid.density_raw.grad.abs().sum() > 0
+    # positive control: the hook sees a UNet call on the graph when there is one (so the check above can fail)
+    probe = terms["x"].detach().requires_grad_(True)
+    cond_t = m.view_conditions(m.scene.view_names(views)).tensors["encoder_hidden_states"]
+    g.denoiser(probe, terms["t"], encoder_hidden_states=cond_t)
+    assert on_graph[-1] is True
 
     # the guided ε̂, recomputed by hand: CFG on the UNet's own outputs at each row's t, converted to ε
     a = g.alphas_cumprod[terms["t"]].reshape(-1, 1, 1, 1)

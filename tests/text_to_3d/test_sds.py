@@ -156,6 +156,14 @@ def test_vpsds_draws_its_visual_prompt_from_the_text_first_and_conditions_every_
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["visual_prompt_nfe"] == 3 and s["prior_nfe"] == 4 and s["method"] == "VPSDS"
 
+    # generated at fit start (after the module is on its device), from the plain prompt without view-dependence
+    plain = VPSDS(g, scene, "a red cube", views_per_step=2, visual_prompt_seed=5, view_dependent=False)
+    assert plain.visual_prompt.numel() == 0
+    fit(plain, 1)
+    expected = g.decode(g.sample(g.encode_condition(["a red cube"]), generator=torch.Generator().manual_seed(5),
+                                 grad_last_k=0))[0]
+    torch.testing.assert_close(plain.visual_prompt, expected)
+
 
 def test_stylised_mode_reads_the_reference_image(tmp_path):
     from PIL import Image

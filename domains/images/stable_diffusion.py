@@ -24,9 +24,12 @@ from transformers import AutoTokenizer, CLIPTextModel
 from rewardopt.generators.base import Condition
 from rewardopt.generators.capabilities import EncodesImages, ImageSamples, SavesPretrained
 from rewardopt.generators.diffusion import DEFAULT_LORA_TARGETS, DiffusionGenerator, make_scheduler
+from rewardopt.generators.flow import FlowMatchingGenerator
 
 ASSETS = Path(__file__).parent / "assets"
-EMBEDDED = {"embedded:tiny-shapes": ASSETS / "tiny_shapes"}
+EMBEDDED = {"embedded:tiny-shapes": ASSETS / "tiny_shapes", "embedded:tiny-shapes-flow": ASSETS / "tiny_shapes_flow"}
+#: the recipe that regenerates an embedded model, where it is not ``recipe``'s default
+EMBEDDED_RECIPES = {"embedded:tiny-shapes-flow": "recipes/images/pretrain_tiny_flow.yaml"}
 
 
 def resolve_pretrained(pretrained: str, embedded: dict[str, Path] | None = None,
@@ -40,7 +43,7 @@ def resolve_pretrained(pretrained: str, embedded: dict[str, Path] | None = None,
         if not (path / "unet").is_dir():
             raise FileNotFoundError(
                 f"the embedded model {pretrained!r} is missing at {path}; regenerate it with "
-                f"`rewardopt fit --config {recipe}`"
+                f"`rewardopt fit --config {EMBEDDED_RECIPES.get(pretrained, recipe)}`"
             )
         return str(path)
     if pretrained.startswith("embedded:"):
@@ -55,6 +58,16 @@ def resolve_pretrained(pretrained: str, embedded: dict[str, Path] | None = None,
             "'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'embedded:tiny-shapes'."
         )
     return str(Path(pretrained).expanduser()) if looks_local else pretrained
+
+
+def load_scheduler(path: str, **kwargs):
+    """The scheduler saved in ``path``/scheduler as its own class when rewardopt samples with it (DDIM, DDPM, or a
+    flow model's FlowMatchEulerDiscreteScheduler), else read as DDIM (``make_scheduler`` converts it either way)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    config = DDIMScheduler.load_config(path, subfolder="scheduler", **kwargs)  # ConfigMixin: any class's json
+    known = {c.__name__: c for c in (DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler)}
+    return known.get(config.get("_class_name"), DDIMScheduler).from_config(config)
 
 
 class StableDiffusionGenerator(ImageSamples, EncodesImages, SavesPretrained, DiffusionGenerator):
@@ -85,6 +98,7 @@ class StableDiffusionGenerator(ImageSamples, EncodesImages, SavesPretrained, Dif
         lora_scale: float = 1.0,
         revision: str | None = None,
         _components: dict | None = None,
+        **schedule_options,
     ) -> None:
         comps = (_components if _components is not None
                  else self.load_components(resolve_pretrained(pretrained), revision))
@@ -99,6 +113,7 @@ class StableDiffusionGenerator(ImageSamples, EncodesImages, SavesPretrained, Dif
             lora_targets=lora_targets,
             full_finetune=full_finetune,
             lora_scale=lora_scale,
+            **schedule_options,
         )
         self.pretrained = pretrained
         self.denoiser: UNet2DConditionModel = comps["unet"]
@@ -126,15 +141,13 @@ class StableDiffusionGenerator(ImageSamples, EncodesImages, SavesPretrained, Dif
     @classmethod
     def load_components(cls, path: str, revision: str | None = None) -> dict:
         """Load each component with its family's own ``from_pretrained`` (the VAE when the folder has one)."""
-        from diffusers import DDIMScheduler
-
         kw = {"revision": revision} if revision else {}
         try:
             comps = {
                 "unet": cls.unet_class.from_pretrained(path, subfolder="unet", **kw),
                 "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
                 "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-                "scheduler": DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+                "scheduler": load_scheduler(path, **kw),
             }
         except OSError as e:
             raise FileNotFoundError(
@@ -245,3 +258,43 @@ class StableDiffusionGenerator(ImageSamples, EncodesImages, SavesPretrained, Dif
         if self.vae is not None:
             x = self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
         return x
+
+
+class FlowUNetGenerator(FlowMatchingGenerator, StableDiffusionGenerator):
+    """``StableDiffusionGenerator``'s UNet, text encoder and VAE sampled as a rectified flow: the UNet predicts the
+    velocity v = ε − x0 at timestep σ·1000, Euler ODE steps over ``FlowMatchEulerDiscreteScheduler``'s σ schedule
+    (its ``shift``), Flow-GRPO's SDE where ``sde_noise_level`` > 0. ``embedded:tiny-shapes-flow`` is the tiny
+    shapes UNet pretrained with the flow-matching objective (``recipes/images/pretrain_tiny_flow.yaml``).
+
+    Args: ``StableDiffusionGenerator``'s (``sampler`` is "flow") and ``FlowMatchingGenerator``'s schedule options.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        height: int = 512,
+        width: int = 512,
+        num_steps: int = 28,
+        guidance_scale: float = 7.0,
+        sde_noise_level: float = 0.0,
+        sde_window: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+        gradient_checkpointing: bool = True,
+        lora_rank: int | None = 8,
+        lora_alpha: float | None = None,
+        lora_targets: list[str] = list(DEFAULT_LORA_TARGETS),
+        full_finetune: bool = False,
+        lora_scale: float = 1.0,
+        revision: str | None = None,
+        _components: dict | None = None,
+    ) -> None:
+        super().__init__(pretrained, height, width, "flow", num_steps, guidance_scale, 0.0, gradient_checkpointing,
+                         lora_rank, lora_alpha, lora_targets, full_finetune, lora_scale, revision, _components,
+                         sde_noise_level=sde_noise_level, sde_window=sde_window, sigmas=sigmas, mu=mu)
+
+    def init_state(self, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
+        device = self._timesteps.device
+        x = torch.randn((len(cond), *self.latent_shape), generator=generator,
+                        device=generator.device if generator else device)
+        return x.to(device)  # σ = 1: pure noise, no init_noise_sigma

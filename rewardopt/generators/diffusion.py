@@ -31,9 +31,12 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's own file names
 
 
-def make_scheduler(kind: str, config: dict) -> DDIMScheduler | DDPMScheduler:
-    """Build a diffusers scheduler of ``kind`` ("ddim" or "ddpm") from another scheduler's config."""
-    kinds = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+def make_scheduler(kind: str, config: dict):
+    """Build a diffusers scheduler of ``kind`` ("ddim" or "ddpm"; "flow": ``FlowMatchEulerDiscreteScheduler``) from
+    another scheduler's config (a flow model's config carries its shift; a DDPM config gives the flow's defaults)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    kinds = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "flow": FlowMatchEulerDiscreteScheduler}
     if kind not in kinds:
         raise ValueError(f"sampler must be one of {sorted(kinds)}, got {kind!r}")
     return kinds[kind].from_config(config)
@@ -110,15 +113,9 @@ class DiffusionGenerator(FrozenCopy, Trainable, TransitionLogProbs, Deterministi
         lora_targets: tuple[str, ...] | list[str] = DEFAULT_LORA_TARGETS,
         full_finetune: bool = False,
         lora_scale: float = 1.0,
+        **schedule_options,
     ) -> None:
         super().__init__()
-        if not isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
-            raise NotImplementedError(
-                f"{type(scheduler).__name__} is not supported; use DDIMScheduler or DDPMScheduler "
-                "(build one from any config with rewardopt.generators.diffusion.make_scheduler)"
-            )
-        if isinstance(scheduler, DDPMScheduler):
-            check_ddpm_variance_type(scheduler.config.variance_type)
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if lora_rank is not None and full_finetune:
@@ -131,7 +128,23 @@ class DiffusionGenerator(FrozenCopy, Trainable, TransitionLogProbs, Deterministi
         self.lora_targets = list(lora_targets)
         self.full_finetune = full_finetune
         self.lora_scale = float(lora_scale)
-        self.scheduler.set_timesteps(num_steps)
+        self.init_schedule(scheduler, num_steps, **schedule_options)
+
+    def init_schedule(self, scheduler, num_steps: int, **options) -> None:
+        """Check ``scheduler`` and set the sampling schedule's buffers (``alphas_cumprod``, ``_timesteps``). The
+        family's hook: ``FlowMatchingGenerator`` sets a flow's σ schedule here instead, with its own ``options``."""
+        if options:
+            raise TypeError(f"{type(self).__name__} got unexpected schedule options {sorted(options)} (they belong "
+                            "to FlowMatchingGenerator: sde_noise_level, sde_window, sigmas, mu)")
+        if not isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
+            raise NotImplementedError(
+                f"{type(scheduler).__name__} is not supported; use DDIMScheduler or DDPMScheduler "
+                "(build one from any config with rewardopt.generators.diffusion.make_scheduler), or a flow model's "
+                "FlowMatchEulerDiscreteScheduler with rewardopt.generators.flow.FlowMatchingGenerator"
+            )
+        if isinstance(scheduler, DDPMScheduler):
+            check_ddpm_variance_type(scheduler.config.variance_type)
+        scheduler.set_timesteps(num_steps)
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.register_buffer("_timesteps", scheduler.timesteps.clone().long(), persistent=False)
 

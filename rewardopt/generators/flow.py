@@ -47,45 +47,29 @@ from collections.abc import Sequence
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from rewardopt.generators.base import Condition, Generator
-from rewardopt.generators.diffusion import DEFAULT_LORA_TARGETS, DiffusionGenerator
+from rewardopt.generators.base import Condition
+from rewardopt.generators.diffusion import DiffusionGenerator
 
 
 class FlowMatchingGenerator(DiffusionGenerator):
     """A rectified-flow sampler (velocity prediction) with Euler ODE steps and Flow-GRPO's SDE steps.
 
-    Args:
+    Args (``DiffusionGenerator``'s, with these schedule options; ``eta`` must stay 0):
         scheduler: a diffusers ``FlowMatchEulerDiscreteScheduler`` (its shift, dynamic shifting, Karras/exponential
             sigmas and ``shift_terminal`` apply through its own ``set_timesteps``).
-        num_steps: sampling steps T.
-        guidance_scale: classifier-free guidance weight w (1 = no guidance; SD3's pipeline default is 7).
         sde_noise_level: Flow-GRPO's noise level a (0: the deterministic ODE sampler, the pipelines' own; the paper
             trains with 0.7).
         sde_window: [start, end) step indices where the SDE applies when ``sde_noise_level`` > 0 (None: every step).
         sigmas, mu: passed to ``scheduler.set_timesteps`` as the family's pipeline passes them (FLUX: a linear σ
             grid and a resolution-dependent ``mu``; SD3: none, or ``mu`` with dynamic shifting).
-        Other arguments: see ``DiffusionGenerator`` (gradient checkpointing, LoRA via peft, full fine-tuning).
     """
 
-    def __init__(
-        self,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-        num_steps: int = 28,
-        guidance_scale: float = 7.0,
-        sde_noise_level: float = 0.0,
-        sde_window: Sequence[int] | None = None,
-        gradient_checkpointing: bool = True,
-        lora_rank: int | None = None,
-        lora_alpha: float | None = None,
-        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
-        full_finetune: bool = False,
-        lora_scale: float = 1.0,
-        sigmas: Sequence[float] | None = None,
-        mu: float | None = None,
-    ) -> None:
-        # DiffusionGenerator.__init__ builds the DDIM/DDPM ᾱ schedule; a flow has its own σ schedule instead, so the
-        # shared state is set here and the initialisation goes on from Generator.
-        Generator.__init__(self)
+    def init_schedule(self, scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int,
+                      sde_noise_level: float = 0.0, sde_window: Sequence[int] | None = None,
+                      sigmas: Sequence[float] | None = None, mu: float | None = None) -> None:
+        """The flow's σ schedule, set as the pipelines set it (``scheduler.set_timesteps(num_steps, sigmas=, mu=)``),
+        and the SDE's options; called by ``DiffusionGenerator.__init__`` (which holds the knobs every continuous
+        generator shares: guidance, checkpointing, LoRA, full fine-tuning)."""
         if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
             raise NotImplementedError(f"{type(scheduler).__name__} is not supported; FlowMatchingGenerator steps with "
                                       "FlowMatchEulerDiscreteScheduler's sigmas (DDIM/DDPM: DiffusionGenerator)")
@@ -95,24 +79,16 @@ class FlowMatchingGenerator(DiffusionGenerator):
         if cfg.stochastic_sampling:
             raise NotImplementedError("the scheduler's stochastic_sampling is not supported; use sde_noise_level > 0 "
                                       "(Flow-GRPO's marginal-preserving SDE) for a stochastic sampler")
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if lora_rank is not None and full_finetune:
-            raise ValueError("choose LoRA (lora_rank) or full_finetune, not both")
+        if self.eta != 0.0:
+            raise ValueError(f"eta={self.eta} is DDIM's; a flow model's stochasticity is sde_noise_level (Flow-GRPO)")
         if sde_noise_level < 0:
             raise ValueError(f"sde_noise_level must be >= 0 (Flow-GRPO: 0.7), got {sde_noise_level}")
         if cfg.use_dynamic_shifting and mu is None:
             raise ValueError("the scheduler has use_dynamic_shifting=True: pass mu (the pipelines compute it from the "
                              "image's token count with diffusers' calculate_shift)")
-        self.scheduler = scheduler
-        self.guidance_scale = float(guidance_scale)
-        self.gradient_checkpointing = gradient_checkpointing
-        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
-        self.lora_targets = list(lora_targets)
-        self.full_finetune = full_finetune
-        self.lora_scale = float(lora_scale)
         self.sde_noise_level = float(sde_noise_level)
-        scheduler.set_timesteps(num_steps, sigmas=None if sigmas is None else list(sigmas), mu=mu)
+        self.schedule_sigmas, self.mu = None if sigmas is None else [float(v) for v in sigmas], mu
+        scheduler.set_timesteps(num_steps, sigmas=self.schedule_sigmas, mu=mu)
         if len(scheduler.timesteps) != num_steps:
             raise ValueError(f"sigmas has {len(scheduler.timesteps)} entries, num_steps is {num_steps}")
         self.sde_window = self._check_window(sde_window, num_steps)

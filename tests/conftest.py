@@ -22,6 +22,17 @@ def tiny_generator(**kwargs):
     return build_tiny_generator(seed=0, size=16, channels=(8, 16), **kwargs)
 
 
+def tiny_flow_generator(**kwargs):
+    """``tiny_generator``'s random UNet and text encoder as a rectified flow (FlowUNetGenerator)."""
+    from domains.images.tiny import build_tiny_flow_generator
+
+    kwargs.setdefault("num_steps", 4)
+    kwargs.setdefault("guidance_scale", 2.0)
+    kwargs.setdefault("lora_rank", 4)
+    kwargs.setdefault("gradient_checkpointing", False)
+    return build_tiny_flow_generator(seed=0, size=16, channels=(8, 16), **kwargs)
+
+
 def aesthetic_stand_in_args(tmp_path):
     """CLI overrides that point an AestheticReward at a tiny random CLIP vision tower and head."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection

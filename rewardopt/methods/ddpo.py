@@ -189,6 +189,15 @@ class DDPO(RewardFineTuning):
         strategy = self.trainer.strategy
         return strategy.block_backward_sync() if not sync and isinstance(strategy, ParallelStrategy) else nullcontext()
 
+    def step_loss(self, x: torch.Tensor, i: int, x_next: torch.Tensor, cond, old_logp: torch.Tensor,
+                  adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The PPO-clipped loss summed over the rows of one step i (states ``x`` -> ``x_next``), with the log-ratio
+        and ratio per row (for the statistics)."""
+        diff = self.generator.log_prob(x, i, x_next, cond) - old_logp
+        ratio = torch.exp(diff)
+        loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).sum()
+        return loss, diff, ratio
+
     def train_minibatch(self, states, old_logps, adv, cond, rows: torch.Tensor, mask: torch.Tensor,
                         steps: list[int], k: int) -> dict[str, torch.Tensor]:
         """Backward of the PPO loss of minibatch ``rows`` (indices into the sampled batch) over the
@@ -203,11 +212,8 @@ class DDPO(RewardFineTuning):
             for j, (i, r) in enumerate(work):
                 r_dev = r.to(self.device)
                 with self._backward_sync(j == len(work) - 1):
-                    logp = g.log_prob(states[i][r_dev], i, states[i + 1][r_dev], cond.index(r))
-                    diff = logp - old_logps[i][r_dev]
-                    ratio = torch.exp(diff)
-                    a = adv[r_dev]
-                    loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).sum()
+                    loss, diff, ratio = self.step_loss(states[i][r_dev], i, states[i + 1][r_dev], cond.index(r),
+                                                       old_logps[i][r_dev], adv[r_dev])
                     self.manual_backward(loss * scale)
                 stats["loss"] = stats["loss"] + loss.detach() * scale
                 stats["clipped"] = stats["clipped"] + ((ratio.detach() - 1).abs() > self.clip_range).sum()

@@ -1,0 +1,209 @@
+"""Flow-GRPO — Liu et al., "Flow-GRPO: Training Flow Matching Models via Online RL" (arXiv 2505.05470; reference
+code yifan123/flow_grpo). GRPO on a rectified flow made stochastic by its marginal-preserving SDE.
+
+The flow's deterministic ODE sampler becomes an SDE with the same marginals (``FlowMatchingGenerator`` with
+``sde_noise_level`` a > 0; paper 0.7), so each step is a Gaussian policy N(μ_θ(x_t), σ_t²) with a closed-form
+log-probability. For each prompt, G samples are drawn (``group_size``); their rewards are turned into group-relative
+advantages A = (r − mean_group) / (std + 1e-4) — the std over the whole gathered batch with ``global_std`` (the
+reference's default), else over the group — clipped to ±``adv_clip``; then the PPO-clipped objective on the ratio of
+new to old step log-probabilities is minimised, plus β·KL(π_θ ‖ π_ref) per trained step, the KL between the two
+Gaussian steps with the same std: ‖μ_θ − μ_ref‖² / (2σ_t²), averaged over dimensions, the reference being the base
+model (LoRA switched off; β = 0 by default, as the reference config and its issues advise for a new model).
+
+"Fast" (Flow-GRPO-Fast / MixGRPO): ``sde_window_size`` = w draws, per sampled batch, a window of w consecutive steps
+inside ``sde_window_range``; only those steps are SDE steps (the others follow the ODE, so they carry no policy
+gradient) and only they are trained — the cost of training falls from T steps to w.
+
+Everything else is DDPO's (``rewardopt.methods.ddpo``): sampling without grad while recording log-probs, one
+optimiser step per minibatch over its trained (sample, step) pairs, the timestep subset ``timestep_fraction``,
+gradients all-reduced once per minibatch under DDP, and prompts and rewards gathered from every process before the
+group statistics (each process keeps its own samples' advantages), so groups split across processes are pooled.
+
+Our reading where the reference is silent or differs in form: the group statistic is computed from the current
+sampled batch only (the reference's per-prompt tracker is cleared every epoch: the same thing); with ``cfg_training``
+= False the training forward (and so the policy) is the unguided model while sampling keeps the generator's guidance
+— the CFG-free option; a group whose rewards are all equal has advantage 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from rewardopt.generators.diffusion import gaussian_log_prob
+from rewardopt.generators.flow import FlowMatchingGenerator
+from rewardopt.methods.ddpo import DDPO
+from rewardopt.rewards.base import Reward
+
+
+def group_relative_advantages(prompts: Sequence[str], rewards: np.ndarray, global_std: bool = True,
+                              eps: float = 1e-4) -> np.ndarray:
+    """(r − mean of r's prompt group) / (std + eps), the std over every finite reward (``global_std``) or over the
+    group. Non-finite rewards (samples a black-box reward excluded) get 0 and enter no statistic. (N,) float64."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    ok = np.isfinite(rewards)
+    adv = np.zeros_like(rewards)
+    if not ok.any():
+        return adv
+    keys = np.asarray(list(prompts), dtype=object)
+    std_all = rewards[ok].std()
+    for p in dict.fromkeys(prompts):
+        members = (keys == p) & ok
+        if not members.any():
+            continue
+        group = rewards[members]
+        std = std_all if global_std else group.std()
+        adv[members] = (group - group.mean()) / (std + eps)
+    return adv
+
+
+class FlowGRPO(DDPO):
+    """GRPO on the flow's SDE steps; black-box rewards are fine.
+
+    Args:
+        generator: a ``FlowMatchingGenerator`` with ``sde_noise_level`` > 0 (paper: 0.7) and LoRA.
+        reward: any reward (values only).
+        group_size: G samples per prompt per sampled batch (the group; paper: 24 on SD3.5-M).
+        clip_range: PPO ratio clip (reference: 1e-4). adv_clip: advantage clip (reference: 5).
+        beta: KL weight to the reference (base) model (reference default 0; 0.04 in some of its configs).
+        global_std: normalise by the std of the whole gathered batch (reference default) instead of the group's.
+        sde_window_size: "Fast": w consecutive SDE steps per batch, drawn inside ``sde_window_range`` ([start, end)
+            step indices; reference: 2 inside the first 10 of its steps); None: the generator's own window.
+        cfg_training: compute training log-probs with the generator's CFG (reference default), or unguided.
+        eval_sde: evaluate held-out samples with the SDE (True) or with the ODE, the deterministic sampler the
+            reference evaluates with and every other method on the same flow model samples with (default).
+        Other arguments: see ``DDPO`` (num_minibatches, num_inner_epochs, timestep_fraction, lr, grad_clip, ...).
+    """
+
+    def __init__(self, generator: FlowMatchingGenerator, reward: Reward, group_size: int = 4,
+                 clip_range: float = 1e-4, adv_clip: float = 5.0, beta: float = 0.0, global_std: bool = True,
+                 sde_window_size: int | None = None, sde_window_range: Sequence[int] | None = None,
+                 cfg_training: bool = True, eval_sde: bool = False, num_minibatches: int = 2, num_inner_epochs: int = 1,
+                 timestep_fraction: float = 1.0, grad_clip: float = 1.0, seed: int = 0, lr: float = 3e-4,
+                 weight_decay: float = 1e-4, eval_seed: int = 1234, output_dir: str | None = None) -> None:
+        if not isinstance(generator, FlowMatchingGenerator):
+            raise TypeError(f"FlowGRPO trains a flow model's SDE steps (a FlowMatchingGenerator); got "
+                            f"{type(generator).__name__} (DDIM/DDPM models: DDPO)")
+        if generator.sde_noise_level <= 0:
+            raise ValueError("FlowGRPO needs the SDE: set the generator's sde_noise_level > 0 (paper: 0.7)")
+        if group_size < 2:
+            raise ValueError(f"group_size={group_size}: group-relative advantages need at least 2 samples per prompt")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        super().__init__(generator, reward, clip_range=clip_range, adv_clip=adv_clip, samples_per_prompt=group_size,
+                         num_minibatches=num_minibatches, num_inner_epochs=num_inner_epochs,
+                         timestep_fraction=timestep_fraction, buffer_size=1, min_count=1, grad_clip=grad_clip,
+                         seed=seed, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed, output_dir=output_dir)
+        T = generator.num_steps
+        self.window_range: tuple[int, int] | None = None
+        if sde_window_size is not None:
+            lo, hi = (0, T) if sde_window_range is None else (int(v) for v in sde_window_range)
+            if not 0 <= lo < hi <= T or not 1 <= sde_window_size <= hi - lo:
+                raise ValueError(f"sde_window_size={sde_window_size} must fit in sde_window_range=[{lo}, {hi}) "
+                                 f"within the generator's {T} steps")
+            self.window_range = (lo, hi)
+        self.sde_window_size = sde_window_size
+        self.beta, self.global_std, self.cfg_training = float(beta), bool(global_std), bool(cfg_training)
+        self.group_size, self.eval_sde = group_size, bool(eval_sde)
+
+    def sample_decoded(self, prompts, seed: int, grad: bool = False):
+        """Held-out samples with the ODE sampler unless ``eval_sde`` (noise level 0 for the call)."""
+        g = self.generator
+        saved = g.sde_noise_level
+        if not self.eval_sde:
+            g.sde_noise_level = 0.0
+        try:
+            return super().sample_decoded(prompts, seed, grad)
+        finally:
+            g.sde_noise_level = saved
+
+    # ------------------------------------------------------------------ advantages
+    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """(B,) clipped group-relative advantages of this process's samples, from every process's (prompt,
+        reward) pairs gathered in rank order."""
+        values = rewards.detach().float().cpu().numpy()
+        rank, world = self.rank_and_world()
+        all_prompts, all_values, start = list(prompts), values, 0
+        if world > 1:
+            gathered = self.gather((list(prompts), values.tolist()))
+            all_prompts = [p for ps, _ in gathered for p in ps]
+            all_values = np.concatenate([np.asarray(v, dtype=np.float64) for _, v in gathered])
+            start = sum(len(ps) for ps, _ in gathered[:rank])
+        adv = group_relative_advantages(all_prompts, all_values, self.global_std)[start:start + len(prompts)]
+        return torch.as_tensor(adv, dtype=torch.float32, device=self.device).clamp(-self.adv_clip, self.adv_clip)
+
+    # ------------------------------------------------------------------ the SDE window ("Fast")
+    def draw_window(self, rng: torch.Generator) -> tuple[int, int] | None:
+        """This batch's SDE window [start, start + w) (None: the generator's own)."""
+        if self.window_range is None:
+            return None
+        lo, hi = self.window_range
+        start = lo + int(torch.randint(0, hi - lo - self.sde_window_size + 1, (1,), generator=rng))
+        return (start, start + self.sde_window_size)
+
+    @contextmanager
+    def sde_window(self, window: tuple[int, int] | None):
+        g = self.generator
+        saved = g.sde_window
+        if window is not None:
+            g.sde_window = window
+        try:
+            yield
+        finally:
+            g.sde_window = saved
+
+    @contextmanager
+    def training_guidance(self):
+        g = self.generator
+        saved = g.guidance_scale
+        if not self.cfg_training:
+            g.guidance_scale = 1.0
+        try:
+            yield
+        finally:
+            g.guidance_scale = saved
+
+    def sample_trajectories(self, cond, rng):
+        """DDPO's trajectories; with ``cfg_training`` off the recorded old log-probs are the unguided policy's
+        (the states are still sampled with guidance), so the first ratio is exactly 1."""
+        states, logps = super().sample_trajectories(cond, rng)
+        if self.cfg_training:
+            return states, logps
+        g = self.generator
+        with torch.no_grad(), self.training_guidance():
+            logps = [None if lp is None else g.log_prob(states[i], i, states[i + 1], cond)
+                     for i, lp in enumerate(logps)]
+        return states, logps
+
+    def training_step(self, batch: list[str], batch_idx: int) -> None:
+        with self.sde_window(self.draw_window(self.training_rng())):
+            super().training_step(batch, batch_idx)
+
+    # ------------------------------------------------------------------ the loss
+    def step_loss(self, x, i, x_next, cond, old_logp, adv):
+        """DDPO's PPO-clipped loss, under the training guidance, plus β·KL(π_θ ‖ π_base) of the step's Gaussians
+        (same std): ‖μ_θ − μ_base‖² / (2σ²) averaged over dimensions, per row (the base call costs one NFE)."""
+        g = self.generator
+        with self.training_guidance():
+            mean, std, _ = g.transition(x, i, cond)
+            diff = gaussian_log_prob(x_next, mean, std) - old_logp
+            ratio = torch.exp(diff)
+            loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).sum()
+            if self.beta > 0:
+                with torch.no_grad(), g.base_model():
+                    ref_mean, _, _ = g.transition(x, i, cond)
+                kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std.clamp(min=1e-12) ** 2)
+                loss = loss + self.beta * kl.sum()
+                self._kl_sum = self._kl_sum + kl.detach().sum()
+                self._kl_pairs += kl.shape[0]
+        return loss, diff, ratio
+
+    def train_minibatch(self, *args, **kwargs):
+        self._kl_sum, self._kl_pairs = torch.zeros((), device=self.device), 0
+        stats = super().train_minibatch(*args, **kwargs)
+        if self.beta > 0:
+            self.log("train/kl_to_reference", self._kl_sum / max(self._kl_pairs, 1))
+        return stats

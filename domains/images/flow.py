@@ -110,6 +110,16 @@ class FlowTransformerGenerator(ImageSamples, EncodesImages, SavesPretrained, Flo
             if isinstance(getattr(self, name, None), torch.nn.Module) and name != "transformer":
                 getattr(self, name).eval()
 
+    def setup_trainable(self) -> None:
+        """``DiffusionGenerator``'s, with LoRA weights kept in float32 when the transformer is loaded in bfloat16 /
+        float16 (``dtype``): peft casts the layer's input to the adapter's dtype and the sum back. Full fine-tuning
+        trains the weights in the dtype they were loaded in."""
+        super().setup_trainable()
+        if self.lora_rank is not None:
+            for p in self.denoiser.parameters():
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
+
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def load_components(cls, pretrained: str, revision: str | None = None, dtype: str | None = None,

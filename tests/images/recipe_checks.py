@@ -16,13 +16,22 @@ SD = "domains.images.stable_diffusion.StableDiffusionGenerator"
 
 def stand_ins(recipe: Path, cfg, tmp_path: Path, request) -> list[str] | None:
     """CLI overrides that swap a recipe's hub downloads for tiny local models (None: nothing to swap)."""
+    from tests.images.tiny_flow import STAND_INS as FLOW_STAND_INS
+    from tests.images.tiny_flow import T5_TOKENS, stand_in_folder
+
     gen = "model.init_args.generator"
-    if cfg.get(f"{gen}.class_path") != SD or str(cfg.get(f"{gen}.init_args.pretrained")).startswith("embedded:"):
+    class_path = cfg.get(f"{gen}.class_path")
+    if class_path in FLOW_STAND_INS:  # SD3 / FLUX: a tiny folder of the family, weights in float32
+        tiny = stand_in_folder(class_path, tmp_path / "tiny_flow")
+        args = [f"--{gen}.init_args.max_sequence_length", str(T5_TOKENS), f"--{gen}.init_args.dtype", "float32"]
+    elif class_path != SD or str(cfg.get(f"{gen}.init_args.pretrained")).startswith("embedded:"):
         return None
-    args = ["--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.devices", "1",
-            f"--{gen}.init_args.pretrained", str(request.getfixturevalue("tiny_model_dir")),
-            f"--{gen}.init_args.height", "16", f"--{gen}.init_args.width", "16", f"--{gen}.init_args.num_steps", "2",
-            "--trainer.default_root_dir", str(tmp_path)]
+    else:
+        tiny, args = str(request.getfixturevalue("tiny_model_dir")), []
+    args += ["--trainer.accelerator", "cpu", "--trainer.precision", "32", "--trainer.devices", "1",
+             f"--{gen}.init_args.pretrained", tiny,
+             f"--{gen}.init_args.height", "16", f"--{gen}.init_args.width", "16", f"--{gen}.init_args.num_steps", "2",
+             "--trainer.default_root_dir", str(tmp_path)]
     if cfg.get("trainer.logger") not in (None, False, True):
         args += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
     if "model.init_args.budget" in cfg:

@@ -220,3 +220,15 @@ def test_bad_options_are_refused():
     comps["tokenizer_3"] = None
     with pytest.raises(ValueError, match="go together"):
         StableDiffusion3Generator.from_components(**comps, **COMMON)
+
+
+def test_low_precision_weights_keep_float32_lora_and_states(flux_dir):
+    gen = FluxGenerator(str(flux_dir), **{**COMMON, "lora_rank": 4, "dtype": "bfloat16"})
+    assert gen.denoiser.dtype == torch.bfloat16 and gen.text_encoder_2.dtype == torch.bfloat16
+    assert {p.dtype for p in gen.trainable_parameters()} == {torch.float32}
+    x = gen.sample(gen.encode_condition(PROMPTS), generator=torch.Generator().manual_seed(0), grad_last_k=1)
+    assert x.dtype == torch.float32 and x.isfinite().all()
+    gen.decode(x).mean().backward()
+    assert sum(float(p.grad.abs().sum()) for p in gen.trainable_parameters()) > 0
+    with pytest.raises(ValueError, match="generator.dtype must be one of"):
+        FluxGenerator(str(flux_dir), **{**COMMON, "dtype": "fp8"})

@@ -72,3 +72,19 @@ def flux_components(seed: int = 0, guidance_embeds: bool = True) -> dict:
         text_encoder=CLIPTextModel(clip_config(16)).eval(), tokenizer=word_level_tokenizer(WORDS, CLIP_TOKENS),
         text_encoder_2=t5_encoder().eval(), tokenizer_2=word_level_tokenizer(WORDS, T5_TOKENS),
     )
+
+
+#: generator class path -> (the tiny components, the constructor's overrides) for recipes/images/flow/*
+STAND_INS = {"domains.images.flow.StableDiffusion3Generator": sd3_components,
+             "domains.images.flow.FluxGenerator": flux_components}
+
+
+def stand_in_folder(class_path: str, folder) -> str:
+    """Save the tiny stand-in of ``class_path``'s family as a diffusers folder (our save_pretrained); its path."""
+    import importlib
+
+    module, name = class_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    cls.from_components(**STAND_INS[class_path](), height=SIZE, width=SIZE, num_steps=2,
+                        max_sequence_length=T5_TOKENS, lora_rank=None).save_pretrained(folder)
+    return str(folder)

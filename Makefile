@@ -8,13 +8,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo lint test test-all bench install clean pretrain-tiny tts-assets
+.PHONY: demo lint test test-all bench install clean pretrain-tiny tts-assets browser-deps
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.14.1
-	$(PY) -m pip install -q -c constraints.txt -e ".[images,molecules,dna,tts,qa,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[images,molecules,dna,tts,qa,web,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,8 +28,14 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser-deps
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# Headless Chromium and its WebDriver for tests/feedback/test_browser.py (Debian/Ubuntu, as root; the test skips
+# without them).
+browser-deps:
+	command -v chromedriver >/dev/null && (command -v chromium || command -v chromium-browser) >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
 bench: $(STAMP)
 	$(PY) benchmarks/backprop_memory.py

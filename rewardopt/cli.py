@@ -421,6 +421,10 @@ def _debug_requested(argv: list[str]) -> bool:
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["serve-ratings"]:  # the rating web page (rewardopt.feedback.server), not a LightningCLI run
+        from rewardopt.feedback.server import serve_main
+
+        return serve_main(argv[1:])
     debug = _debug_requested(argv)
     if DEBUG_FLAG in argv:
         argv = [a for a in argv if a != DEBUG_FLAG]

@@ -75,8 +75,11 @@ def test_sd3_without_t5_is_zeros_and_use_t5_false_drops_it(sd3_dirs):
     assert states[:, :8, :40].abs().max() > 0
 
 
-@pytest.mark.parametrize("true_cfg", [1.0, 2.5])
-def test_flux_sampler_matches_pipeline(flux_dir, true_cfg):
+@pytest.mark.parametrize("true_cfg, embeds", [(1.0, True), (2.5, True), (1.0, False)])
+def test_flux_sampler_matches_pipeline(flux_dir, tmp_path, true_cfg, embeds):
+    if not embeds:  # a FLUX.1-schnell-like transformer: no guidance embedding
+        FluxGenerator.from_components(**flux_components(guidance_embeds=False), **COMMON).save_pretrained(tmp_path)
+        flux_dir = tmp_path
     pipe = FluxPipeline.from_pretrained(flux_dir)
     gen = FluxGenerator(str(flux_dir), **COMMON, guidance_scale=3.5, true_cfg_scale=true_cfg)
     cond = gen.encode_condition(PROMPTS)
@@ -150,22 +153,26 @@ def test_lora_hits_attention_and_a_draft_step_reaches_it(cls, comps):
     assert (base - gen.model_output(x.detach(), 0, cond).detach()).abs().max() > 0
 
 
-def test_sd3_lora_saved_in_diffusers_format_loads_into_pipeline(tmp_path):
-    c = sd3_components()
-    gen = StableDiffusion3Generator.from_components(**c, **{**COMMON, "lora_rank": 4})
+@pytest.mark.parametrize("cls, comps, pipeline", [(StableDiffusion3Generator, sd3_components, StableDiffusion3Pipeline),
+                                                  (FluxGenerator, flux_components, FluxPipeline)])
+def test_lora_saved_in_diffusers_format_loads_into_pipeline(tmp_path, cls, comps, pipeline):
+    gen = cls.from_components(**comps(), **{**COMMON, "lora_rank": 4})
     for n, p in gen.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.1)
-    path = gen.save_lora(tmp_path / "lora")
-    assert path.is_file()
-    pipe = StableDiffusion3Pipeline(**sd3_components())
+    assert gen.save_lora(tmp_path / "lora").is_file()
+    pipe = pipeline(**comps())
     pipe.load_lora_weights(str(tmp_path / "lora"))
     cond = gen.encode_condition(PROMPTS)
-    x = _noise((2, 4, SIZE // 2, SIZE // 2))
+    x = gen.init_state(cond, torch.Generator().manual_seed(0))
     t = gen.timesteps[1].expand(2)
     with torch.no_grad():
         ours = gen._denoiser_output(gen.denoiser, x, t, cond.tensors)
-        theirs = pipe.transformer(hidden_states=x, timestep=t, return_dict=False, **cond.tensors)[0]
+        with gen.base_model():
+            base = gen._denoiser_output(gen.denoiser, x, t, cond.tensors)
+        gen.denoiser = pipe.transformer  # the pipeline's transformer with the loaded LoRA, called the same way
+        theirs = gen._denoiser_output(gen.denoiser, x, t, cond.tensors)
+    assert (ours - base).abs().max() > 1e-3
     assert (ours - theirs).abs().max() <= 1e-5
 
 

@@ -74,6 +74,12 @@ def resolve_folder(pretrained: str, family: str, layout: str, example: str) -> s
     return str(path)
 
 
+def check_dtype(dtype: str | None) -> torch.dtype | None:
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"generator.dtype must be one of {sorted(DTYPES)} or null, got {dtype!r}")
+    return None if dtype is None else DTYPES[dtype]
+
+
 def _load(cls, path: str, subfolder: str, family: str, **kw):
     try:
         return cls.from_pretrained(path, subfolder=subfolder, **kw)
@@ -95,7 +101,12 @@ class FlowTransformerGenerator(ImageSamples, EncodesImages, SavesPretrained, Flo
     #: (component name, class, required) in the pipeline's order
     components: tuple = ()
 
-    def _build(self, comps: dict, height: int, width: int, dtype: str | None, **base) -> None:
+    def _build(self, comps: dict, height: int, width: int, dtype: str | None, in_memory: bool, **base) -> None:
+        """Check the size, set the schedule, hold the components. ``dtype`` (already applied by ``from_pretrained``
+        when loaded) casts in-memory components (``from_components``)."""
+        check_dtype(dtype)
+        if dtype is not None and in_memory:
+            comps = {k: v.to(DTYPES[dtype]) if isinstance(v, torch.nn.Module) else v for k, v in comps.items()}
         self.height, self.width = int(height), int(width)
         self._check_size(comps)
         schedule = self.schedule_for(comps, int(base["num_steps"]))
@@ -128,12 +139,7 @@ class FlowTransformerGenerator(ImageSamples, EncodesImages, SavesPretrained, Flo
         lacks them or they are in ``skip``."""
         path = resolve_folder(pretrained, cls.family, cls.layout, cls.example)
         kw = {"revision": revision} if revision else {}
-        if dtype is not None:
-            if dtype not in DTYPES:
-                raise ValueError(f"generator.dtype must be one of {sorted(DTYPES)} or null, got {dtype!r}")
-            kw_model = {**kw, "torch_dtype": DTYPES[dtype]}
-        else:
-            kw_model = kw
+        kw_model = kw if check_dtype(dtype) is None else {**kw, "torch_dtype": DTYPES[dtype]}
         comps = {}
         for name, klass, required in cls.components:
             if name in skip or (not required and Path(path).is_dir() and not (Path(path) / name).is_dir()):
@@ -341,10 +347,10 @@ class StableDiffusion3Generator(FlowTransformerGenerator):
             raise ValueError("text_encoder_3 (T5) and tokenizer_3 go together: pass both or neither")
         self.max_sequence_length = int(max_sequence_length)
         self.pretrained = pretrained
-        self._build(comps, height, width, dtype, num_steps=num_steps, guidance_scale=guidance_scale,
-                    gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                    lora_targets=lora_targets, full_finetune=full_finetune, lora_scale=lora_scale,
-                    sde_noise_level=sde_noise_level, sde_window=sde_window)
+        self._build(comps, height, width, dtype, _components is not None, num_steps=num_steps,
+                    guidance_scale=guidance_scale, gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
+                    lora_alpha=lora_alpha, lora_targets=lora_targets, full_finetune=full_finetune,
+                    lora_scale=lora_scale, sde_noise_level=sde_noise_level, sde_window=sde_window)
 
     def _patch(self, comps: dict) -> int:
         return int(comps["transformer"].config.patch_size)
@@ -467,10 +473,10 @@ class FluxGenerator(FlowTransformerGenerator):
         self.embedded_guidance_scale = float(guidance_scale)
         self.negative_prompt = str(negative_prompt)
         self.pretrained = pretrained
-        self._build(comps, height, width, dtype, num_steps=num_steps, guidance_scale=true_cfg_scale,
-                    gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                    lora_targets=lora_targets, full_finetune=full_finetune, lora_scale=lora_scale,
-                    sde_noise_level=sde_noise_level, sde_window=sde_window)
+        self._build(comps, height, width, dtype, _components is not None, num_steps=num_steps,
+                    guidance_scale=true_cfg_scale, gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
+                    lora_alpha=lora_alpha, lora_targets=lora_targets, full_finetune=full_finetune,
+                    lora_scale=lora_scale, sde_noise_level=sde_noise_level, sde_window=sde_window)
         if self.denoiser.config.in_channels != 4 * self.vae.config.latent_channels:
             raise ValueError(f"the transformer takes {self.denoiser.config.in_channels} channels per token; the VAE's "
                              f"{self.vae.config.latent_channels} latent channels pack (2x2) to "

@@ -239,3 +239,7 @@ def test_low_precision_weights_keep_float32_lora_and_states(flux_dir):
     assert sum(float(p.grad.abs().sum()) for p in gen.trainable_parameters()) > 0
     with pytest.raises(ValueError, match="generator.dtype must be one of"):
         FluxGenerator(str(flux_dir), **{**COMMON, "dtype": "fp8"})
+    comps = sd3_components()
+    gen = StableDiffusion3Generator.from_components(**comps, **{**COMMON, "lora_rank": 4, "dtype": "bfloat16"})
+    assert gen.denoiser.dtype == torch.bfloat16 and gen.text_encoder_3.dtype == torch.bfloat16  # in-memory: cast
+    assert {p.dtype for p in gen.trainable_parameters()} == {torch.float32}

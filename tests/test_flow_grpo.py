@@ -79,17 +79,22 @@ def test_first_ratio_is_one_and_cfg_free_training_uses_the_unguided_policy(tmp_p
         g = tiny_flow_generator(num_steps=3, sde_noise_level=0.7, guidance_scale=3.0)
         m = FlowGRPO(g, JpegCompressibilityReward(), group_size=2, num_minibatches=1, cfg_training=cfg_training,
                      output_dir=str(tmp_path))
-        ratios = []
-        step_loss = m.step_loss
+        ratios, scales = [], []
+        step_loss, transition = m.step_loss, g.transition
 
         def recording(*args, **kwargs):
             loss, diff, ratio = step_loss(*args, **kwargs)
             ratios.append(ratio.detach())
             return loss, diff, ratio
 
-        m.step_loss = recording
+        def guidance(*args, **kwargs):
+            scales.append(g.guidance_scale)
+            return transition(*args, **kwargs)
+
+        m.step_loss, g.transition = recording, guidance
         fit(m, 1, tmp_path, batch_size=1)
         torch.testing.assert_close(torch.cat(ratios), torch.ones(6), rtol=0, atol=1e-5)  # 1 minibatch: on-policy
+        assert set(scales) == ({3.0} if cfg_training else {1.0})  # sampling and training alike
         assert g.guidance_scale == 3.0
 
 
@@ -112,7 +117,10 @@ def test_kl_to_the_base_model(tmp_path):
     mean, std, _ = g.transition(x, 0, cond)
     with torch.no_grad(), g.base_model():
         ref, _, _ = g.transition(x, 0, cond)
-    expected = ((mean - ref) ** 2).flatten(1).mean(1) / (2 * std**2)
+    # the reference's term: the squared mean difference over 2 g², g² = a² σ / (1 − σ₁) at σ = 1 (std = g sqrt|dσ|)
+    g2 = 0.7**2 * float(g.sigmas[0]) / (1 - float(g.sigmas[1]))
+    assert float(std) ** 2 == pytest.approx(g2 * float(g.sigmas[0] - g.sigmas[1]), rel=1e-5)
+    expected = ((mean - ref) ** 2).flatten(1).mean(1) / (2 * g2)
     assert float(expected.sum()) > 0
     torch.testing.assert_close(loss, 0.5 * expected.sum(), rtol=1e-5, atol=1e-8)  # advantage 0: the KL alone
     loss.backward()

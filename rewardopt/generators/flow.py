@@ -167,7 +167,7 @@ class FlowMatchingGenerator(DiffusionGenerator):
         return x_t - s * out, x_t + (1 - s) * out
 
     # ----------------------------------------------------------------------------- transitions
-    def _sde_coefficient(self, i: int) -> torch.Tensor:
+    def sde_coefficient(self, i: int) -> torch.Tensor:
         """g² = a² σ_i / (1 − σ_i) of step i (σ_1 in the denominator where σ_i = 1, as Flow-GRPO's code)."""
         sigma = self.sigmas[i]
         denom_sigma = self.sigmas[1] if float(sigma) == 1.0 and self.num_steps > 1 else sigma
@@ -186,7 +186,7 @@ class FlowMatchingGenerator(DiffusionGenerator):
         x0 = (x - sigma * v).to(x_t.dtype)
         if not self.sde_at(i):
             return (x + dt * v).to(x_t.dtype), sigma.new_zeros(()), x0
-        g2 = self._sde_coefficient(i)
+        g2 = self.sde_coefficient(i)
         mean = x * (1 + g2 * dt / (2 * sigma)) + v * (1 + g2 * (1 - sigma) / (2 * sigma)) * dt
         return mean.to(x_t.dtype), (g2 * -dt).sqrt(), x0
 

@@ -6,9 +6,11 @@ The flow's deterministic ODE sampler becomes an SDE with the same marginals (``F
 log-probability. For each prompt, G samples are drawn (``group_size``); their rewards are turned into group-relative
 advantages A = (r − mean_group) / (std + 1e-4) — the std over the whole gathered batch with ``global_std`` (the
 reference's default), else over the group — clipped to ±``adv_clip``; then the PPO-clipped objective on the ratio of
-new to old step log-probabilities is minimised, plus β·KL(π_θ ‖ π_ref) per trained step, the KL between the two
-Gaussian steps with the same std: ‖μ_θ − μ_ref‖² / (2σ_t²), averaged over dimensions, the reference being the base
-model (LoRA switched off; β = 0 by default, as the reference config and its issues advise for a new model).
+new to old step log-probabilities is minimised, plus β times a KL term per trained step: ‖μ_θ − μ_ref‖² / (2 g_σ²)
+averaged over dimensions, μ the step's Gaussian mean, g_σ² = a² σ / (1 − σ) its diffusion coefficient (the step's
+std is g_σ·sqrt(|dσ|), so this is the two steps' Gaussian KL times |dσ|, exactly the reference's form, so that its
+β values carry over), the reference model being the base (LoRA switched off; β = 0 by default, as the reference
+config and its issues advise for a new model).
 
 "Fast" (Flow-GRPO-Fast / MixGRPO): ``sde_window_size`` = w draws, per sampled batch, a window of w consecutive steps
 inside ``sde_window_range``; only those steps are SDE steps (the others follow the ODE, so they carry no policy
@@ -20,9 +22,12 @@ gradients all-reduced once per minibatch under DDP, and prompts and rewards gath
 group statistics (each process keeps its own samples' advantages), so groups split across processes are pooled.
 
 Our reading where the reference is silent or differs in form: the group statistic is computed from the current
-sampled batch only (the reference's per-prompt tracker is cleared every epoch: the same thing); with ``cfg_training``
-= False the training forward (and so the policy) is the unguided model while sampling keeps the generator's guidance
-— the CFG-free option; a group whose rewards are all equal has advantage 0.
+sampled batch only (the reference's per-prompt tracker is cleared every epoch: the same thing); with
+``timestep_fraction`` < 1 each sample trains a random subset of its steps (DDPO's), where the reference trains the
+first int(T·fraction) in order (the same at 1.0, the default); ``cfg_training`` = False samples and trains the
+unguided model (guidance 1, the reference's "nocfg" configs) while held-out evaluation keeps the generator's
+guidance; a group whose rewards are all equal has advantage 0 (the reference also drops such samples from the
+minibatches; we keep them, contributing nothing but their KL term).
 """
 
 from __future__ import annotations
@@ -72,7 +77,8 @@ class FlowGRPO(DDPO):
         global_std: normalise by the std of the whole gathered batch (reference default) instead of the group's.
         sde_window_size: "Fast": w consecutive SDE steps per batch, drawn inside ``sde_window_range`` ([start, end)
             step indices; reference: 2 inside the first 10 of its steps); None: the generator's own window.
-        cfg_training: compute training log-probs with the generator's CFG (reference default), or unguided.
+        cfg_training: sample and train with the generator's CFG (reference default), or unguided (guidance 1: the
+            CFG-free option; evaluation keeps the generator's guidance).
         eval_sde: evaluate held-out samples with the SDE (True) or with the ODE, the deterministic sampler the
             reference evaluates with and every other method on the same flow model samples with (default).
         Other arguments: see ``DDPO`` (num_minibatches, num_inner_epochs, timestep_fraction, lr, grad_clip, ...).
@@ -166,39 +172,29 @@ class FlowGRPO(DDPO):
         finally:
             g.guidance_scale = saved
 
-    def sample_trajectories(self, cond, rng):
-        """DDPO's trajectories; with ``cfg_training`` off the recorded old log-probs are the unguided policy's
-        (the states are still sampled with guidance), so the first ratio is exactly 1."""
-        states, logps = super().sample_trajectories(cond, rng)
-        if self.cfg_training:
-            return states, logps
-        g = self.generator
-        with torch.no_grad(), self.training_guidance():
-            logps = [None if lp is None else g.log_prob(states[i], i, states[i + 1], cond)
-                     for i, lp in enumerate(logps)]
-        return states, logps
-
     def training_step(self, batch: list[str], batch_idx: int) -> None:
-        with self.sde_window(self.draw_window(self.training_rng())):
+        with self.sde_window(self.draw_window(self.training_rng())), self.training_guidance():
             super().training_step(batch, batch_idx)
 
     # ------------------------------------------------------------------ the loss
     def step_loss(self, x, i, x_next, cond, old_logp, adv):
-        """DDPO's PPO-clipped loss, under the training guidance, plus β·KL(π_θ ‖ π_base) of the step's Gaussians
-        (same std): ‖μ_θ − μ_base‖² / (2σ²) averaged over dimensions, per row (the base call costs one NFE)."""
+        """DDPO's PPO-clipped loss plus β times the reference's KL term to the base model, per row (the base call
+        costs one NFE): ‖μ_θ − μ_base‖² / (2 g_σ²) averaged over dimensions, g_σ the step's diffusion coefficient
+        (std = g_σ·sqrt(|dσ|)) — the Gaussian KL of the two steps times |dσ|, as the reference computes it, so its
+        β values carry over."""
         g = self.generator
-        with self.training_guidance():
-            mean, std, _ = g.transition(x, i, cond)
-            diff = gaussian_log_prob(x_next, mean, std) - old_logp
-            ratio = torch.exp(diff)
-            loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).sum()
-            if self.beta > 0:
-                with torch.no_grad(), g.base_model():
-                    ref_mean, _, _ = g.transition(x, i, cond)
-                kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std.clamp(min=1e-12) ** 2)
-                loss = loss + self.beta * kl.sum()
-                self._kl_sum = self._kl_sum + kl.detach().sum()
-                self._kl_pairs += kl.shape[0]
+        mean, std, _ = g.transition(x, i, cond)
+        diff = gaussian_log_prob(x_next, mean, std) - old_logp
+        ratio = torch.exp(diff)
+        loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).sum()
+        if self.beta > 0:
+            with torch.no_grad(), g.base_model():
+                ref_mean, _, _ = g.transition(x, i, cond)
+            g2 = g.sde_coefficient(i)  # g_σ² (std² = g_σ² |dσ|)
+            kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * g2)
+            loss = loss + self.beta * kl.sum()
+            self._kl_sum = self._kl_sum + kl.detach().sum()
+            self._kl_pairs += kl.shape[0]
         return loss, diff, ratio
 
     def train_minibatch(self, *args, **kwargs):

@@ -157,7 +157,8 @@ def test_vpsds_draws_its_visual_prompt_from_the_text_first_and_conditions_every_
     assert s["visual_prompt_nfe"] == 3 and s["prior_nfe"] == 4 and s["method"] == "VPSDS"
 
     # generated at fit start (after the module is on its device), from the plain prompt without view-dependence
-    plain = VPSDS(g, scene, "a red cube", views_per_step=2, visual_prompt_seed=5, view_dependent=False)
+    plain = VPSDS(g, scene, "a red cube", views_per_step=2, visual_prompt_seed=5, view_dependent=False,
+                  output_dir=str(tmp_path / "plain"))
     assert plain.visual_prompt.numel() == 0
     fit(plain, 1)
     expected = g.decode(g.sample(g.encode_condition(["a red cube"]), generator=torch.Generator().manual_seed(5),

@@ -67,15 +67,15 @@ def build(method: str, gen, reward, budget: int | None, seed: int, steps: int, s
 
 def run_methods(args) -> list[dict]:
     import torch
+    from sample_efficiency import tiny_image_generator
 
     from domains.images.rewards import ColourReward, JpegCompressibilityReward, ShapeAttributeReward
     from domains.images.shapes import split_prompts
-    from domains.images.stable_diffusion import StableDiffusionGenerator
     from rewardopt.methods.steering import mean_pairwise_distance
 
     torch.set_num_threads(2)
-    gen = StableDiffusionGenerator("embedded:tiny-shapes", height=24, width=24, num_steps=args.steps,
-                                   guidance_scale=3.0, eta=1.0, gradient_checkpointing=False)
+    gen = tiny_image_generator(getattr(args, "family", "ddim"), stochastic=True, num_steps=args.steps,
+                               gradient_checkpointing=False, lora_rank=None)
     reward = {"jpeg": lambda: JpegCompressibilityReward(max_workers=2),
               "colour": lambda: ColourReward("blue"),
               "classifier": lambda: ShapeAttributeReward("colour", target="blue")}[args.reward]()

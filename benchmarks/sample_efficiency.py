@@ -25,29 +25,51 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make(method: str, seed: int):
+def tiny_image_generator(family: str = "ddim", stochastic: bool = False, num_steps: int = 20, **kwargs):
+    """The embedded tiny text-to-image default of a ``family``: "ddim" (``embedded:tiny-shapes``; stochastic: DDIM
+    eta 1) or "flow" (``embedded:tiny-shapes-flow``; stochastic: Flow-GRPO's SDE, noise level 0.7). 24 px, CFG 3."""
+    from domains.images.stable_diffusion import FlowUNetGenerator, StableDiffusionGenerator
+
+    kwargs.setdefault("guidance_scale", 3.0)
+    if family == "flow":
+        return FlowUNetGenerator("embedded:tiny-shapes-flow", height=24, width=24, num_steps=num_steps,
+                                 sde_noise_level=0.7 if stochastic else 0.0, **kwargs)
+    if family != "ddim":
+        raise ValueError(f"family must be ddim or flow, got {family!r}")
+    return StableDiffusionGenerator("embedded:tiny-shapes", height=24, width=24, num_steps=num_steps,
+                                    eta=1.0 if stochastic else 0.0, **kwargs)
+
+
+RL_METHODS = ("DDPO", "Flow-GRPO")
+
+
+def make(method: str, seed: int, family: str = "ddim"):
     import lightning as L
 
     from domains.images.rewards import ShapeAttributeReward
-    from domains.images.stable_diffusion import StableDiffusionGenerator
     from rewardopt.methods.alignprop import AlignProp
     from rewardopt.methods.ddpo import DDPO
     from rewardopt.methods.draft import DRaFT
+    from rewardopt.methods.flow_grpo import FlowGRPO
 
     L.seed_everything(seed, verbose=False)
-    gen = StableDiffusionGenerator("embedded:tiny-shapes", height=24, width=24, num_steps=20, guidance_scale=3.0,
-                                   eta=1.0 if method == "DDPO" else 0.0, lora_rank=4,
-                                   gradient_checkpointing=method == "AlignProp")
+    gen = tiny_image_generator(family, stochastic=method in RL_METHODS, lora_rank=4,
+                               gradient_checkpointing=method == "AlignProp")
     reward = ShapeAttributeReward("colour", target="blue")
-    out = f"runs/sample_efficiency/{method}_{seed}"
+    out = f"runs/sample_efficiency/{method}_{family}_{seed}"
     if method == "DRaFT-1":
         return DRaFT(gen, reward, k=1, lr=1e-3, seed=seed, output_dir=out), 4
     if method == "DRaFT-LV":
         return DRaFT(gen, reward, k=1, lv_samples=2, lr=1e-3, seed=seed, output_dir=out), 4
     if method == "AlignProp":
         return AlignProp(gen, reward, truncation="gaussian", lr=1e-3, seed=seed, output_dir=out), 4
+    if method == "Flow-GRPO":  # the tiny recipe's settings (recipes/images/flow/flow_grpo_tiny.yaml)
+        return FlowGRPO(gen, reward, group_size=4, num_minibatches=2, clip_range=1e-4, sde_window_size=2,
+                        sde_window_range=[0, 10], lr=3e-4, seed=seed, output_dir=out), 2
+    if method != "DDPO":
+        raise ValueError(f"unknown method {method!r}")
     return DDPO(gen, reward, samples_per_prompt=4, num_minibatches=2, clip_range=1e-4, min_count=8, lr=3e-4,
-                seed=seed, output_dir=out), 2
+                seed=seed, output_dir=out, eval_sde=family != "flow"), 2
 
 
 def eval_grid(budget: int, first: int) -> list[int]:
@@ -77,24 +99,24 @@ def grid_trainer(grid: list[int], max_steps: int, gradient_clip_val: float | Non
                      limit_val_batches=0, callbacks=[EvalAt()], gradient_clip_val=gradient_clip_val)
 
 
-def run(method: str, seed: int, budget: int, grid: list[int]) -> dict:
+def run(method: str, seed: int, budget: int, grid: list[int], family: str = "ddim") -> dict:
 
     from domains.images.data import ShapePromptDataModule
 
-    model, prompts_per_step = make(method, seed)
-    samples_per_batch = prompts_per_step * (4 if method == "DDPO" else 1)
+    model, prompts_per_step = make(method, seed, family)
+    samples_per_batch = prompts_per_step * (4 if method in RL_METHODS else 1)
     if any(s % samples_per_batch for s in grid):
         raise ValueError(f"{method}: evaluation points {grid} must be multiples of its batch ({samples_per_batch})")
     batches = budget // samples_per_batch
-    opt_steps = batches * (2 if method == "DDPO" else 1)
+    opt_steps = batches * (2 if method in RL_METHODS else 1)
     data = ShapePromptDataModule(batch_size=prompts_per_step, val_batch_size=24, val_repeats=2, seed=seed)
 
-    trainer = grid_trainer(grid, opt_steps, gradient_clip_val=None if method == "DDPO" else 1.0)
+    trainer = grid_trainer(grid, opt_steps, gradient_clip_val=None if method in RL_METHODS else 1.0)
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=data)
     s = json.loads((Path(model.output_dir) / "summary.json").read_text())
-    return {"method": method, "seed": seed, "history": s["history"], "wall_s": time.perf_counter() - t0,
-            "nfe": s["nfe"], "samples": s["samples"]}
+    return {"method": method, "family": family, "seed": seed, "history": s["history"],
+            "wall_s": time.perf_counter() - t0, "nfe": s["nfe"], "samples": s["samples"]}
 
 
 def crossing(grid: list[int], curve, target: float) -> tuple[int | None, int | None, float | None]:

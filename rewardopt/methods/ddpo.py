@@ -115,15 +115,19 @@ class DDPO(RewardFineTuning):
         buffer_size, min_count: per-prompt reward buffer length and the count before it is used
             (reference: 16 and 16). Under DDP the buffers see every process's rewards.
         grad_clip: max gradient norm (manual optimisation clips here, not in the trainer).
+        eval_sde: on a flow model (``FlowMatchingGenerator``), draw held-out samples with its SDE (True) or with
+            the deterministic ODE, as Flow-GRPO's reference evaluates and DRaFT on the same model samples (False).
+            Other generators evaluate with their own sampler either way.
     """
 
     def __init__(self, generator: DiffusionGenerator, reward: Reward, clip_range: float = 1e-4, adv_clip: float = 5.0,
                  samples_per_prompt: int = 4, num_minibatches: int = 2, num_inner_epochs: int = 1,
                  timestep_fraction: float = 1.0, buffer_size: int = 16, min_count: int = 16, grad_clip: float = 1.0,
                  seed: int = 0, lr: float = 3e-4, weight_decay: float = 1e-4, eval_seed: int = 1234,
-                 output_dir: str | None = None) -> None:
+                 output_dir: str | None = None, eval_sde: bool = True) -> None:
         super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed,
                          output_dir=output_dir)
+        self.eval_sde = bool(eval_sde)
         require(generator, TransitionLogProbs, "DDPO")
         if not isinstance(generator, (DiffusionGenerator, MaskedDiffusionGenerator)):
             raise TypeError(f"DDPO's likelihood ratio is over denoising steps (DiffusionGenerator, "
@@ -142,6 +146,18 @@ class DDPO(RewardFineTuning):
         self.num_inner_epochs, self.timestep_fraction = num_inner_epochs, timestep_fraction
         self.buffer_size, self.min_count, self.grad_clip, self.seed = buffer_size, min_count, grad_clip, seed
         self.buffers: dict[str, deque] = defaultdict(partial(deque, maxlen=buffer_size))
+
+    def sample_decoded(self, prompts, seed: int, grad: bool = False):
+        """Held-out samples; a flow model's with the ODE (noise level 0 for the call) unless ``eval_sde``."""
+        g = self.generator
+        saved = getattr(g, "sde_noise_level", None)
+        if saved is not None and not self.eval_sde:
+            g.sde_noise_level = 0.0
+        try:
+            return super().sample_decoded(prompts, seed, grad)
+        finally:
+            if saved is not None:
+                g.sde_noise_level = saved
 
     @torch.no_grad()
     def sample_trajectories(self, cond, rng):

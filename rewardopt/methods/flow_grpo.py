@@ -102,7 +102,8 @@ class FlowGRPO(DDPO):
         super().__init__(generator, reward, clip_range=clip_range, adv_clip=adv_clip, samples_per_prompt=group_size,
                          num_minibatches=num_minibatches, num_inner_epochs=num_inner_epochs,
                          timestep_fraction=timestep_fraction, buffer_size=1, min_count=1, grad_clip=grad_clip,
-                         seed=seed, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed, output_dir=output_dir)
+                         seed=seed, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed, output_dir=output_dir,
+                         eval_sde=eval_sde)
         T = generator.num_steps
         self.window_range: tuple[int, int] | None = None
         if sde_window_size is not None:
@@ -113,18 +114,7 @@ class FlowGRPO(DDPO):
             self.window_range = (lo, hi)
         self.sde_window_size = sde_window_size
         self.beta, self.global_std, self.cfg_training = float(beta), bool(global_std), bool(cfg_training)
-        self.group_size, self.eval_sde = group_size, bool(eval_sde)
-
-    def sample_decoded(self, prompts, seed: int, grad: bool = False):
-        """Held-out samples with the ODE sampler unless ``eval_sde`` (noise level 0 for the call)."""
-        g = self.generator
-        saved = g.sde_noise_level
-        if not self.eval_sde:
-            g.sde_noise_level = 0.0
-        try:
-            return super().sample_decoded(prompts, seed, grad)
-        finally:
-            g.sde_noise_level = saved
+        self.group_size = group_size
 
     # ------------------------------------------------------------------ advantages
     def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:

@@ -58,9 +58,17 @@ def twin_text(source: Path) -> str:
                         "benchmarks/results/flow.md.")
                 skipping = True
             elif re.match(r"#\s*Test:", line):
-                slow = "" if source.stem in DEFAULT_SUITE else "slow "
                 spec = line.split(":", 1)[1].strip()
-                line = f"# Test:     {slow}{spec} needs {WEIGHTS} (make pretrain-tiny)"
+                if spec.startswith("skip"):
+                    line = f"# Test:     {spec} (and its flow twin's)"
+                else:  # [slow] fit N | predict, then needs PATH (HINT), then the source's --key=value overrides
+                    words = spec.split()
+                    if words[0] == "slow":
+                        words = words[1:]
+                    head = words[:2] if words[0] == "fit" else words[:1]
+                    slow = "" if source.stem in DEFAULT_SUITE else "slow "
+                    line = (f"# Test:     {slow}{' '.join(head)} needs {WEIGHTS} (make pretrain-tiny)"
+                            + "".join(f" {w}" for w in words[len(head):]))
             elif re.match(r"#\s*Launch:", line):
                 line = line.replace(str(rel), str(twin_path(source).relative_to(IMAGES.parent.parent)))
             out.append(re.sub(r"(runs/(?:steer/)?)([A-Za-z0-9_]+?)_tiny\b", r"\1\2_flow_tiny", line))

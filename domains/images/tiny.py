@@ -195,13 +195,18 @@ class TinyTextToImagePretraining(NetworkFit):
             return a.sqrt() * noise - (1 - a).sqrt() * x0
         raise ValueError(f"unknown prediction_type {kind!r}; use epsilon, v_prediction or sample")
 
-    def _loss(self, batch) -> torch.Tensor:
+    def prompt_embeddings(self, batch) -> torch.Tensor:
+        """The text encoder's states of the batch's prompts, each replaced by "" with probability ``cond_dropout``."""
         g = self.generator
-        x0 = self.states(batch)
         prompts = [("" if self._rng.random() < self.hparams.cond_dropout else p) for p in batch["prompt"]]
         ids = g.tokenizer(prompts, padding="max_length", max_length=g.tokenizer.model_max_length,
                           truncation=True, return_tensors="pt").input_ids.to(self.device)
-        emb = g.text_encoder(ids)[0]
+        return g.text_encoder(ids)[0]
+
+    def _loss(self, batch) -> torch.Tensor:
+        g = self.generator
+        x0 = self.states(batch)
+        emb = self.prompt_embeddings(batch)
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.train_sched.config.num_train_timesteps, (x0.shape[0],), device=self.device)
         xt = g.add_noise(x0, t.view(-1, *[1] * (x0.ndim - 1)), noise)
@@ -324,10 +329,7 @@ class TinyFlowPretraining(TinyTextToImagePretraining):
     def _loss(self, batch) -> torch.Tensor:
         g = self.generator
         x0 = self.states(batch)
-        prompts = [("" if self._rng.random() < self.hparams.cond_dropout else p) for p in batch["prompt"]]
-        ids = g.tokenizer(prompts, padding="max_length", max_length=g.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids.to(self.device)
-        emb = g.text_encoder(ids)[0]
+        emb = self.prompt_embeddings(batch)
         noise = torch.randn_like(x0)
         u = self.hparams.logit_mean + self.hparams.logit_std * torch.randn(x0.shape[0], generator=self._noise_rng)
         sigma = torch.sigmoid(u).to(self.device)

@@ -197,8 +197,12 @@ class DDPO(RewardFineTuning):
             all_prompts = [p for ps, _ in gathered for p in ps]
             all_values = np.concatenate([np.asarray(v, dtype=np.float64) for _, v in gathered])
             start = sum(len(ps) for ps, _ in gathered[:rank])
-        adv = normalize_per_prompt(all_prompts, all_values, self.buffers, self.min_count)[start:start + len(prompts)]
+        adv = self.normalise(all_prompts, all_values)[start:start + len(prompts)]
         return torch.as_tensor(adv, dtype=torch.float32, device=self.device).clamp(-self.adv_clip, self.adv_clip)
+
+    def normalise(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        """Advantages of every gathered sample: DDPO's per-prompt running statistics (``normalize_per_prompt``)."""
+        return normalize_per_prompt(prompts, rewards, self.buffers, self.min_count)
 
     def _backward_sync(self, sync: bool):
         """Under DDP, all-reduce gradients only at a minibatch's last backward (they accumulate)."""

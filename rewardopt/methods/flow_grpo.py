@@ -117,19 +117,10 @@ class FlowGRPO(DDPO):
         self.group_size = group_size
 
     # ------------------------------------------------------------------ advantages
-    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
-        """(B,) clipped group-relative advantages of this process's samples, from every process's (prompt,
-        reward) pairs gathered in rank order."""
-        values = rewards.detach().float().cpu().numpy()
-        rank, world = self.rank_and_world()
-        all_prompts, all_values, start = list(prompts), values, 0
-        if world > 1:
-            gathered = self.gather((list(prompts), values.tolist()))
-            all_prompts = [p for ps, _ in gathered for p in ps]
-            all_values = np.concatenate([np.asarray(v, dtype=np.float64) for _, v in gathered])
-            start = sum(len(ps) for ps, _ in gathered[:rank])
-        adv = group_relative_advantages(all_prompts, all_values, self.global_std)[start:start + len(prompts)]
-        return torch.as_tensor(adv, dtype=torch.float32, device=self.device).clamp(-self.adv_clip, self.adv_clip)
+    def normalise(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        """Group-relative advantages of every gathered sample (DDPO's ``advantages`` gathers them across
+        processes in rank order and keeps this process's slice)."""
+        return group_relative_advantages(prompts, rewards, self.global_std)
 
     # ------------------------------------------------------------------ the SDE window ("Fast")
     def draw_window(self, rng: torch.Generator) -> tuple[int, int] | None:

@@ -49,10 +49,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/video.py
 	$(PY) benchmarks/superres.py
 	$(PY) benchmarks/text_to_3d.py
+	$(PY) benchmarks/flow.py
 
 # Regenerate the shipped tiny weights (domains/*/assets/) from their recipes.
 pretrain-tiny: $(STAMP)
 	$(VENV)/bin/rewardopt fit --config recipes/images/pretrain_tiny.yaml
+	$(VENV)/bin/rewardopt fit --config recipes/images/pretrain_tiny_flow.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/images/train_classifier_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/images/train_classifier_hackable_tiny.yaml
 	$(VENV)/bin/rewardopt fit --config recipes/molecules/pretrain_tiny.yaml

@@ -241,3 +241,22 @@ def test_waitress_process_killed_and_restarted_keeps_every_rating(tmp_path):
     assert q.t_issued == 4 and q.shown == ref.select(q.context, q.actions, k=2)
     assert [a.scores for a in store.answers()] == [[8, 2], [1, 7], [9, 9]]
     store.close()
+
+
+def test_the_command_issues_tokens_and_explains_a_config_mistake(tmp_path, capsys, monkeypatch):
+    from rewardopt.cli import main
+
+    monkeypatch.chdir(ROOT)
+    db = tmp_path / "ratings.sqlite"
+    main(["serve-ratings", "--config", str(RECIPE), "--store", str(db), "--issue-token", "3"])
+    tokens = capsys.readouterr().out.split()
+    assert len(tokens) == 3
+    store = RatingStore(db)
+    assert all(store.token_hash(t) == hash_token(t) for t in tokens) and store.num_tokens() == 3
+    store.close()
+    with pytest.raises(SystemExit) as e:
+        main(["serve-ratings", "--config", str(RECIPE), "--store", str(db), "--model.init_args.shw=3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "shw" in err and len(err.strip().splitlines()) <= 3
+    main(["serve-ratings"])
+    assert "--issue-token" in capsys.readouterr().out

@@ -36,6 +36,7 @@ def shown_images(driver) -> int:
         "return [...document.querySelectorAll('.candidate img')].filter(i => i.complete && i.naturalWidth > 0).length")
 
 
+@pytest.mark.slow  # ~40 s and Chromium: `make test-all` (which runs `make browser-deps` first)
 def test_rate_restart_reload_in_chromium(tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/video.py
 	$(PY) benchmarks/superres.py
 	$(PY) benchmarks/text_to_3d.py
+	$(PY) benchmarks/dp_bandit.py
 	$(PY) benchmarks/flow.py
 
 # Regenerate the shipped tiny weights (domains/*/assets/) from their recipes.

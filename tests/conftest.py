@@ -11,26 +11,21 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 torch.set_num_threads(2)
 
 
+TINY_TEST_DEFAULTS = {"num_steps": 4, "guidance_scale": 2.0, "lora_rank": 4, "gradient_checkpointing": False}
+
+
 def tiny_generator(**kwargs):
     """A random 16x16 text-to-image generator with 2 UNet levels: fast enough for unit tests."""
     from domains.images.tiny import build_tiny_generator
 
-    kwargs.setdefault("num_steps", 4)
-    kwargs.setdefault("guidance_scale", 2.0)
-    kwargs.setdefault("lora_rank", 4)
-    kwargs.setdefault("gradient_checkpointing", False)
-    return build_tiny_generator(seed=0, size=16, channels=(8, 16), **kwargs)
+    return build_tiny_generator(seed=0, size=16, channels=(8, 16), **{**TINY_TEST_DEFAULTS, **kwargs})
 
 
 def tiny_flow_generator(**kwargs):
     """``tiny_generator``'s random UNet and text encoder as a rectified flow (FlowUNetGenerator)."""
     from domains.images.tiny import build_tiny_flow_generator
 
-    kwargs.setdefault("num_steps", 4)
-    kwargs.setdefault("guidance_scale", 2.0)
-    kwargs.setdefault("lora_rank", 4)
-    kwargs.setdefault("gradient_checkpointing", False)
-    return build_tiny_flow_generator(seed=0, size=16, channels=(8, 16), **kwargs)
+    return build_tiny_flow_generator(seed=0, size=16, channels=(8, 16), **{**TINY_TEST_DEFAULTS, **kwargs})
 
 
 def aesthetic_stand_in_args(tmp_path):

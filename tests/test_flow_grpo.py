@@ -138,5 +138,10 @@ def test_counted_compute_and_ode_evaluation(tmp_path):
     assert g.counter.nfe == n * T + n * T * 2 and g.counter.samples == n
     a = m.sample_decoded(["one red circle"], seed=3)
     b = m.sample_decoded(["one red circle"], seed=3)
-    torch.testing.assert_close(a, b)  # held-out samples from the ODE: deterministic given the seed
+    torch.testing.assert_close(a, b)
+    m.eval_sde = True  # the same seed through the SDE: another sample, so ``a`` came from the ODE
+    assert (m.sample_decoded(["one red circle"], seed=3) - a).abs().max() > 1e-3
+    m.eval_sde = False
+    with g.ode_sampling():
+        assert g.sde_noise_level == 0.0 and not g.stochastic
     assert g.sde_noise_level == 0.7

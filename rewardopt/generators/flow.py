@@ -42,7 +42,8 @@ and ``decode``; see ``domains/images/flow.py``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -124,6 +125,17 @@ class FlowMatchingGenerator(DiffusionGenerator):
 
     def step_is_deterministic(self, i: int) -> bool:
         return not self.sde_at(i)
+
+    @contextmanager
+    def ode_sampling(self) -> Iterator[None]:
+        """Sample with the deterministic ODE (noise level 0) inside the block; the noise level is restored after,
+        also on error. Flow-GRPO evaluates held-out samples this way."""
+        saved = self.sde_noise_level
+        self.sde_noise_level = 0.0
+        try:
+            yield
+        finally:
+            self.sde_noise_level = saved
 
     def _sigma_of(self, t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
         """σ = t / N for a timestep ``t`` (a scalar, one per row (B,), or a shape that broadcasts against ``like``)."""

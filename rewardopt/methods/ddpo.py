@@ -47,6 +47,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from rewardopt.generators.capabilities import TransitionLogProbs, require
 from rewardopt.generators.diffusion import DiffusionGenerator, gaussian_log_prob
+from rewardopt.generators.flow import FlowMatchingGenerator
 from rewardopt.generators.masked import MaskedDiffusionGenerator
 from rewardopt.methods.base import RewardFineTuning
 from rewardopt.rewards.base import Reward
@@ -150,14 +151,9 @@ class DDPO(RewardFineTuning):
     def sample_decoded(self, prompts, seed: int, grad: bool = False):
         """Held-out samples; a flow model's with the ODE (noise level 0 for the call) unless ``eval_sde``."""
         g = self.generator
-        saved = getattr(g, "sde_noise_level", None)
-        if saved is not None and not self.eval_sde:
-            g.sde_noise_level = 0.0
-        try:
+        ode = isinstance(g, FlowMatchingGenerator) and not self.eval_sde
+        with g.ode_sampling() if ode else nullcontext():
             return super().sample_decoded(prompts, seed, grad)
-        finally:
-            if saved is not None:
-                g.sde_noise_level = saved
 
     @torch.no_grad()
     def sample_trajectories(self, cond, rng):

@@ -19,8 +19,9 @@ empirical privacy audit, and Best-of-N steered by the released private reward mo
    projected onto q(D') - q(D)) is thresholded (threshold chosen on half the trials, measured on the other half,
    ``rewardopt.feedback.audit``) and the epsilon lower bound with 95% Clopper-Pearson intervals is compared with
    the nominal epsilon and with the exact epsilon of a Gaussian mechanism of that sensitivity / sigma. A second row
-   per epsilon gives the attacker the noise seed (the bandit's ``seed``, which ``save_release`` records in
-   reward_model.json and the recipes set): it regenerates the noise and tests "release == release of D".
+   per epsilon gives the attacker the noise seed (what a deployment leaks if its noise seed is derivable from a
+   public one; the bandit's ``noise_seed`` is therefore secret by default): it regenerates the noise and tests
+   "release == release of D".
 3. **Best-of-N on the tiny image default.** Per seed a rating session as ``recipes/feedback/private_ratings_tiny.yaml``
    runs it (its generator, simulated rater, embedders, features and bandit settings; the exploring users' branch of
    ``SimulatedRatings.predict_step``) with ``--users`` exploring users, released at epsilon = 1 and, from the same
@@ -58,6 +59,12 @@ from rewardopt.run import derived_seed
 EPSILONS = [0.5, 1.0, 4.0, math.inf]
 DELTA = 1e-5
 DC = DA = 2  # context and action dimensions of the RKHS problem
+
+
+def noise_seed(seed: int) -> int:
+    """The benchmark's release-noise seed for run ``seed``: fixed, so the page reproduces. A deployment leaves
+    ``noise_seed`` unset (a secret one); a known noise seed voids the guarantee (section 2's second rows)."""
+    return derived_seed(seed, 2**31 - 1)
 SESSION_RECIPE = "recipes/feedback/private_ratings_tiny.yaml"
 BON_RECIPE = "recipes/feedback/best_of_n_private_reward_tiny.yaml"
 
@@ -109,7 +116,7 @@ def regret_seed(seed: int, Ts: list[int], K: int, m: int, noise: float, n_eval: 
     stats = {T: _exact_statistics(feats, contexts[:T], actions[:T], ys[:T]) for T in Ts}
     for eps in EPSILONS:
         for T in Ts:
-            b = PrivateKernelBandit(feats, eps, DELTA, explore_rounds=T, seed=seed)
+            b = PrivateKernelBandit(feats, eps, DELTA, explore_rounds=T, seed=seed, noise_seed=noise_seed(seed))
             b.observe_batch(contexts[:T], actions[:T], ys[:T])  # releases at T
             pred = b.predict(ec.unsqueeze(1).expand(-1, K, -1).reshape(-1, DC), ea.reshape(-1, DA)).view(n_eval, K)
             out["rows"].append({"method": "private bandit", "eps": eps, "T": T, "regret": regret_of(pred, truth),
@@ -225,7 +232,7 @@ def worst_case_neighbours(feats, n: int, seed: int):
 
 def released(feats, data, eps: float, seed: int, n: int) -> torch.Tensor:
     """One release of a fresh bandit fed ``data``: the noisy (h(S + E), b + e) vector."""
-    b = PrivateKernelBandit(feats, eps, DELTA, explore_rounds=n, seed=seed)
+    b = PrivateKernelBandit(feats, eps, DELTA, explore_rounds=n, noise_seed=noise_seed(seed))
     z, y = data
     b.observe_batch(z[:, :DC], z[:, DC:], y)
     return release_vector(*b.noisy_statistics)
@@ -299,7 +306,7 @@ def session_models(seed: int, users: int, out: Path, steps: int | None) -> dict[
     if steps is not None:
         spec["generator"]["init_args"]["num_steps"] = steps
     args = {k: build(v) for k, v in spec.items()}
-    args.update(explore_rounds=users, seed=seed, epsilon=1.0, output_dir=None)
+    args.update(explore_rounds=users, seed=seed, noise_seed=noise_seed(seed), epsilon=1.0, output_dir=None)
     sess = SimulatedRatings(**args)
     twin = PrivateKernelBandit(sess.bandit.features, math.inf, sess.bandit.delta, reward_bound=1.0,
                                lam=spec["lam"], explore_rounds=users, seed=seed)

@@ -60,11 +60,20 @@ there is no noise, lambda = lam and theta~ is kernel ridge regression on the sam
 release is (epsilon, delta)-DP; every later query is a function of the public release and that user's own
 context only (the billboard lemma, Hsu et al. 2016), so the sequence of all queries is jointly DP.
 Observations after the release are counted (``t``) but do not change the estimate.
+
+**The noise seed is a secret.** The Gaussian mechanism's guarantee assumes the noise is unknown: whoever knows
+the generator's seed regenerates (E, e), subtracts it and reads the exact statistics (the audit in
+benchmarks/dp_bandit.py finds an epsilon lower bound of 5.6 at nominal 1 with a known seed). So the release noise
+has a seed of its own, ``noise_seed``: by default drawn from the operating system (``secrets``) when the bandit is
+built, never derived from the public ``seed`` and never written by ``save_release``. Replaying a bandit needs the
+same noise seed; the rating server keeps it in its store, beside the answers, and nowhere else. Pass an integer
+only where reproducible releases matter more than privacy (simulated raters, benchmarks, tests).
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable
 
 import torch
@@ -74,8 +83,10 @@ from rewardopt.feedback.kernels import KernelFeatures
 from rewardopt.feedback.privacy import ZCDPAccountant, gaussian_mechanism, gaussian_sigma
 from rewardopt.run import derived_seed
 
-#: the stream index of the release noise (exploration rounds use the indices 0, 1, 2, ...: t)
-NOISE_STREAM = 2**31 - 1
+
+def secret_seed() -> int:
+    """A fresh 63-bit seed from the operating system's CSPRNG (for the release noise)."""
+    return secrets.randbits(63)
 
 
 def joint_sensitivity(reward_bound: float, ratings_per_user: int = 1) -> float:
@@ -124,7 +135,10 @@ class PrivateKernelBandit:
         reward_bound: B; rewards are clipped to [-B, B] (ratings 1-9 map to (s - 5)/4 in [-1, 1]: B = 1).
         lam: the ridge; the noise's spectral bound is added to it (``noise_lambda``) unless that is False.
         explore_rounds: observations gathered before the one release.
-        seed: fixes the exploration draws (stream t) and the release noise (a stream of its own).
+        seed: fixes the exploration draws (stream t of it); public (it is in the recipe and the saved release).
+        noise_seed: the release noise's seed. None (default): a secret one from ``secret_seed()``, kept in
+            ``self.noise_seed`` only (see "The noise seed is a secret" above). An int: reproducible releases, for
+            simulations and tests only — a known noise seed voids the privacy guarantee.
         ratings_per_user: how many observations one user contributes (scales the sensitivity).
         noise_lambda: add ``noise_spectral_bound(m, sigma, beta)`` to lam.
         beta: failure probability of that bound.
@@ -132,7 +146,7 @@ class PrivateKernelBandit:
 
     def __init__(self, features: KernelFeatures, epsilon: float, delta: float = 1e-5, reward_bound: float = 1.0,
                  lam: float = 1.0, explore_rounds: int = 256, seed: int = 0, ratings_per_user: int = 1,
-                 noise_lambda: bool = True, beta: float = 0.01) -> None:
+                 noise_lambda: bool = True, beta: float = 0.01, noise_seed: int | None = None) -> None:
         if explore_rounds < 1:
             raise ValueError(f"explore_rounds must be >= 1, got {explore_rounds}")
         if reward_bound <= 0 or lam <= 0:
@@ -142,6 +156,7 @@ class PrivateKernelBandit:
         self.features = features
         self.epsilon, self.delta, self.reward_bound = float(epsilon), float(delta), float(reward_bound)
         self.explore_rounds, self.seed, self.ratings_per_user = int(explore_rounds), int(seed), int(ratings_per_user)
+        self.noise_seed = secret_seed() if noise_seed is None else int(noise_seed)
         self.sensitivity = joint_sensitivity(self.reward_bound, self.ratings_per_user)
         self.sigma = gaussian_sigma(self.sensitivity, self.epsilon, self.delta)
         m = features.dim
@@ -238,11 +253,12 @@ class PrivateKernelBandit:
 
     def release(self) -> torch.Tensor:
         """Release theta~ once (called by ``observe`` at t = explore_rounds; call it yourself to release
-        fewer observations). The noise is drawn from a generator seeded by ``seed``: same data, same release."""
+        fewer observations). The noise is drawn from a generator seeded by ``noise_seed``: same data and noise seed,
+        same release."""
         if self.released:
             raise RuntimeError("the statistics were already released once; a second release would spend "
                                "more privacy (build a new bandit with its own budget)")
-        g = torch.Generator().manual_seed(derived_seed(self.seed, NOISE_STREAM))
+        g = torch.Generator().manual_seed(self.noise_seed)
         m = len(self._b)
         E = symmetric_noise(m, self.sigma, g)
         b = gaussian_mechanism(self._b, self.sigma, g)

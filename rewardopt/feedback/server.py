@@ -20,8 +20,11 @@ unanswered query again rather than drawing a new one.
 Privacy (see ``rewardopt.feedback.bandit``): one query is one "user" of the joint-DP analysis, contributing
 ``show`` ratings (the sensitivity is scaled by ``ratings_per_user``, default ``show``). Before the release the
 shown candidates depend only on (seed, t, K); afterwards on the released estimate and this query's own
-context. Only sha256 of a token is stored; nothing else about a rater is. A token that answers many queries
-is many users to the analysis: hand one token to one person per query budget you are willing to count.
+context. The release noise's seed is secret: drawn from the OS on the store's first use and kept in the store
+only (not in the recipe, not in a saved release), so a restart replays the same release and nobody who reads
+the recipe can subtract the noise. Only sha256 of a token is stored; nothing else about a rater is. A token that
+answers many queries is many users to the analysis: hand one token to one person per query budget you are willing
+to count.
 
 JSON API (token in ``Authorization: Bearer <token>`` or the cookie): ``GET /api/status``, ``GET /api/query``,
 ``POST /api/rate`` {"query_id", "scores": [...]}, ``GET /api/release`` (theta~ once released: the DP output,
@@ -121,7 +124,8 @@ class RatingSession(L.LightningModule):
         candidates: K, samples proposed per query; ``show`` of them are shown and rated.
         epsilon, delta, lam, explore_rounds: ``PrivateKernelBandit``'s (explore_rounds counts ratings).
         num_features, lengthscale, kernel: the random Fourier features over [context; action].
-        seed: the bandit's, the features', the prompt draws' and the sampler's seed.
+        seed: the bandit's exploration, the features', the prompt draws' and the sampler's seed (public; the
+            release noise's seed is the store's secret one, ``RatingStore.noise_seed``).
         ratings_per_user: ratings one user contributes to the sensitivity (default: ``show``, one query = one user).
         display_scale: the images are shown this many times their size.
         store: the SQLite file (``rewardopt.feedback.store``). host, port (0: a free one), threads: waitress's.
@@ -153,11 +157,12 @@ class RatingSession(L.LightningModule):
         self.lock = threading.RLock()
         self.bandit = self.new_bandit()
 
-    def new_bandit(self) -> PrivateKernelBandit:
-        """A fresh bandit with this session's arguments (what a restart replays the answers into)."""
+    def new_bandit(self, noise_seed: int | None = None) -> PrivateKernelBandit:
+        """A fresh bandit with this session's arguments (what a restart replays the answers into); its release
+        noise from ``noise_seed`` (the store's secret one in ``replay``; None: a fresh secret one)."""
         a = self.feature_args
         features = RandomFourierFeatures(a["in_dim"], a["num_features"], a["lengthscale"], a["kernel"], seed=a["seed"])
-        return PrivateKernelBandit(features, **self.bandit_args)
+        return PrivateKernelBandit(features, **self.bandit_args, noise_seed=noise_seed)
 
     def fingerprint(self) -> dict:
         """What replaying stored answers depends on (the store refuses a restart where it changed)."""
@@ -210,9 +215,10 @@ class RatingSession(L.LightningModule):
             self.bandit.observe(q.context, q.actions[q.shown[position]], score_reward(score))
 
     def replay(self, store: RatingStore) -> int:
-        """Rebuild the bandit from every stored answer, in order; the number of answers replayed."""
+        """Rebuild the bandit from every stored answer, in order, with the store's secret noise seed; the number
+        of answers replayed. Serving starts with it (``serve_main``; call it before ``create_app`` yourself)."""
         with self.lock:
-            self.bandit = self.new_bandit()
+            self.bandit = self.new_bandit(store.noise_seed())
             answers = store.answers()
             for a in answers:
                 self.observe(a)
@@ -259,7 +265,8 @@ def query_json(q: StoredQuery) -> dict:
 
 
 def create_app(session: RatingSession, store: RatingStore):
-    """The Flask app over one session and store (``session.replay(store)`` first when the store has answers)."""
+    """The Flask app over one session and store (``session.replay(store)`` first: it binds the store's noise seed
+    and its answers)."""
     from flask import Flask, jsonify, make_response, redirect, render_template, request
 
     app = Flask(__name__, template_folder=str(WEB / "templates"), static_folder=str(WEB / "static"))

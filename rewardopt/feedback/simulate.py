@@ -156,7 +156,9 @@ class SimulatedRatings(RunMixin, L.LightningModule):
         candidates: K, samples proposed per user; the bandit shows one.
         epsilon, delta, lam, explore_rounds: ``PrivateKernelBandit``'s.
         num_features, lengthscale, kernel: the random Fourier features over [context; action].
-        seed: the bandit's (exploration and noise), the features' and the candidates' seed.
+        seed: the bandit's exploration, the features' and the candidates' seed.
+        noise_seed: the release noise's (``PrivateKernelBandit``): None, a secret one (the released numbers then
+            vary from run to run by the noise alone); an int for a reproducible simulation.
         output_dir: where ``reward_model/`` and ``summary.json`` go (default: the trainer's folder).
     """
 
@@ -165,7 +167,8 @@ class SimulatedRatings(RunMixin, L.LightningModule):
     def __init__(self, generator: Generator, rater: SimulatedRater, context_embedder: nn.Module,
                  action_embedder: nn.Module, candidates: int = 4, epsilon: float = 1.0, delta: float = 1e-5,
                  lam: float = 1.0, explore_rounds: int = 1024, num_features: int = 256, lengthscale: float = 1.0,
-                 kernel: str = "rbf", seed: int = 0, output_dir: str | None = None) -> None:
+                 kernel: str = "rbf", seed: int = 0, noise_seed: int | None = None,
+                 output_dir: str | None = None) -> None:
         super().__init__()
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
@@ -175,7 +178,7 @@ class SimulatedRatings(RunMixin, L.LightningModule):
         in_dim = context_embedder.dim + action_embedder.dim
         features: KernelFeatures = RandomFourierFeatures(in_dim, num_features, lengthscale, kernel, seed=seed)
         self.bandit = PrivateKernelBandit(features, epsilon, delta, reward_bound=1.0, lam=lam,
-                                          explore_rounds=explore_rounds, seed=seed)
+                                          explore_rounds=explore_rounds, seed=seed, noise_seed=noise_seed)
         self.log_rounds: list[dict] = []
         self._start = time.perf_counter()
 

@@ -7,9 +7,11 @@ nothing, because on start the bandit is rebuilt by replaying every stored answer
 
 Tables:
 
-    meta      key/value: the schema version and the session's fingerprint (the bandit's arguments and
+    meta      key/value: the schema version, the session's fingerprint (the bandit's arguments and
               embedders), so a restart with a different bandit configuration is refused instead of
-              replaying old ratings into a different model
+              replaying old ratings into a different model, and the release's secret noise seed (drawn from the
+              OS on first use; a restart replays with it; it leaves the server nowhere else — the file holds
+              the raw ratings anyway and must be kept as private as they are)
     tokens    sha256 (hex) of each rater token — the token itself is never stored
     queries   one row per query handed out: a random id, the token hash it was issued to, the bandit's t when
               it was issued, the prompt, the candidate indices shown, the context (dc,) and all K candidates'
@@ -187,6 +189,19 @@ class RatingStore:
                         f"{self.path} holds {n} answers collected with another bandit configuration (differs in: "
                         f"{', '.join(diff)}); use the original config or a new store")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (value,))
+
+    def noise_seed(self) -> int:
+        """The release's secret noise seed: drawn once (``secret_seed``, the OS's CSPRNG) and stored, then the
+        stored one on every later call and restart."""
+        from rewardopt.feedback.bandit import secret_seed
+
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'noise_seed'").fetchone()
+            if row is not None:
+                return int(row[0])
+            seed = secret_seed()
+            db.execute("INSERT INTO meta VALUES ('noise_seed', ?)", (str(seed),))
+            return seed
 
     # --- tokens ---------------------------------------------------------------------------------
     def issue_tokens(self, n: int = 1) -> list[str]:

@@ -83,7 +83,7 @@ def test_audit_of_the_bandit_release_is_within_its_nominal_epsilon():
     y[0], y2[0] = 1.0, -1.0
 
     def release(zz, yy, seed):
-        b = PrivateKernelBandit(feats, 4.0, explore_rounds=6, seed=seed)
+        b = PrivateKernelBandit(feats, 4.0, explore_rounds=6, noise_seed=seed)
         b.observe_batch(zz[:, :2], zz[:, 2:], yy)
         return release_vector(*b.noisy_statistics), b
 

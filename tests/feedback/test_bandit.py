@@ -140,7 +140,7 @@ def test_release_noise_matches_the_calibrated_sigma():
     data = stream(30)
     gaps = []
     for seed in range(200):
-        b = bandit(epsilon=2.0, explore_rounds=30, seed=seed)
+        b = bandit(epsilon=2.0, explore_rounds=30, noise_seed=seed)
         run(b, data)
         S, bb = b.statistics()
         nS, nb = b.noisy_statistics
@@ -183,24 +183,34 @@ def test_epsilon_inf_is_kernel_ridge_regression_on_the_same_features():
 
 def test_replay_gives_the_same_release():
     data = stream(50, seed=2)
-    a, b = bandit(), bandit()
+    a, b = bandit(noise_seed=5), bandit(noise_seed=5)
     run(a, data)
     run(b, data)
     assert torch.equal(a.theta, b.theta) and torch.equal(a.noisy_statistics[0], b.noisy_statistics[0])
-    c = bandit(seed=1)
+    c = bandit(noise_seed=6)
     run(c, data)
     assert not torch.allclose(a.theta, c.theta)
 
 
+def test_the_release_noise_is_secret_by_default():
+    """The public seed fixes the queries, not the noise: two default bandits with one seed release differently
+    from the same data (their noise seeds come from the OS), while their exploration queries agree."""
+    data = stream(50, seed=2)
+    a, b = bandit(seed=3), bandit(seed=3)
+    assert a.noise_seed != b.noise_seed
+    assert run(a, data) == run(b, data)
+    assert torch.equal(a.statistics()[0], b.statistics()[0]) and not torch.allclose(a.theta, b.theta)
+
+
 def test_observe_batch_equals_sequential_observes():
     data = stream(70, seed=5)
-    seq = bandit(explore_rounds=50)
+    seq = bandit(explore_rounds=50, noise_seed=1)
     rows = []
     for c, cand, y in data:
         i = seq.select(c, cand)[0]
         seq.observe(c, cand[i], y)
         rows.append((c, cand[i], y))
-    batch = bandit(explore_rounds=50)
+    batch = bandit(explore_rounds=50, noise_seed=1)
     batch.observe_batch(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
                         torch.tensor([r[2] for r in rows]))
     assert batch.t == seq.t == 70 and batch._n == seq._n == 50

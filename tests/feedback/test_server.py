@@ -157,10 +157,13 @@ def test_a_repeated_submission_is_idempotent(app, session):
     assert session.bandit.t == 2 and store.num_answers() == 1 and session.bandit.observed_rewards == [0.25, -0.75]
 
 
-def replayed_bandit(store: RatingStore, epsilon=1.0, seed=0, num_features=32, in_dim=384 + 3) -> PrivateKernelBandit:
-    """The bandit rebuilt here, independently of the server: the stored answers' vectors, in order."""
+def replayed_bandit(store: RatingStore, epsilon=1.0, seed=0, num_features=32, in_dim=384 + 3,
+                    noise_seed: int | None = None) -> PrivateKernelBandit:
+    """The bandit rebuilt here, independently of the server: the stored answers' vectors, in order, with the
+    store's noise seed (unless ``noise_seed``)."""
     b = PrivateKernelBandit(RandomFourierFeatures(in_dim, num_features, 1.0, "rbf", seed=seed), epsilon, 1e-5,
-                            explore_rounds=EXPLORE, seed=seed, ratings_per_user=2)
+                            explore_rounds=EXPLORE, seed=seed, ratings_per_user=2,
+                            noise_seed=store.noise_seed() if noise_seed is None else noise_seed)
     for a in store.answers():
         for j, s in enumerate(a.scores):
             b.observe(a.query.context, a.query.actions[a.query.shown[j]], (s - 5) / 4)
@@ -183,6 +186,28 @@ def test_replay_rebuilds_the_same_release_and_choices(app, session, tmp_path):
     assert c.get("/api/release").json["theta"] == theta.tolist()
     session.replay(store)  # what a restart does
     assert torch.equal(session.bandit.theta, theta) and session.bandit.t == EXPLORE
+
+
+def test_the_noise_seed_is_the_stores_secret_not_the_recipes(app, session, tmp_path):
+    """Two stores under one recipe (same public seed) draw different noise seeds, so the same ratings give
+    different releases; the seed stays in the store (replay uses it) and is not in the saved release."""
+    from rewardopt.feedback.reward import save_release
+
+    app, store, (token, _) = app
+    c = client_for(app, token)
+    for scores in ([9, 2], [3, 8]):
+        c.post("/api/rate", json={"query_id": c.get("/api/query").json["query_id"], "scores": scores})
+    assert session.bandit.released and session.bandit.noise_seed == store.noise_seed()
+    other = RatingStore(tmp_path / "other.sqlite")
+    assert other.noise_seed() != store.noise_seed()
+    twin, twin_other = replayed_bandit(store), replayed_bandit(store, noise_seed=other.noise_seed())
+    assert torch.equal(twin.theta, session.bandit.theta) and not torch.allclose(twin_other.theta, twin.theta)
+    folder = save_release(tmp_path / "release", session.bandit, session.context_embedder, session.action_embedder)
+    text = "".join(f.read_text(errors="replace") for f in folder.iterdir() if f.suffix == ".json")
+    assert str(store.noise_seed()) not in text and "noise_seed" not in text
+    assert str(store.noise_seed()) not in json.dumps(c.get("/api/status").json) + json.dumps(
+        c.get("/api/release").json)
+    other.close()
 
 
 def get(url, token, path):

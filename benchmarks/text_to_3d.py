@@ -5,7 +5,8 @@ Each method is its recipe (``recipes/text_to_3d/{sds,vpsds,vpsds_reward}_tiny.ya
 and the step count replaced; every run optimises a fresh 32^3 voxel grid with the same views per step, so the prior
 NFE of distillation is identical (VP-SDS also spends the text-to-image step that makes its visual prompt, counted and
 reported). Each scene is then scored on 8 held-out views (azimuths 22.5° + k·45°, elevations alternating 5° / 25°;
-training views are drawn uniformly at random, so these are views the run never saw exactly):
+training views are drawn uniformly at random from azimuth U[0, 360) x elevation U[0, 30], so these are novel views
+inside the training distribution, never seen exactly):
 
 * PSNR / SSIM against the same renderer's ground-truth renders of the prompt's canonical object (``objects.canonical``);
 * multi-view accuracy: the fraction of views the *independent* evaluator (``embedded:t3d-evaluator``, another
@@ -18,7 +19,8 @@ training views are drawn uniformly at random, so these are views the run never s
 * reference rows, scored the same way: an empty scene, the untrained starting blob, and a jittered ground-truth
   instance (what a perfect sample of the prior could reach), and paired per-(prompt, seed) differences between
   methods;
-* the reward terms themselves (text alignment, visual consistency) on the same views, for the hacking check.
+* the reward terms themselves (text alignment, visual consistency) on the method's evaluation orbit (azimuth 0° +
+  k·45°, elevation 15°; not the held-out views), for the row that trains on them.
 
     python benchmarks/text_to_3d.py                          # 4 prompts, 3 seeds, 300 steps
     python benchmarks/text_to_3d.py --seeds 0 --out runs/bench_t3d_a --no-page &   # side by side, then:
@@ -184,7 +186,7 @@ def run(args) -> None:
 def mean_sd(vals: list[float], fmt: str = "{:.3f}") -> str:
     if len(vals) == 1:
         return fmt.format(vals[0])
-    return f"{fmt.format(statistics.mean(vals))} ± {fmt.format(statistics.stdev(vals))}"
+    return f"{fmt.format(statistics.mean(vals))} ± {fmt.replace('+', '').format(statistics.stdev(vals))}"
 
 
 def seed_means(rows: list[dict], method: str, key: str) -> list[float]:
@@ -208,6 +210,9 @@ def main_table(rows: list[dict], methods: list[str]) -> str:
         if not rs:
             continue
         wall = statistics.mean(r["wall_s"] for r in rs) / base_wall
+        counts = {(r["prior_nfe"], r["visual_prompt_nfe"], r["reward_calls"], r.get("nfe_grad", 0)) for r in rs}
+        if len(counts) != 1 or next(iter(counts))[3] != 0:
+            raise RuntimeError(f"{m}: counted compute differs between runs or the prior had grad calls: {counts}")
         lines.append(
             f"| {m} | {len({r['seed'] for r in rs})} | {mean_sd(seed_means(rows, m, 'psnr'), '{:.2f}')} | "
             f"{statistics.mean(seed_means(rows, m, 'psnr_front')):.2f} / "

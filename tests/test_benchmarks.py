@@ -188,3 +188,22 @@ def test_superres_benchmark_shares_one_sampler_across_its_steering_recipes_and_m
     row = {"proxy": "judge (LR | SR)", "rho_hs": 0.5, "lo": 0.4, "hi": 0.6, "rho_flip": 0.1, "flo": 0.0, "fhi": 0.2}
     table = sr.correlation_md([row], 10)
     assert "LR \\| SR" in table and table.splitlines()[-1].count(" | ") == 3  # a pipe in a name is escaped
+
+
+def test_text_to_3d_tables_check_counted_compute_and_print_unsigned_sds():
+    import text_to_3d as t3d
+
+    def row(method, prompt, seed, psnr, nfe=1200, grad=0):
+        return {"method": method, "prompt": prompt, "seed": seed, "psnr": psnr, "psnr_front": psnr, "psnr_back": psnr,
+                "ssim": 0.5, "accuracy": 1.0, "consistency": 1.0, "p_prompt": 0.9, "prior_nfe": nfe,
+                "visual_prompt_nfe": 0, "reward_calls": 0, "nfe_grad": grad, "wall_s": 1.0}
+
+    rows = [row(m, "p", s, 10.0 + s + (0.5 if m == "VP-SDS" else 0.0)) for m in ("SDS", "VP-SDS") for s in (0, 1, 2)]
+    rows[4]["psnr"] += 0.3  # VP-SDS seed 1: the paired differences vary, so their sd is > 0
+    assert "| SDS | 3 | 11.00 ± 1.00 |" in t3d.main_table(rows, ["SDS", "VP-SDS"])
+    paired = t3d.paired_table(rows, ["SDS", "VP-SDS"])
+    assert "| VP-SDS − SDS | 3 | +0.60 ± 0.17 | 3 / 0 |" in paired and "± +" not in paired
+    with pytest.raises(RuntimeError, match="counted compute differs"):
+        t3d.main_table(rows[:2] + [row("SDS", "p", 2, 12.0, nfe=1100)] + rows[3:], ["SDS", "VP-SDS"])
+    with pytest.raises(RuntimeError, match="grad calls"):
+        t3d.main_table([row("SDS", "p", 0, 10.0, grad=4)], ["SDS"])

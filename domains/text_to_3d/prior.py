@@ -352,8 +352,13 @@ class MultiViewPrior(ImagePrompted, StableDiffusionGenerator):
         if self.has_ip_adapter:
             emb = tensors["encoder_hidden_states"].new_zeros(len(raw), 1, self.image_embed_dim)
             if images:
+                # each distinct image tensor embedded once (a visual prompt repeated over views: one row, so the
+                # views' embeddings are equal bit for bit, and cheaper)
+                first: dict[int, int] = {}
+                index = [first.setdefault(id(im), len(first)) for im in images]
+                distinct = [images[index.index(j)] for j in range(len(first))]
                 with torch.no_grad():
-                    emb[rows] = self.embed_images(images).to(emb.dtype)
+                    emb[rows] = self.embed_images(distinct).to(emb.dtype)[index]
             tensors["image_embeds"] = emb
         return Condition(raw, tensors)
 

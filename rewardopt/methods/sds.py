@@ -329,6 +329,8 @@ class VPSDS(SDS):
     def ensure_visual_prompt(self) -> torch.Tensor:
         if self.visual_prompt.numel() == 0:
             self.visual_prompt = self.load_visual_prompt().to(self.device)
+        elif self.visual_prompt.device != self.device:  # restored from a checkpoint before the move
+            self.visual_prompt = self.visual_prompt.to(self.device)
         return self.visual_prompt
 
     def raw_condition(self, view: str) -> Any:
@@ -341,8 +343,15 @@ class VPSDS(SDS):
         return {"visual_prompt_nfe": self.visual_prompt_nfe,
                 "visual_prompt_source": self.visual_prompt_path or "generated (front view, text only)"}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.visual_prompt.numel():  # a resumed run keeps the very image (and is not charged for it again)
+            checkpoint["rewardopt"]["visual_prompt"] = self.visual_prompt.detach().cpu()
+
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.visual_prompt_nfe = int(state.get("visual_prompt_nfe", 0))
+        if isinstance(state.get("visual_prompt"), torch.Tensor):
+            self.visual_prompt = state["visual_prompt"].to(self.device)
 
     def picture_rows(self, images: torch.Tensor) -> list[torch.Tensor]:
         vp = F.interpolate(self.visual_prompt[None], size=images.shape[-2:], mode="bilinear", align_corners=False)

@@ -60,7 +60,8 @@ def test_sds_gradient_is_weighted_noise_residual_without_the_unet_jacobian(predi
     out = out_u + 7.5 * (out_c - out_u)
     eps = {"epsilon": out, "sample": (x_t - a.sqrt() * out) / (1 - a).sqrt(),
            "v_prediction": a.sqrt() * out + (1 - a).sqrt() * x_t}[prediction_type]
-    torch.testing.assert_close(terms["eps_hat"], eps, rtol=1e-4, atol=1e-5)
+    # x0 -> ε divides by sqrt(1 - ᾱ_t): batched-vs-separate UNet rounding (~1e-7) grows to ~1e-5 at small t
+    torch.testing.assert_close(terms["eps_hat"], eps, rtol=1e-4, atol=1e-5 if prediction_type == "epsilon" else 1e-4)
 
 
 def test_sds_loss_gradient_formula():
@@ -164,6 +165,26 @@ def test_vpsds_draws_its_visual_prompt_from_the_text_first_and_conditions_every_
     expected = g.decode(g.sample(g.encode_condition(["a red cube"]), generator=torch.Generator().manual_seed(5),
                                  grad_last_k=0))[0]
     torch.testing.assert_close(plain.visual_prompt, expected)
+
+
+def test_vpsds_resume_keeps_the_visual_prompt_and_its_count(tmp_path):
+    """A resumed run restores the generated visual prompt from the checkpoint: not drawn (nor charged) again."""
+    g = tiny_image_prior()
+
+    def run(steps, ckpt=None, seed=5):
+        m = VPSDS(g, VoxelScene(resolution=8, render_size=16, num_samples=8), "a red cube", views_per_step=2,
+                  visual_prompt_seed=seed, output_dir=str(tmp_path / "out"))
+        L.Trainer(max_steps=steps, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                  enable_model_summary=False, accelerator="cpu").fit(m, ckpt_path=ckpt)
+        return m
+
+    first = run(2)
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    nfe = g.counter.nfe
+    resumed = run(3, ckpt=str(ckpt), seed=6)  # another seed would draw another image: the checkpoint's wins
+    assert resumed.visual_prompt_nfe == first.visual_prompt_nfe == 3
+    torch.testing.assert_close(resumed.visual_prompt, first.visual_prompt)
+    assert g.counter.nfe - nfe == 2 and resumed.prior_nfe == 6  # one more step of 2 views; no text-to-image pass
 
 
 def test_stylised_mode_reads_the_reference_image(tmp_path):

@@ -1,11 +1,14 @@
 """Flow matching on the embedded tiny rectified flow (``embedded:tiny-shapes-flow``, issue 20), 3 seeds:
 
-1. held-out reward vs samples generated for Flow-GRPO, DDPO on the flow's SDE and DRaFT-LV (through the ODE), with
-   the image benchmarks' reward (the shapes classifier's log p(colour = blue); ``benchmarks/sample_efficiency.py``
-   on the DDIM model is the same protocol), each at its tiny recipe's settings;
-2. inference-time steering at equal NFE on the flow's SDE (noise level 0.7): the plain sampler, Best-of-N, SVDD-PM,
-   SMC and DSearch at a budget of ``--multiple`` x T NFE per sample, with the JPEG reward
-   (``benchmarks/inference_time.py`` on the DDIM model is the same protocol).
+1. held-out reward vs samples generated for Flow-GRPO, Flow-GRPO without its "Fast" window (every SDE step trained,
+   as DDPO: isolates the window from the rest of Flow-GRPO), DDPO on the flow's SDE and DRaFT-LV (through the ODE),
+   with the image benchmarks' reward (the shapes classifier's log p(colour = blue); ``benchmarks/sample_efficiency.py``
+   on the DDIM model is the same protocol), each at its tiny recipe's settings; the gains are also compared at the
+   largest sample count every method reached (equal samples);
+2. inference-time steering at equal NFE on the flow's SDE (noise level 0.7): the plain sampler (and the plain ODE
+   sampler, to show what the SDE's noise costs by itself), Best-of-N, SVDD-PM, SMC and DSearch at a budget of
+   ``--multiple`` x T NFE per sample, with the JPEG reward (``benchmarks/inference_time.py`` on the DDIM model is the
+   same protocol).
 
     python benchmarks/flow.py                     # both parts, 3 seeds
     python benchmarks/flow.py --part steering --seeds 0 --prompts 2 --no-page   # a smoke run
@@ -23,13 +26,14 @@ import numpy as np
 from results_md import write_result
 from sample_efficiency import eval_grid, run
 
-TRAINING = ["Flow-GRPO", "DDPO", "DRaFT-LV"]
-STEERING = ["pretrained", "Best-of-N", "SVDD-PM", "SMC", "DSearch"]
+TRAINING = ["Flow-GRPO", "Flow-GRPO (all steps)", "DDPO", "DRaFT-LV"]
+RL = ("Flow-GRPO", "Flow-GRPO (all steps)", "DDPO")
+STEERING = ["pretrained (ODE)", "pretrained", "Best-of-N", "SVDD-PM", "SMC", "DSearch"]
 
 
 def training_tables(args) -> list[str]:
-    grids = {m: eval_grid(args.rl_budget if m in ("Flow-GRPO", "DDPO") else args.budget,
-                          8 if m in ("Flow-GRPO", "DDPO") else 4) for m in args.methods}
+    grids = {m: eval_grid(args.rl_budget if m in RL else args.budget, 8 if m in RL else 4) for m in args.methods}
+    common = max(set.intersection(*(set(g) for g in grids.values())))  # the largest count in every grid
     results = []
     for method in args.methods:
         for seed in args.seeds:
@@ -50,7 +54,9 @@ def training_tables(args) -> list[str]:
                 "| held-out reward | " + " | ".join(f"{m:.2f} ± {sd:.2f}" for m, sd in zip(arr.mean(0), arr.std(0)))
                 + " |"]
         gain = arr[:, -1] - arr[:, 0]
-        tables.append(f"**{method}** (mean ± sd over {len(runs)} seeds; gain {gain.mean():+.2f} ± {gain.std():.2f}; "
+        at = arr[:, g.index(common)] - arr[:, 0]
+        tables.append(f"**{method}** (mean ± sd over {len(runs)} seeds; gain {gain.mean():+.2f} ± {gain.std():.2f}, "
+                      f"at {common} samples {at.mean():+.2f} ± {at.std():.2f}; "
                       f"counted NFE per training sample {nfe:.1f}; wall per sample {wall / base_wall:.2f}x "
                       f"{args.methods[0]}'s)\n\n" + "\n".join(rows))
     return tables
@@ -103,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                        "rectified-flow objective (recipes/images/pretrain_tiny_flow.yaml), 24 px, CFG 3, "
                        "FlowMatchEulerDiscreteScheduler (shift 1). Training: T = 20; Flow-GRPO and DDPO sample "
                        "with Flow-GRPO's SDE (noise level 0.7; Flow-GRPO 'Fast': 2 SDE steps in the first 10, the "
-                       "rest ODE) and evaluate with the ODE; DRaFT-LV trains through the ODE. Held-out: 12 "
+                       "rest ODE; 'all steps': every step SDE and trained, as DDPO) and evaluate with the ODE; "
+                       "DRaFT-LV trains through the ODE. Held-out: 12 "
                        "prompts x 2 fixed-noise samples. Wall times are ratios within this run (the machine is "
                        "shared). The DDIM model's pages: sample_efficiency.md, inference_time_jpeg.md.")
 

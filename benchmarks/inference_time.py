@@ -32,6 +32,7 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 #: counters reported per output sample (keys of InferenceTimeSteering.COUNTS)
@@ -85,19 +86,23 @@ def run_methods(args) -> list[dict]:
     rows = []
     for mult in [None, *args.multiples]:
         for method in methods:
-            if (mult is None) != (method == "pretrained"):
+            plain = method in ("pretrained", "pretrained (ODE)")
+            if (mult is None) != plain:
                 continue
             per_seed = []
             for seed in args.seeds:
-                m = build(method, gen, reward, None if mult is None else mult * args.steps, seed, args.steps,
-                          args.smc_alpha, args.dps_scale, args.free2guide_frac)
+                # "pretrained (ODE)": a flow model's plain sampler without the SDE's noise (what the SDE costs)
+                ode = method == "pretrained (ODE)"
+                m = build("pretrained" if ode else method, gen, reward, None if mult is None else mult * args.steps,
+                          seed, args.steps, args.smc_alpha, args.dps_scale, args.free2guide_frac)
                 m.num_samples = args.per_prompt
                 c0 = m.counts()
                 t0 = time.perf_counter()
                 vals, divs = [], []
                 for b in range(0, len(prompts), args.batch):
                     batch = prompts[b:b + args.batch]
-                    samples, _ = m.generate(batch, batch_idx=b)
+                    with gen.ode_sampling() if ode else nullcontext():
+                        samples, _ = m.generate(batch, batch_idx=b)
                     calls = reward.calls
                     with torch.no_grad():
                         vals += reward(samples, [p for p in batch for _ in range(args.per_prompt)]).total.tolist()

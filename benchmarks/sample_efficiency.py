@@ -40,7 +40,7 @@ def tiny_image_generator(family: str = "ddim", stochastic: bool = False, num_ste
                                     eta=1.0 if stochastic else 0.0, **kwargs)
 
 
-RL_METHODS = ("DDPO", "Flow-GRPO")
+RL_METHODS = ("DDPO", "Flow-GRPO", "Flow-GRPO (all steps)")
 
 
 def make(method: str, seed: int, family: str = "ddim"):
@@ -66,6 +66,9 @@ def make(method: str, seed: int, family: str = "ddim"):
     if method == "Flow-GRPO":  # the tiny recipe's settings (recipes/images/flow/flow_grpo_tiny.yaml)
         return FlowGRPO(gen, reward, group_size=4, num_minibatches=2, clip_range=1e-4, sde_window_size=2,
                         sde_window_range=[0, 10], lr=3e-4, seed=seed, output_dir=out), 2
+    if method == "Flow-GRPO (all steps)":  # the same without the "Fast" window: every SDE step trained, as DDPO
+        return FlowGRPO(gen, reward, group_size=4, num_minibatches=2, clip_range=1e-4, lr=3e-4, seed=seed,
+                        output_dir=out), 2
     if method != "DDPO":
         raise ValueError(f"unknown method {method!r}")
     return DDPO(gen, reward, samples_per_prompt=4, num_minibatches=2, clip_range=1e-4, min_count=8, lr=3e-4,

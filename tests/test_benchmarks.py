@@ -207,3 +207,18 @@ def test_text_to_3d_tables_check_counted_compute_and_print_unsigned_sds():
         t3d.main_table(rows[:2] + [row("SDS", "p", 2, 12.0, nfe=1100)] + rows[3:], ["SDS", "VP-SDS"])
     with pytest.raises(RuntimeError, match="grad calls"):
         t3d.main_table([row("SDS", "p", 0, 10.0, grad=4)], ["SDS"])
+
+
+@pytest.mark.slow
+def test_flow_benchmark_runs_every_row_at_a_tiny_budget(capsys):
+    """benchmarks/flow.py end to end at a tiny budget (~1 min): every training method and steering row, the gains at
+    the common sample count, the ODE row beside the SDE's."""
+    import flow
+
+    flow.main(["--seeds", "0", "--prompts", "2", "--budget", "8", "--rl-budget", "8", "--steps", "4", "--no-page"])
+    out = capsys.readouterr().out
+    for method in flow.TRAINING:
+        assert f"**{method}** (mean ± sd over 1 seeds; gain" in out and "at 8 samples" in out
+    for method in flow.STEERING:
+        assert f"| {method} | " in out
+    assert "| Best-of-N | 4 | 4 | 16.0 | 5.0 | 4.0 |" in out  # counted: 4 samples of 4 steps, 4 reward calls

@@ -183,3 +183,14 @@ def test_bad_configurations_are_refused():
 
     with pytest.raises(TypeError, match="schedule options"):
         DiffusionGenerator.init_schedule(g, DDIMScheduler(), 4, sde_noise_level=0.7)
+
+
+def test_a_schedule_starting_just_below_one_gets_the_sigma_one_stand_in():
+    """σ₀ = 0.9999 (a user's sigmas) takes σ₁ in the first step's denominator as σ₀ = 1 does, instead of a noise
+    variance 10⁴ times the next step's; later steps keep their own σ."""
+    exact = ToyFlow(num_steps=4, sde_noise_level=0.7, sigmas=[1.0, 0.75, 0.5, 0.25])
+    near = ToyFlow(num_steps=4, sde_noise_level=0.7, sigmas=[0.9999, 0.75, 0.5, 0.25])
+    assert float(near.sigmas[0]) == pytest.approx(0.9999)
+    assert float(near.sde_coefficient(0)) == pytest.approx(0.49 * 0.9999 / 0.25, rel=1e-4)
+    assert float(near.sde_coefficient(0)) == pytest.approx(float(exact.sde_coefficient(0)), rel=1e-3)
+    assert float(near.sde_coefficient(1)) == pytest.approx(0.49 * 0.75 / 0.25, rel=1e-5)

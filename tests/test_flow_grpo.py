@@ -35,6 +35,8 @@ def test_refusals():
         FlowGRPO(g, JpegCompressibilityReward(), group_size=1)
     with pytest.raises(ValueError, match="sde_window_size"):
         FlowGRPO(g, JpegCompressibilityReward(), sde_window_size=3, sde_window_range=[0, 2])
+    with pytest.raises(ValueError, match="needs sde_window_size"):
+        FlowGRPO(g, JpegCompressibilityReward(), sde_window_range=[0, 2])
 
 
 def test_advantages_are_pooled_across_processes(monkeypatch):
@@ -96,6 +98,33 @@ def test_first_ratio_is_one_and_cfg_free_training_uses_the_unguided_policy(tmp_p
         torch.testing.assert_close(torch.cat(ratios), torch.ones(6), rtol=0, atol=1e-5)  # 1 minibatch: on-policy
         assert set(scales) == ({3.0} if cfg_training else {1.0})  # sampling and training alike
         assert g.guidance_scale == 3.0
+
+
+def test_the_policy_gradient_raises_the_log_prob_of_positive_advantages(tmp_path):
+    """At ratio 1 the loss's gradient is −Σ A·∇log p (PPO's surrogate), and one small step along it raises log p of
+    the row with A > 0 and lowers it for A < 0 — a flipped sign fails both."""
+    g = tiny_flow_generator(num_steps=3, sde_noise_level=0.7)
+    m = FlowGRPO(g, JpegCompressibilityReward(), group_size=2, clip_range=10.0, output_dir=str(tmp_path))
+    cond = g.encode_condition(["one red circle"] * 2)
+    x = g.init_state(cond, torch.Generator().manual_seed(0))
+    x_next = g.step(x, 0, cond, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # off zero, so the LoRA weights' gradients are not degenerate
+        for p in g.trainable_parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    params = [p for p in g.trainable_parameters()]
+    adv = torch.tensor([1.0, -1.0])
+    old = g.log_prob(x, 0, x_next, cond).detach()
+    loss, diff, ratio = m.step_loss(x, 0, x_next, cond, old, adv)
+    torch.testing.assert_close(ratio.detach(), torch.ones(2), rtol=0, atol=1e-6)
+    grads = torch.autograd.grad(loss, params)
+    ref = torch.autograd.grad(-(adv * g.log_prob(x, 0, x_next, cond)).sum(), params)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+    with torch.no_grad():
+        for p, d in zip(params, grads):
+            p.sub_(1e-3 * d / max(float(torch.cat([q.flatten() for q in grads]).norm()), 1e-12))
+        new = g.log_prob(x, 0, x_next, cond)
+    assert new[0] > old[0] and new[1] < old[1]
 
 
 def test_kl_to_the_base_model(tmp_path):

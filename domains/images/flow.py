@@ -11,8 +11,10 @@ schedule (``sigmas`` and ``mu``), the transformer call and the VAE's shift and s
 
 States. SD3: VAE latents (B, C, h, w) (the pipeline's). FLUX: the *packed* latents (B, (h/2)(w/2), 4C) — the
 transformer's image tokens, what ``FluxPipeline`` takes as ``latents=`` and returns with ``output_type="latent"``;
-``decode`` unpacks them, ``encode_images`` packs. ``init_state`` draws the noise exactly as the pipelines do (the same
-``torch.Generator`` gives the same x_T: FLUX draws (B, C, h, w) and packs it).
+``decode`` unpacks them, ``encode_images`` packs. ``init_state`` draws the noise as the pipelines do (the same
+``torch.Generator`` gives the same x_T: FLUX draws (B, C, h, w) and packs it) in float32; with ``dtype`` bfloat16 /
+float16 the pipelines draw in the prompt embeddings' dtype and step in it, so there the two agree only to that
+precision, and our states stay float32.
 
 Guidance. SD3: classifier-free guidance with the empty prompt as negative (``guidance_scale``, the pipeline's).
 FLUX.1-dev is guidance-distilled: ``guidance_scale`` is the transformer's guidance *embedding* (the pipeline's

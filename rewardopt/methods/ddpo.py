@@ -117,15 +117,16 @@ class DDPO(RewardFineTuning):
             (reference: 16 and 16). Under DDP the buffers see every process's rewards.
         grad_clip: max gradient norm (manual optimisation clips here, not in the trainer).
         eval_sde: on a flow model (``FlowMatchingGenerator``), draw held-out samples with its SDE (True) or with
-            the deterministic ODE, as Flow-GRPO's reference evaluates and DRaFT on the same model samples (False).
-            Other generators evaluate with their own sampler either way.
+            the deterministic ODE (False, the default: as Flow-GRPO's reference evaluates and DRaFT on the same model
+            samples, so flow pages compare like with like). Other generators evaluate with their own sampler either
+            way.
     """
 
     def __init__(self, generator: DiffusionGenerator, reward: Reward, clip_range: float = 1e-4, adv_clip: float = 5.0,
                  samples_per_prompt: int = 4, num_minibatches: int = 2, num_inner_epochs: int = 1,
                  timestep_fraction: float = 1.0, buffer_size: int = 16, min_count: int = 16, grad_clip: float = 1.0,
                  seed: int = 0, lr: float = 3e-4, weight_decay: float = 1e-4, eval_seed: int = 1234,
-                 output_dir: str | None = None, eval_sde: bool = True) -> None:
+                 output_dir: str | None = None, eval_sde: bool = False) -> None:
         super().__init__(generator, reward, lr=lr, weight_decay=weight_decay, eval_seed=eval_seed,
                          output_dir=output_dir)
         self.eval_sde = bool(eval_sde)
@@ -209,7 +210,13 @@ class DDPO(RewardFineTuning):
                   adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The PPO-clipped loss summed over the rows of one step i (states ``x`` -> ``x_next``), with the log-ratio
         and ratio per row (for the statistics)."""
-        diff = self.generator.log_prob(x, i, x_next, cond) - old_logp
+        return self.ppo_loss(self.generator.log_prob(x, i, x_next, cond), old_logp, adv)
+
+    def ppo_loss(self, logp: torch.Tensor, old_logp: torch.Tensor,
+                 adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """PPO's clipped surrogate, summed over rows: max(−A·r, −A·clip(r, 1 ± ε)), r = exp(logp − old_logp) (old_logp
+        from sampling, without grad); at r = 1 its gradient is −A·∇logp. The loss, the log-ratio and the ratio."""
+        diff = logp - old_logp
         ratio = torch.exp(diff)
         loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).sum()
         return loss, diff, ratio

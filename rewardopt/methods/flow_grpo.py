@@ -40,8 +40,13 @@ import torch
 
 from rewardopt.generators.diffusion import gaussian_log_prob
 from rewardopt.generators.flow import FlowMatchingGenerator
+from rewardopt.methods.base import micro_batch_index
 from rewardopt.methods.ddpo import DDPO
 from rewardopt.rewards.base import Reward
+from rewardopt.run import derived_seed
+
+#: the salt of the SDE window's random stream ("Fast"), apart from the sampler noise's
+WINDOW_STREAM = 2**20 + 17
 
 
 def group_relative_advantages(prompts: Sequence[str], rewards: np.ndarray, global_std: bool = True,
@@ -106,6 +111,9 @@ class FlowGRPO(DDPO):
                          eval_sde=eval_sde)
         T = generator.num_steps
         self.window_range: tuple[int, int] | None = None
+        if sde_window_size is None and sde_window_range is not None:
+            raise ValueError(f"sde_window_range={list(sde_window_range)} needs sde_window_size (the window's length; "
+                             "Flow-GRPO-Fast: 2); without it every SDE step of the generator is trained")
         if sde_window_size is not None:
             lo, hi = (0, T) if sde_window_range is None else (int(v) for v in sde_window_range)
             if not 0 <= lo < hi <= T or not 1 <= sde_window_size <= hi - lo:
@@ -154,7 +162,9 @@ class FlowGRPO(DDPO):
             g.guidance_scale = saved
 
     def training_step(self, batch: list[str], batch_idx: int) -> None:
-        with self.sde_window(self.draw_window(self.training_rng())), self.training_guidance():
+        # the window's own stream (salted), not the sampler noise's: the two draws must not share a generator state
+        window_rng = self.rank_generator(derived_seed(self.seed, WINDOW_STREAM), micro_batch_index(self))
+        with self.sde_window(self.draw_window(window_rng)), self.training_guidance():
             super().training_step(batch, batch_idx)
 
     # ------------------------------------------------------------------ the loss
@@ -165,9 +175,7 @@ class FlowGRPO(DDPO):
         β values carry over."""
         g = self.generator
         mean, std, _ = g.transition(x, i, cond)
-        diff = gaussian_log_prob(x_next, mean, std) - old_logp
-        ratio = torch.exp(diff)
-        loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)).sum()
+        loss, diff, ratio = self.ppo_loss(gaussian_log_prob(x_next, mean, std), old_logp, adv)
         if self.beta > 0:
             with torch.no_grad(), g.base_model():
                 ref_mean, _, _ = g.transition(x, i, cond)

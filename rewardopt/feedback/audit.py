@@ -7,15 +7,17 @@ statistic of the release exceeds a threshold has TPR = P[say D' | D'] and FPR = 
     epsilon >= ln((TPR - delta) / FPR)        and        epsilon >= ln((1 - FPR - delta) / (1 - TPR))
 
 (the second: E = "say D", D and D' swapped). Measured over finitely many trials these are estimates; with
-Clopper-Pearson intervals (TPR >= TPR_lo, FPR <= FPR_hi, each with probability >= 1 - alpha/2) the bound
+Clopper-Pearson intervals the bound
 
     epsilon_lb = max(ln((TPR_lo - delta) / FPR_hi), ln((1 - FPR_hi - delta) / (1 - TPR_lo)), 0)
 
-holds with probability >= 1 - alpha (and the same two with D and D' in the other order, for a test that fires
-more often on D: neighbouring is symmetric). An audit passes when epsilon_lb <= the nominal epsilon; a bound above it
-would prove the accounting wrong (a bug in the sensitivity, the noise or the conversion). The threshold must not be
-chosen on the trials that measure it (that would bias the bound upward): ``audit_threshold`` picks it on one half
-of the trials, ``epsilon_lower_bound`` measures it on the other.
+and the same two with D and D' in the other order (with TPR_hi, FPR_lo, for a test that fires more often on D:
+neighbouring is symmetric). The maximum uses four one-sided ends (TPR_lo, TPR_hi, FPR_lo, FPR_hi), so each is taken
+at 1 - alpha/4 (two-sided Clopper-Pearson intervals at level 1 - alpha/2): by the union bound all four hold at once
+with probability >= 1 - alpha, and so does epsilon_lb. An audit passes when epsilon_lb <= the nominal epsilon; a
+bound above it would prove the accounting wrong (a bug in the sensitivity, the noise or the conversion). The
+threshold must not be chosen on the trials that measure it (that would bias the bound upward): ``audit_threshold``
+picks it on one half of the trials, ``epsilon_lower_bound`` measures it on the other.
 
 For a Gaussian mechanism whose two outputs differ by mu noise standard deviations along one direction, the
 likelihood-ratio test is a threshold on the projection onto that direction (Neyman-Pearson), and the exact privacy
@@ -84,12 +86,11 @@ def epsilon_lower_bound(positives_alt: int, n_alt: int, positives_null: int, n_n
                         alpha: float = 0.05) -> dict[str, float]:
     """The audit's epsilon lower bound (module docstring) from a test's counts: it said "D'" ``positives_alt`` times
     in ``n_alt`` trials on D' (true positives) and ``positives_null`` times in ``n_null`` trials on D (false
-    positives). Returns the point rates, their Clopper-Pearson bounds (each at 1 - alpha/2, jointly >= 1 - alpha)
-    and ``epsilon_lb`` (0 when the test shows nothing)."""
+    positives). Returns the point rates, their Clopper-Pearson bounds (two-sided at 1 - alpha/2, so each of the four
+    ends at 1 - alpha/4 and all jointly >= 1 - alpha) and ``epsilon_lb`` (0 when the test shows nothing)."""
     tpr, fpr = positives_alt / n_alt, positives_null / n_null
-    tpr_lo, _ = clopper_pearson(positives_alt, n_alt, alpha)
-    _, fpr_hi = clopper_pearson(positives_null, n_null, alpha)
-    tpr_hi, fpr_lo = clopper_pearson(positives_alt, n_alt, alpha)[1], clopper_pearson(positives_null, n_null, alpha)[0]
+    tpr_lo, tpr_hi = clopper_pearson(positives_alt, n_alt, alpha / 2)
+    fpr_lo, fpr_hi = clopper_pearson(positives_null, n_null, alpha / 2)
     return {"tpr": tpr, "fpr": fpr, "tpr_lo": tpr_lo, "fpr_hi": fpr_hi,
             "epsilon_point": _ratio_bound(tpr, tpr, fpr, fpr, delta),
             "epsilon_lb": _ratio_bound(tpr_lo, tpr_hi, fpr_lo, fpr_hi, delta)}

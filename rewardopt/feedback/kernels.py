@@ -142,7 +142,9 @@ class NystromFeatures(KernelFeatures):
     """Nyström features K_MM^{-1/2} k_M(z) over landmarks: ||phi(z)|| <= sqrt(k(z, z)) = 1.
 
     Args:
-        landmarks: (M, d) inputs the features are built from (e.g. a sample of contexts and actions).
+        landmarks: (M, d) inputs the features are built from. They are saved with every release (the feature
+            map's buffers), so they must be public — drawn from the generator, or a public sample — never raters'
+            contexts or actions: a release built on people's inputs would publish them outside the DP guarantee.
         lengthscale, kernel: as ``RandomFourierFeatures``.
         rtol: eigenvalues of K_MM below ``rtol * max`` are dropped (dim = the rank kept).
     """

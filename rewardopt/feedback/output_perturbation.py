@@ -22,14 +22,15 @@ also ||theta'|| <= ||b'|| / lam <= n B / lam. Together
 
     Delta_theta(n, lam, B) = (B / lam) (2 + min(sqrt(n / lam) / 2, n / lam)).
 
-It is an upper bound (every step is a worst case taken separately; tests/feedback/test_output_perturbation.py
-checks it against neighbouring pairs), so the baseline is (epsilon, delta)-DP with sigma =
-``gaussian_sigma(Delta_theta, epsilon, delta)`` on each of theta's m coordinates (the same zCDP calibration as
-the bandit). What makes it naive: the sensitivity grows like sqrt(n) / lam^(3/2) — more data, more noise at a fixed
+It is an upper bound (every step is a worst case taken separately;
+tests/feedback/test_audit.py::test_krr_sensitivity_bounds_neighbouring_estimates checks it against neighbouring
+pairs), so the baseline is (epsilon, delta)-DP with sigma = ``gaussian_sigma(Delta_theta, epsilon, delta)`` on each of
+theta's m coordinates (the same zCDP calibration as the bandit).
+What makes it naive: the sensitivity grows like sqrt(n) / lam^(3/2) — more data, more noise at a fixed
 ridge — because theta's scale is set by the data through A^-1, while the bandit releases the statistics (S, b),
 whose sensitivity does not depend on n, and lets the noise enter A and b where the ridge absorbs it. A ridge that
 grows with n (lam ~ n, as in private ERM) shrinks Delta_theta like 1/n; ``benchmarks/dp_bandit.py`` reports the
-fixed KRR ridge and the bandit's own (noise-inflated) ridge.
+fixed KRR ridge, the bandit's own (noise-inflated) ridge, and the data-independent ridges sqrt(T) and T.
 """
 
 from __future__ import annotations

@@ -17,14 +17,16 @@ double click, a retry) gets the stored response and observes nothing; different 
 are refused (409). A query can be answered only with the token it was issued to. A reload shows the token's
 unanswered query again rather than drawing a new one.
 
-Privacy (see ``rewardopt.feedback.bandit``): one query is one "user" of the joint-DP analysis, contributing
-``show`` ratings (the sensitivity is scaled by ``ratings_per_user``, default ``show``). Before the release the
+Privacy (see ``rewardopt.feedback.bandit``): the unit of the joint-DP analysis is a token — one person: a token
+answers at most ``queries_per_token`` exploration queries (a further one is refused, 403), so a person contributes
+at most ``show`` x ``queries_per_token`` ratings to the released statistics, and the sensitivity is scaled by exactly
+that (``ratings_per_user`` of the bandit). Queries after the release are not capped: their ratings never enter the
+estimate. Before the release the
 shown candidates depend only on (seed, t, K); afterwards on the released estimate and this query's own
 context. The release noise's seed is secret: drawn from the OS on the store's first use and kept in the store
 only (not in the recipe, not in a saved release), so a restart replays the same release and nobody who reads
-the recipe can subtract the noise. Only sha256 of a token is stored; nothing else about a rater is. A token that
-answers many queries is many users to the analysis: hand one token to one person per query budget you are willing
-to count.
+the recipe can subtract the noise. Only sha256 of a token is stored; nothing else about a rater is. Hand one
+token to one person: the guarantee is per token.
 
 JSON API (token in ``Authorization: Bearer <token>`` or the cookie): ``GET /api/status``, ``GET /api/query``,
 ``POST /api/rate`` {"query_id", "scores": [...]}, ``GET /api/release`` (theta~ once released: the DP output,
@@ -126,7 +128,9 @@ class RatingSession(L.LightningModule):
         num_features, lengthscale, kernel: the random Fourier features over [context; action].
         seed: the bandit's exploration, the features', the prompt draws' and the sampler's seed (public; the
             release noise's seed is the store's secret one, ``RatingStore.noise_seed``).
-        ratings_per_user: ratings one user contributes to the sensitivity (default: ``show``, one query = one user).
+        queries_per_token: exploration queries one token (one person) may answer; the bandit's sensitivity counts
+            ``show`` x this many ratings per person (1: one query per person; more lets a person rate more, at a
+            noise sigma that grows in proportion).
         display_scale: the images are shown this many times their size.
         store: the SQLite file (``rewardopt.feedback.store``). host, port (0: a free one), threads: waitress's.
     """
@@ -134,12 +138,14 @@ class RatingSession(L.LightningModule):
     def __init__(self, generator: Generator, context_embedder: nn.Module, action_embedder: nn.Module,
                  prompts: list[str] | None = None, candidates: int = 4, show: int = 2, epsilon: float = 1.0,
                  delta: float = 1e-5, lam: float = 1.0, explore_rounds: int = 256, num_features: int = 256,
-                 lengthscale: float = 1.0, kernel: str = "rbf", seed: int = 0, ratings_per_user: int | None = None,
+                 lengthscale: float = 1.0, kernel: str = "rbf", seed: int = 0, queries_per_token: int = 1,
                  display_scale: int = 8, store: str = "runs/feedback/serve_ratings/ratings.sqlite",
                  host: str = "127.0.0.1", port: int = 8765, threads: int = 4) -> None:
         super().__init__()
         if not 1 <= show <= candidates:
             raise ValueError(f"show must be in [1, candidates={candidates}], got {show}")
+        if queries_per_token < 1:
+            raise ValueError(f"queries_per_token must be >= 1, got {queries_per_token}")
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535] (0: a free one), got {port}")
         self.prompts = list(prompts) if prompts is not None else None
@@ -150,7 +156,8 @@ class RatingSession(L.LightningModule):
         self.store_path, self.host, self.port, self.threads = store, host, int(port), int(threads)
         self.bandit_args = {"epsilon": float(epsilon), "delta": float(delta), "reward_bound": 1.0, "lam": float(lam),
                             "explore_rounds": int(explore_rounds), "seed": int(seed),
-                            "ratings_per_user": int(ratings_per_user or show)}
+                            "ratings_per_user": int(show) * int(queries_per_token)}
+        self.queries_per_token = int(queries_per_token)
         self.feature_args = {"in_dim": int(context_embedder.dim + action_embedder.dim),
                              "num_features": int(num_features), "lengthscale": float(lengthscale), "kernel": kernel,
                              "seed": int(seed)}
@@ -197,6 +204,12 @@ class RatingSession(L.LightningModule):
             pending = store.pending_query(token_hash)
             if pending is not None:
                 return pending
+            b = self.bandit
+            if not b.released and store.num_queries(token_hash, issued_before=b.explore_rounds) >= \
+                    self.queries_per_token:
+                raise RatingError(403, f"this rater token has answered its {self.queries_per_token} "
+                                       f"{'query' if self.queries_per_token == 1 else 'queries'} (the privacy "
+                                       "guarantee counts each person's ratings); thank you")
             n = store.num_queries()
             prompt = self.prompt_for(n)
             images = self.propose(prompt, n)
@@ -255,6 +268,8 @@ class RatingSession(L.LightningModule):
         return {"t": b.t, "explore_rounds": b.explore_rounds, "released": b.released, "show": self.show,
                 "candidates": self.candidates, "queries": store.num_queries(), "answers": store.num_answers(),
                 "epsilon": "inf" if b.epsilon == math.inf else b.epsilon, "delta": b.delta,
+                "privacy_unit": f"one rater token: up to {self.queries_per_token} exploration queries x {self.show} "
+                                "ratings", "queries_per_token": self.queries_per_token,
                 "epsilon_spent": b.accountant.epsilon(b.delta) if b.released else 0.0}
 
 
@@ -268,6 +283,10 @@ def create_app(session: RatingSession, store: RatingStore):
     """The Flask app over one session and store (``session.replay(store)`` first: it binds the store's noise seed
     and its answers)."""
     from flask import Flask, jsonify, make_response, redirect, render_template, request
+
+    if session.bandit.noise_seed != store.noise_seed():  # a bandit not rebuilt from this store: it could release
+        raise RuntimeError("call session.replay(store) before create_app: the session's bandit must carry the store's "
+                           "noise seed and answers (else a restart would release a second, unaccounted time)")
 
     app = Flask(__name__, template_folder=str(WEB / "templates"), static_folder=str(WEB / "static"))
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024

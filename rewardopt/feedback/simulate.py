@@ -246,9 +246,12 @@ class SimulatedRatings(RunMixin, L.LightningModule):
             "observations_released": self.bandit._n, "candidates": self.candidates,
             "privacy": self.bandit.accountant.record(self.bandit.delta),
             "sigma": self.bandit.sigma, "sensitivity": self.bandit.sensitivity, "lambda": self.bandit.lam,
-            "mean_score_exploring": mean(explore), "mean_score_greedy": mean([r["score"] for r in greedy]),
-            "greedy_regret": mean([r["regret"] for r in greedy]),
-            "random_regret_same_rounds": mean([r["random_regret"] for r in greedy]),
+            # raw statistics of the simulated raters' scores: NOT covered by the privacy record (fine for a
+            # simulation; a deployment must not publish such numbers)
+            "non_private_diagnostics": {
+                "mean_score_exploring": mean(explore), "mean_score_greedy": mean([r["score"] for r in greedy]),
+                "greedy_regret": mean([r["regret"] for r in greedy]),
+                "random_regret_same_rounds": mean([r["random_regret"] for r in greedy])},
             "heldout": heldout, "reward_model": str(folder), "wall_time_s": time.perf_counter() - self._start,
         }
         self.write_summary(summary)

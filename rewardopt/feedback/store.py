@@ -224,8 +224,14 @@ class RatingStore:
         return h if self._read("SELECT 1 FROM tokens WHERE hash = ?", (h,)) else None
 
     # --- queries --------------------------------------------------------------------------------
-    def num_queries(self) -> int:
-        return self._read("SELECT count(*) FROM queries")[0][0]
+    def num_queries(self, token_hash: str | None = None, issued_before: int | None = None) -> int:
+        """Queries handed out (to ``token_hash`` only, if given; issued at bandit t < ``issued_before``, if given)."""
+        sql, args = "SELECT count(*) FROM queries WHERE 1 = 1", []
+        if token_hash is not None:
+            sql, args = sql + " AND token_hash = ?", [*args, token_hash]
+        if issued_before is not None:
+            sql, args = sql + " AND t_issued < ?", [*args, int(issued_before)]
+        return self._read(sql, tuple(args))[0][0]
 
     def add_query(self, token_hash: str, t_issued: int, prompt: str, shown: list[int], context: torch.Tensor,
                   actions: torch.Tensor, images: list[str]) -> StoredQuery:

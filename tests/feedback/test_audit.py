@@ -43,8 +43,9 @@ def test_binomial_cdf_and_bad_counts():
 
 def test_epsilon_lower_bound_from_counts():
     perfect = epsilon_lower_bound(1000, 1000, 0, 1000, 1e-5)
-    lo, _ = clopper_pearson(1000, 1000)
-    _, hi = clopper_pearson(0, 1000)
+    lo, _ = clopper_pearson(1000, 1000, 0.025)  # four one-sided ends, jointly 95%: each interval at 97.5%
+    _, hi = clopper_pearson(0, 1000, 0.025)
+    assert lo < clopper_pearson(1000, 1000, 0.05)[0]  # wider than the single-interval 95% bound
     assert perfect["epsilon_lb"] == pytest.approx(math.log((lo - 1e-5) / hi))
     assert perfect["tpr"] == 1.0 and perfect["fpr"] == 0.0
     assert epsilon_lower_bound(500, 1000, 500, 1000, 1e-5)["epsilon_lb"] == 0.0  # a coin: no evidence

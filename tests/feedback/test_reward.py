@@ -113,6 +113,8 @@ def test_rating_session_then_best_of_n_with_the_released_model(tmp_path):
     s = json.loads((tmp_path / "session" / "summary.json").read_text())
     assert s["users"] == 12 and s["observations_released"] == 8
     assert s["privacy"]["epsilon"] == pytest.approx(1.0)
+    raw = {"mean_score_exploring", "mean_score_greedy", "greedy_regret", "random_regret_same_rounds"}
+    assert raw <= set(s["non_private_diagnostics"]) and not raw & set(s)  # raw rating statistics kept apart
     assert sum(r["greedy"] for r in c.model.log_rounds) == 4  # the last 4 users saw the released model's choice
     model_dir = tmp_path / "session" / "reward_model"
     steer = ["--config", str(ROOT / "recipes/feedback/best_of_n_private_reward_tiny.yaml"), *small,

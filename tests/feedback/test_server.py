@@ -38,7 +38,7 @@ def small_args(store) -> list[str]:
     """The shipped recipe with a 2-step sampler, a release after two queries, a free port."""
     return ["--config", str(RECIPE), "--store", str(store), "--port", "0",
             "--model.init_args.generator.init_args.num_steps=2", f"--model.init_args.explore_rounds={EXPLORE}",
-            "--model.init_args.num_features=32"]
+            "--model.init_args.num_features=32", "--model.init_args.queries_per_token=2"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def session():
                                    num_steps=2, guidance_scale=1.0, eta=1.0, gradient_checkpointing=False)
     return RatingSession(gen, SentenceEmbedder(), ColourLayoutEmbedder(grid=1, scale=4.0),
                          prompts=["two red circles", "one blue square", "three green triangles"], candidates=4,
-                         show=2, explore_rounds=EXPLORE, num_features=32, display_scale=2)
+                         show=2, explore_rounds=EXPLORE, num_features=32, display_scale=2, queries_per_token=2)
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def replayed_bandit(store: RatingStore, epsilon=1.0, seed=0, num_features=32, in
     """The bandit rebuilt here, independently of the server: the stored answers' vectors, in order, with the
     store's noise seed (unless ``noise_seed``)."""
     b = PrivateKernelBandit(RandomFourierFeatures(in_dim, num_features, 1.0, "rbf", seed=seed), epsilon, 1e-5,
-                            explore_rounds=EXPLORE, seed=seed, ratings_per_user=2,
+                            explore_rounds=EXPLORE, seed=seed, ratings_per_user=4,
                             noise_seed=store.noise_seed() if noise_seed is None else noise_seed)
     for a in store.answers():
         for j, s in enumerate(a.scores):
@@ -186,6 +186,65 @@ def test_replay_rebuilds_the_same_release_and_choices(app, session, tmp_path):
     assert c.get("/api/release").json["theta"] == theta.tolist()
     session.replay(store)  # what a restart does
     assert torch.equal(session.bandit.theta, theta) and session.bandit.t == EXPLORE
+
+
+def test_a_token_is_one_person_capped_at_its_exploration_queries(session, tmp_path):
+    """queries_per_token=2: the sensitivity counts 2 x 2 ratings per token, a third exploration query is refused, and
+    after the release (whose estimate no later rating enters) the token may go on rating."""
+    store = RatingStore(tmp_path / "cap.sqlite")
+    session.replay(store)
+    app = create_app(session, store)
+    app.testing = True
+    a, b = store.issue_tokens(2)
+    ca, cb = client_for(app, a), client_for(app, b)
+    assert session.bandit.ratings_per_user == 4 and session.status(store)["queries_per_token"] == 2
+    session.bandit.explore_rounds = EXPLORE + 2  # one more query than one token may answer before the release
+    try:
+        for _ in range(2):
+            assert ca.post("/api/rate", json={"query_id": ca.get("/api/query").json["query_id"],
+                                              "scores": [5, 6]}).status_code == 200
+        refused = ca.get("/api/query")
+        assert refused.status_code == 403 and "answered its 2 queries" in refused.json["error"]
+        page = ca.get("/")  # the page says so too
+        assert page.status_code == 403 and "answered its 2 queries" in page.get_data(as_text=True)
+        assert cb.post("/api/rate", json={"query_id": cb.get("/api/query").json["query_id"],
+                                          "scores": [2, 3]}).json["released"]
+        assert ca.get("/api/query").status_code == 200  # after the release: greedy queries, not capped
+    finally:
+        session.bandit.explore_rounds = EXPLORE
+        store.close()
+    with pytest.raises(ValueError, match="queries_per_token"):
+        RatingSession(session.generator, session.context_embedder, session.action_embedder, prompts=["x"],
+                      queries_per_token=0)
+
+
+def test_exploration_queries_do_not_depend_on_the_ratings(session, tmp_path):
+    """Two stores rated differently hand out the same prompts, candidates and shown sets until the release: the
+    exploration is data-independent on the server path too."""
+    handed = []
+    for name, scores in (("one", [[9, 9], [1, 1]]), ("two", [[1, 2], [8, 3]])):
+        store = RatingStore(tmp_path / f"{name}.sqlite")
+        session.replay(store)
+        app = create_app(session, store)
+        app.testing = True
+        c = client_for(app, store.issue_tokens(1)[0])
+        got = []
+        for sc in scores:
+            q = c.get("/api/query").json
+            got.append((q["prompt"], q["shown"], q["images"], q["t_issued"]))
+            c.post("/api/rate", json={"query_id": q["query_id"], "scores": sc})
+        assert session.bandit.released
+        handed.append(got)
+        store.close()
+    assert handed[0] == handed[1]
+
+
+def test_create_app_refuses_a_session_not_replayed_from_its_store(session, tmp_path):
+    store = RatingStore(tmp_path / "fresh.sqlite")
+    session.bandit = session.new_bandit()  # its own fresh secret noise seed, not the store's
+    with pytest.raises(RuntimeError, match="replay"):
+        create_app(session, store)
+    store.close()
 
 
 def test_the_noise_seed_is_the_stores_secret_not_the_recipes(app, session, tmp_path):

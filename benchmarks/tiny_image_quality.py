@@ -31,14 +31,15 @@ def _mean_sd(xs: list[float]) -> str:
 
 
 def measure(path: str, seeds: list[int], per_prompt: int, steps: int, cfg: float,
-            classifiers: dict[str, str]) -> tuple[dict, dict, torch.Tensor]:
-    """Per-seed Laplacian ratios, per-classifier per-seed accuracies, and the first seed's samples."""
+            classifiers: dict[str, str], family: str = "ddim") -> tuple[dict, dict, torch.Tensor]:
+    """Per-seed Laplacian ratios, per-classifier per-seed accuracies, and the first seed's samples. ``family``:
+    "ddim" (``StableDiffusionGenerator``, DDIM eta 0) or "flow" (``FlowUNetGenerator``, the Euler ODE)."""
     from domains.images.quality import classifier_accuracy, laplacian_ratio, quality_prompts, sample_images
     from domains.images.rewards import ShapeClassifier
-    from domains.images.stable_diffusion import StableDiffusionGenerator
+    from domains.images.stable_diffusion import FlowUNetGenerator, StableDiffusionGenerator
 
-    g = StableDiffusionGenerator(path, height=24, width=24, num_steps=steps, guidance_scale=cfg,
-                                 lora_rank=None).eval()
+    cls = {"ddim": StableDiffusionGenerator, "flow": FlowUNetGenerator}[family]
+    g = cls(path, height=24, width=24, num_steps=steps, guidance_scale=cfg, lora_rank=None).eval()
     clfs = {label: ShapeClassifier.from_pretrained(c) for label, c in classifiers.items()}
     prompts = quality_prompts() * per_prompt
     from domains.images.quality import pixel_accuracy
@@ -66,6 +67,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--per-prompt", type=int, default=4, help="samples per prompt per seed")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--family", choices=["ddim", "flow"], default="ddim",
+                   help="the models' sampler: DDIM (eta 0) or a rectified flow's Euler ODE (embedded:tiny-shapes-flow)")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--name", default="tiny_image_quality", help="results file stem")
     p.add_argument("--notes", default="", help="a paragraph placed above the table")
@@ -102,8 +105,10 @@ def main() -> None:
     lines.append(f"| renders (procedural data) | {PIXELS} | 1.00 | {_mean_sd(ref['colour'])} | — | "
                  f"{_mean_sd(ref['count'])} |")
     grids = []
+    sampler = "DDIM" if args.family == "ddim" else "flow Euler ODE"
     for label, path in models:
-        ratios, acc, images = measure(path, args.seeds, args.per_prompt, args.steps, args.cfg, classifiers)
+        ratios, acc, images = measure(path, args.seeds, args.per_prompt, args.steps, args.cfg, classifiers,
+                                      args.family)
         for clabel, rows in acc.items():
             cells = [_mean_sd(rows[k]) if k in rows else "—" for k in ("colour", "shape", "count")]
             lines.append(f"| {label} (`{path}`) | {clabel} | {_mean_sd(ratios)} | " + " | ".join(cells) + " |")
@@ -112,7 +117,7 @@ def main() -> None:
             n = len(quality_prompts())
             grid = save_image_grid([images[i * n:(i + 1) * n] for i in range(min(2, args.per_prompt))],
                                    RESULTS / f"{args.name}_{label}.png", col_labels=quality_prompts(),
-                                   title=f"{label}: DDIM T={args.steps}, CFG {args.cfg}, seed {args.seeds[0]}")
+                                   title=f"{label}: {sampler} T={args.steps}, CFG {args.cfg}, seed {args.seeds[0]}")
             grids.append(f"- {label}: [{grid.name}]({grid.name})")
     table = "\n".join(lines)
     print("\n" + table)
@@ -120,7 +125,8 @@ def main() -> None:
         from results_md import write_result
 
         notes = (f"{args.notes}\n\n" if args.notes else "") + (
-            f"16 shapes prompts x {args.per_prompt} samples per seed, DDIM T={args.steps} (eta 0), CFG {args.cfg}, "
+            f"16 shapes prompts x {args.per_prompt} samples per seed, {sampler} T={args.steps}"
+            f"{' (eta 0)' if args.family == 'ddim' else ''}, CFG {args.cfg}, "
             "24 px. Mean ± sd over seeds. Laplacian ratio: mean |4-neighbour Laplacian| of the samples over that "
             "of procedural renders of the same prompts (domains/images/quality.py).")
         extra = [Path(args.append).read_text()] if args.append else []

@@ -190,8 +190,18 @@ def test_superres_benchmark_shares_one_sampler_across_its_steering_recipes_and_m
     assert "LR \\| SR" in table and table.splitlines()[-1].count(" | ") == 3  # a pipe in a name is escaped
 
 
+def _benchmark_module(name: str):
+    """benchmarks/<name>.py by path (``import text_to_3d`` would find the tests/text_to_3d package first)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_text_to_3d_tables_check_counted_compute_and_print_unsigned_sds():
-    import text_to_3d as t3d
+    t3d = _benchmark_module("text_to_3d")
 
     def row(method, prompt, seed, psnr, nfe=1200, grad=0):
         return {"method": method, "prompt": prompt, "seed": seed, "psnr": psnr, "psnr_front": psnr, "psnr_back": psnr,
@@ -213,8 +223,7 @@ def test_text_to_3d_tables_check_counted_compute_and_print_unsigned_sds():
 def test_flow_benchmark_runs_every_row_at_a_tiny_budget(capsys):
     """benchmarks/flow.py end to end at a tiny budget (~1 min): every training method and steering row, the gains at
     the common sample count, the ODE row beside the SDE's."""
-    import flow
-
+    flow = _benchmark_module("flow")
     flow.main(["--seeds", "0", "--prompts", "2", "--budget", "8", "--rl-budget", "8", "--steps", "4", "--no-page"])
     out = capsys.readouterr().out
     for method in flow.TRAINING:

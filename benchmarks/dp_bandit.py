@@ -49,7 +49,7 @@ import yaml
 from results_md import RESULTS, ROOT, write_result
 
 from rewardopt.feedback.audit import audit, epsilon_lower_bound, gaussian_epsilon
-from rewardopt.feedback.bandit import PrivateKernelBandit, release_vector
+from rewardopt.feedback.bandit import PrivateKernelBandit, noise_spectral_bound, release_vector
 from rewardopt.feedback.kernels import RandomFourierFeatures
 from rewardopt.feedback.output_perturbation import output_perturbation
 from rewardopt.feedback.privacy import rho_for
@@ -121,6 +121,15 @@ def regret_seed(seed: int, Ts: list[int], K: int, m: int, noise: float, n_eval: 
             pred = b.predict(ec.unsqueeze(1).expand(-1, K, -1).reshape(-1, DC), ea.reshape(-1, DA)).view(n_eval, K)
             out["rows"].append({"method": "private bandit", "eps": eps, "T": T, "regret": regret_of(pred, truth),
                                 "lam": b.lam})
+            # ablation of the noise-absorbing ridge: the same release noise (same seed and sigma), a smaller lambda
+            for frac in (0.0, 0.25) if not math.isinf(eps) else ():
+                lam = 1.0 + frac * noise_spectral_bound(m, b.sigma)
+                a = PrivateKernelBandit(feats, eps, DELTA, lam=lam, noise_lambda=False, explore_rounds=T, seed=seed,
+                                        noise_seed=noise_seed(seed))
+                a.observe_batch(contexts[:T], actions[:T], ys[:T])
+                pa = a.predict(ec.unsqueeze(1).expand(-1, K, -1).reshape(-1, DC), ea.reshape(-1, DA)).view(n_eval, K)
+                out["rows"].append({"method": f"private bandit, lam = 1 + {frac:g} x noise bound", "eps": eps, "T": T,
+                                    "regret": regret_of(pa, truth), "lam": lam})
             for label, lam in (("output perturbation, lam = 1", 1.0), ("output perturbation, bandit's lam", b.lam),
                                ("output perturbation, lam = sqrt(T)", math.sqrt(T)),
                                ("output perturbation, lam = T", T)):
@@ -150,7 +159,9 @@ def slope(Ts: list[int], regrets: list[float]) -> float:
 def regret_section(args) -> tuple[list[str], dict]:
     t0 = time.perf_counter()
     runs = [regret_seed(s, args.T, args.K, args.features, args.noise, args.n_eval) for s in args.seeds]
-    methods = ["private bandit", "output perturbation, bandit's lam", "output perturbation, lam = 1",
+    methods = ["private bandit", "private bandit, lam = 1 + 0.25 x noise bound",
+               "private bandit, lam = 1 + 0 x noise bound", "output perturbation, bandit's lam",
+               "output perturbation, lam = 1",
                "output perturbation, lam = sqrt(T)", "output perturbation, lam = T"]
     upper = [t for t in args.T if t >= args.T[len(args.T) // 2]]  # the upper half of the T grid
     curves = {}  # (method, eps) -> {T: [per-seed regret]}
@@ -171,7 +182,8 @@ def regret_section(args) -> tuple[list[str], dict]:
             slopes[method, eps] = slope(args.T, means)
             lines.append(f"| {method} | {eps_name(eps)} | " + " | ".join(fmt(c[t]) for t in args.T)
                          + f" | {slopes[method, eps]:+.2f} | {fmt(per_seed, 2)} | "
-                         f"{slope(upper, [statistics.fmean(c[t]) for t in upper]):+.2f} |")
+                         + (f"{slope(upper, [statistics.fmean(c[t]) for t in upper]):+.2f} |" if len(upper) > 1
+                            else "— |"))
     rnd = [r["random"] for r in runs]
     lines.append("| random choice | — | " + " | ".join(fmt(rnd) for _ in args.T) + " | 0 | — | — |")
     # the price of privacy: regret(epsilon) - regret(inf), seed means; the bound's offset gamma_T / (T epsilon) makes
@@ -184,7 +196,7 @@ def regret_section(args) -> tuple[list[str], dict]:
         ex = [statistics.fmean(c[t]) - statistics.fmean(base[t]) for t in args.T]
         ex_up = [e for t, e in zip(args.T, ex) if t in upper]
         ex_lines.append(f"| {eps_name(eps)} | " + " | ".join(f"{e:+.4f}" for e in ex) + " | "
-                        + (f"{slope(upper, ex_up):+.2f}" if min(ex_up) > 0 else "— (not all > 0)")
+                        + (f"{slope(upper, ex_up):+.2f}" if min(ex_up) > 0 and len(upper) > 1 else "— (not all > 0)")
                         + f" | {ex[0] * args.T[0] * eps:.1f} / {ex[-1] * args.T[-1] * eps:.1f} |")
     excess = ("The privacy excess, regret(epsilon) − regret(inf) of the private bandit (seed means); the issue's "
               "expectation is an offset shrinking like 1/(T epsilon), i.e. slope −1 and a constant last column.\n\n"
@@ -206,7 +218,9 @@ def plot(curves: dict, random: float, Ts: list[int], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     colours = {0.5: "tab:red", 1.0: "tab:orange", 4.0: "tab:green", math.inf: "tab:blue"}
-    styles = {"private bandit": "-o", "output perturbation, bandit's lam": "--s", "output perturbation, lam = 1": ":^",
+    styles = {"private bandit": "-o", "private bandit, lam = 1 + 0.25 x noise bound": "-D",
+              "private bandit, lam = 1 + 0 x noise bound": "-P", "output perturbation, bandit's lam": "--s",
+              "output perturbation, lam = 1": ":^",
               "output perturbation, lam = sqrt(T)": "-.v", "output perturbation, lam = T": ":x"}
     for (method, eps), c in sorted(curves.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         means = [statistics.fmean(c[t]) for t in Ts]

@@ -19,8 +19,9 @@ inside the training distribution, never seen exactly):
 * reference rows, scored the same way: an empty scene, the untrained starting blob, and a jittered ground-truth
   instance (what a perfect sample of the prior could reach), and paired per-(prompt, seed) differences between
   methods;
-* the reward terms themselves (text alignment, visual consistency) on the method's evaluation orbit (azimuth 0° +
-  k·45°, elevation 15°; not the held-out views), for the row that trains on them.
+* multi-view accuracy on 4 views at elevation 40° (azimuths 0/90/180/270: outside the training range);
+* the reward terms themselves (text alignment, visual consistency) on the held-out views for every method alike,
+  conditioned on the visual prompt of the same seed (for SDS: the one VP-SDS draws), for the hacking check.
 
     python benchmarks/text_to_3d.py                          # 4 prompts, 3 seeds, 300 steps
     python benchmarks/text_to_3d.py --seeds 0 --out runs/bench_t3d_a --no-page &   # side by side, then:
@@ -53,6 +54,8 @@ PROMPTS = [q for q in WORLD if " on " in q][:2] + [q for q in WORLD if " and " i
 HELD_OUT_AZIMUTH = [22.5 + 45 * k for k in range(8)]
 HELD_OUT_ELEVATION = [5.0, 25.0] * 4
 FRONT_VIEWS, BACK_VIEWS = [7, 0], [3, 4]  # indices into the held-out views: azimuth 337.5 / 22.5 and 157.5 / 202.5
+# views outside the training distribution (elevation U[0, 30]): read by the evaluator only
+OOD_AZIMUTH, OOD_ELEVATION = [0.0, 90.0, 180.0, 270.0], [40.0] * 4
 
 
 def slug(text: str) -> str:
@@ -82,10 +85,38 @@ class Scorer:
     def __init__(self) -> None:
         from domains.text_to_3d.evaluator import RenderEvaluator
         from domains.text_to_3d.objects import PROMPTS as ALL
+        from domains.text_to_3d.scene import Cameras
 
         self.evaluator = RenderEvaluator()
         self.prompts = ALL
         self.cams = held_out_cameras()
+        self.ood_cams = Cameras(torch.tensor(OOD_AZIMUTH), torch.tensor(OOD_ELEVATION))
+        self._rewards = None
+
+    @property
+    def rewards(self) -> list:
+        """Fresh instances of the rewards the "+ rewards" recipe trains on (their counters are this scorer's)."""
+        if self._rewards is None:
+            spec = yaml.safe_load((ROOT / METHODS["VP-SDS + rewards"]).read_text())["model"]["init_args"]["rewards"]
+            self._rewards = [build(r) for r in spec]
+        return self._rewards
+
+    @torch.no_grad()
+    def reward_terms(self, pred: torch.Tensor, prompt: str, visual_prompt: torch.Tensor) -> dict:
+        """Each training reward's mean on the held-out renders, conditioned on the prompt and ``visual_prompt`` (for
+        every method alike: SDS is scored against the visual prompt VP-SDS would have drawn with the same seed)."""
+        from rewardopt.generators.capabilities import ImagePrompt
+
+        conds = [ImagePrompt(prompt, visual_prompt)] * len(pred)
+        return {f"heldout:{r.name}": float(r(pred, conds).total.mean()) for r in self.rewards}
+
+    @torch.no_grad()
+    def ood_accuracy(self, scene, prompt: str) -> float:
+        from domains.text_to_3d.scene import render
+
+        pred = render(scene.grid, self.ood_cams, scene.render_size, scene.render_size, scene.num_samples,
+                      scene.eval_background)
+        return float((self.evaluator.probs(pred).argmax(-1) == self.prompts.index(prompt)).float().mean())
 
     @torch.no_grad()
     def __call__(self, scene, prompt: str) -> dict:
@@ -149,6 +180,13 @@ def run_one(method: str, prompt: str, seed: int, steps: int, scorer: Scorer) -> 
               ).fit(model, datamodule=StepsDataModule())
     wall = time.perf_counter() - t0
     metrics, pred = scorer(model.scene, prompt)
+    metrics["ood_accuracy"] = scorer.ood_accuracy(model.scene, prompt)
+    if hasattr(model, "visual_prompt"):
+        vp = model.visual_prompt
+    else:  # SDS: the visual prompt VP-SDS draws for this prompt and seed, to score the same reward terms
+        with torch.no_grad():
+            vp = build(model_spec("VP-SDS", prompt, seed)).load_visual_prompt()
+    metrics.update(scorer.reward_terms(pred, prompt, vp))
     ev = model.evaluation()["rewards"]
     row = {"method": method, "prompt": prompt, "seed": seed, "steps": steps, **metrics,
            "prior_nfe": model.prior_nfe, "visual_prompt_nfe": getattr(model, "visual_prompt_nfe", 0),
@@ -200,7 +238,7 @@ def seed_means(rows: list[dict], method: str, key: str) -> list[float]:
 
 def main_table(rows: list[dict], methods: list[str]) -> str:
     head = ("| method | seeds | held-out PSNR (dB) | front / back PSNR | SSIM | "
-            "multi-view accuracy (independent evaluator) | "
+            "multi-view accuracy (independent evaluator) | accuracy at elevation 40° (outside training) | "
             "cross-view consistency | evaluator p(prompt) | distillation prior NFE | visual-prompt NFE | "
             "scored renders (all rewards) | wall (x SDS) |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
@@ -218,6 +256,7 @@ def main_table(rows: list[dict], methods: list[str]) -> str:
             f"{statistics.mean(seed_means(rows, m, 'psnr_front')):.2f} / "
             f"{statistics.mean(seed_means(rows, m, 'psnr_back')):.2f} | "
             f"{mean_sd(seed_means(rows, m, 'ssim'))} | {mean_sd(seed_means(rows, m, 'accuracy'))} | "
+            f"{mean_sd(ood) if (ood := seed_means(rows, m, 'ood_accuracy')) else '—'} | "
             f"{mean_sd(seed_means(rows, m, 'consistency'))} | {mean_sd(seed_means(rows, m, 'p_prompt'))} | "
             f"{rs[0]['prior_nfe']} | {rs[0]['visual_prompt_nfe']} | {rs[0]['reward_calls']} | {wall:.2f} |")
     return "\n".join(lines)
@@ -294,11 +333,13 @@ def by_visual_prompt_table(rows: list[dict], methods: list[str]) -> str:
 
 
 def reward_table(rows: list[dict], methods: list[str]) -> str:
-    keys = sorted({k for r in rows for k in r if k.startswith("reward:")})
+    """The training rewards on the held-out views, every method scored alike (the reward-hacking check: compare with
+    the independent evaluator's accuracy above)."""
+    keys = sorted({k for r in rows for k in r if k.startswith("heldout:")})
     if not keys:
         return ""
-    lines = ["| method | " + " | ".join(k[len("reward:"):] for k in keys) + " | visual prompt read as the prompt |",
-             "|---|" + "---|" * (len(keys) + 1)]
+    lines = ["| method | " + " | ".join(f"{k[len('heldout:'):]} (held-out views)" for k in keys)
+             + " | visual prompt read as the prompt |", "|---|" + "---|" * (len(keys) + 1)]
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
         cells = [mean_sd(seed_means(rows, m, k)) if any(k in r for r in rs) else "—" for k in keys]

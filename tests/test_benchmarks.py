@@ -211,6 +211,7 @@ def test_text_to_3d_tables_check_counted_compute_and_print_unsigned_sds():
     rows = [row(m, "p", s, 10.0 + s + (0.5 if m == "VP-SDS" else 0.0)) for m in ("SDS", "VP-SDS") for s in (0, 1, 2)]
     rows[4]["psnr"] += 0.3  # VP-SDS seed 1: the paired differences vary, so their sd is > 0
     assert "| SDS | 3 | 11.00 ± 1.00 |" in t3d.main_table(rows, ["SDS", "VP-SDS"])
+    assert "| 1.000 ± 0.000 | — | 1.000 ± 0.000 |" in t3d.main_table(rows, ["SDS"])  # no OOD views measured: —
     paired = t3d.paired_table(rows, ["SDS", "VP-SDS"])
     assert "| VP-SDS − SDS | 3 | +0.60 ± 0.17 | 3 / 0 |" in paired and "± +" not in paired
     with pytest.raises(RuntimeError, match="counted compute differs"):

@@ -48,7 +48,8 @@ def headless_chromium(width: int = 1000, height: int = 980):
 
 def rate(driver, scores: list[int]) -> str:
     """Click each shown candidate's score on the open rating page and submit; the id of the query rated.
-    Waits for the next page (the thank-you line)."""
+    Waits for the next page (the old page's elements gone stale, then the thank-you line: a page that already
+    thanks for an earlier rating must not pass for the next one)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -56,7 +57,9 @@ def rate(driver, scores: list[int]) -> str:
     qid = driver.find_element(By.ID, "query_id").get_attribute("value")
     for i, s in enumerate(scores):
         driver.find_element(By.ID, f"score-{i}-{s}").click()
-    driver.find_element(By.ID, "submit").click()
+    submit = driver.find_element(By.ID, "submit")
+    submit.click()
+    WebDriverWait(driver, 120).until(EC.staleness_of(submit))
     WebDriverWait(driver, 120).until(EC.presence_of_element_located((By.ID, "done")))
     return qid
 

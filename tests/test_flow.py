@@ -194,3 +194,16 @@ def test_a_schedule_starting_just_below_one_gets_the_sigma_one_stand_in():
     assert float(near.sde_coefficient(0)) == pytest.approx(0.49 * 0.9999 / 0.25, rel=1e-4)
     assert float(near.sde_coefficient(0)) == pytest.approx(float(exact.sde_coefficient(0)), rel=1e-3)
     assert float(near.sde_coefficient(1)) == pytest.approx(0.49 * 0.75 / 0.25, rel=1e-5)
+    later = ToyFlow(num_steps=3, sde_noise_level=0.7, sigmas=[1.0, 0.9995, 0.5])
+    assert float(later.sde_coefficient(1)) == pytest.approx(0.49 * 0.9995 / 0.0005, rel=1e-3)  # i > 0: its own σ
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        ToyFlow(num_steps=1, sde_noise_level=0.7, sigmas=[0.9995]).sde_coefficient(0)
+
+
+def test_ode_sampling_restores_the_noise_level_on_error():
+    g = ToyFlow(num_steps=4, sde_noise_level=0.7)
+    with pytest.raises(RuntimeError, match="inside"):
+        with g.ode_sampling():
+            assert g.sde_noise_level == 0.0
+            raise RuntimeError("inside")
+    assert g.sde_noise_level == 0.7 and g.stochastic

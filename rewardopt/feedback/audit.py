@@ -111,8 +111,9 @@ def _counts(null: torch.Tensor, alt: torch.Tensor, tau: float) -> tuple[int, int
 
 
 def _wilson_epsilon(tp: int, n_alt: int, fp: int, n_null: int, delta: float, z: float = 2.24) -> float:
-    """``epsilon_lower_bound`` with Wilson score intervals in place of Clopper-Pearson (z = 2.24: 97.5% one-sided
-    each): cheap, and only used to *choose* a threshold, which any rule may do."""
+    """``epsilon_lower_bound`` with Wilson score intervals in place of Clopper-Pearson (z = 2.24: about 98.75%
+    one-sided each, 1 - alpha/4 at alpha = 0.05): cheap, and only used to *choose* a threshold, which any rule may
+    do."""
     def wilson(k, n, sign):
         p = k / n
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)

@@ -63,11 +63,13 @@ Observations after the release are counted (``t``) but do not change the estimat
 
 **The noise seed is a secret.** The Gaussian mechanism's guarantee assumes the noise is unknown: whoever knows
 the generator's seed regenerates (E, e), subtracts it and reads the exact statistics (the audit in
-benchmarks/dp_bandit.py finds an epsilon lower bound of 5.6 at nominal 1 with a known seed). So the release noise
-has a seed of its own, ``noise_seed``: by default drawn from the operating system (``secrets``) when the bandit is
+benchmarks/dp_bandit.py finds an epsilon lower bound above 5 at nominal 1 with a known seed). So the release noise
+has a seed of its own, ``noise_seed``: by default 128 bits drawn from the operating system (``secrets``; the noise
+generator, PCG64, uses all of them — a torch CPU generator would keep 32, few enough to search) when the bandit is
 built, never derived from the public ``seed`` and never written by ``save_release``. Replaying a bandit needs the
 same noise seed; the rating server keeps it in its store, beside the answers, and nowhere else. Pass an integer
-only where reproducible releases matter more than privacy (simulated raters, benchmarks, tests).
+only where reproducible releases matter more than privacy (simulated raters, benchmarks, tests). Not addressed:
+floating-point side channels of sampled Gaussians (Mironov 2012, for the Laplace case).
 """
 
 from __future__ import annotations
@@ -80,13 +82,14 @@ import torch
 from einops import rearrange
 
 from rewardopt.feedback.kernels import KernelFeatures
-from rewardopt.feedback.privacy import ZCDPAccountant, gaussian_mechanism, gaussian_sigma
+from rewardopt.feedback.privacy import ZCDPAccountant, gaussian_mechanism, gaussian_sigma, noise_generator
 from rewardopt.run import derived_seed
 
 
 def secret_seed() -> int:
-    """A fresh 63-bit seed from the operating system's CSPRNG (for the release noise)."""
-    return secrets.randbits(63)
+    """A fresh 128-bit seed from the operating system's CSPRNG (for the release noise; ``noise_generator`` uses all
+    of its bits)."""
+    return secrets.randbits(128)
 
 
 def joint_sensitivity(reward_bound: float, ratings_per_user: int = 1) -> float:
@@ -109,7 +112,7 @@ def release_vector(S: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([half_vec(S), b])
 
 
-def symmetric_noise(m: int, sigma: float, generator: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+def symmetric_noise(m: int, sigma: float, generator, dtype=torch.float64) -> torch.Tensor:
     """E = (G + G^T)/2 with G i.i.d. N(0, sigma^2): h(E) is i.i.d. N(0, sigma^2) in every coordinate."""
     G = gaussian_mechanism(torch.zeros(m, m, dtype=dtype), sigma, generator)
     return (G + G.T) / 2
@@ -258,7 +261,7 @@ class PrivateKernelBandit:
         if self.released:
             raise RuntimeError("the statistics were already released once; a second release would spend "
                                "more privacy (build a new bandit with its own budget)")
-        g = torch.Generator().manual_seed(self.noise_seed)
+        g = noise_generator(self.noise_seed)  # PCG64 over the whole seed (a torch CPU generator keeps 32 bits)
         m = len(self._b)
         E = symmetric_noise(m, self.sigma, g)
         b = gaussian_mechanism(self._b, self.sigma, g)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -68,11 +69,22 @@ def _check(epsilon: float, delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
-def gaussian_mechanism(value: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
-    """value + N(0, sigma^2) in every coordinate, drawn from ``generator`` (so a release replays exactly)."""
+def noise_generator(seed: int) -> np.random.Generator:
+    """The release noise's generator: numpy's PCG64 seeded with all bits of ``seed`` (``torch.Generator`` on CPU keeps
+    only a seed's low 32 bits, which a determined adversary could search; a 128-bit secret seed here cannot be)."""
+    return np.random.Generator(np.random.PCG64(int(seed)))
+
+
+def gaussian_mechanism(value: torch.Tensor, sigma: float,
+                       generator: torch.Generator | np.random.Generator) -> torch.Tensor:
+    """value + N(0, sigma^2) in every coordinate, drawn from ``generator`` (so a release replays exactly): a numpy
+    ``Generator`` (``noise_generator``, what releases use) or a ``torch.Generator``."""
     if sigma == 0:
         return value.clone()
-    noise = torch.randn(value.shape, generator=generator, dtype=value.dtype, device=generator.device)
+    if isinstance(generator, np.random.Generator):
+        noise = torch.from_numpy(generator.standard_normal(tuple(value.shape))).to(value.dtype)
+    else:
+        noise = torch.randn(value.shape, generator=generator, dtype=value.dtype, device=generator.device)
     return value + sigma * noise.to(value.device)
 
 

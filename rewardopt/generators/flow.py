@@ -183,9 +183,10 @@ class FlowMatchingGenerator(DiffusionGenerator):
         """g² = a² σ_i / (1 − σ_i) of step i (σ_1 in the denominator where σ_i = 1, as Flow-GRPO's code; "= 1" within
         1e-3, so a schedule starting at 0.9999 does not blow the first step's noise up 10⁴-fold)."""
         sigma = self.sigmas[i]
-        denom_sigma = self.sigmas[1] if float(sigma) > 1.0 - 1e-3 and i == 0 and self.num_steps > 1 else sigma
-        if float(denom_sigma) >= 1.0:  # one step from σ = 1 to 0: nothing to stand in for σ
+        near_one = i == 0 and float(sigma) > 1.0 - 1e-3
+        if near_one and self.num_steps < 2:  # one step from σ ≈ 1 to 0: nothing to stand in for σ
             raise ValueError("the SDE needs at least 2 steps when the schedule starts at σ = 1")
+        denom_sigma = self.sigmas[1] if near_one else sigma
         return self.sde_noise_level**2 * sigma / (1 - denom_sigma)
 
     def transition(self, x_t: torch.Tensor, i: int, cond: Condition,

@@ -200,6 +200,13 @@ def test_the_release_noise_is_secret_by_default():
     assert a.noise_seed != b.noise_seed
     assert run(a, data) == run(b, data)
     assert torch.equal(a.statistics()[0], b.statistics()[0]) and not torch.allclose(a.theta, b.theta)
+    assert a.noise_seed.bit_length() > 64  # 128 secret bits (this fails with probability 2^-64)
+    # every bit of the seed matters: seeds equal in their low 32 (or 64) bits give different releases
+    s = 12345
+    r = [bandit(noise_seed=seed) for seed in (s, s + 2**32, s + 2**64)]
+    for x in r:
+        run(x, data)
+    assert not torch.allclose(r[0].theta, r[1].theta) and not torch.allclose(r[0].theta, r[2].theta)
 
 
 def test_observe_batch_equals_sequential_observes():

@@ -101,8 +101,8 @@ def _ratio_bound(tpr_lo: float, tpr_hi: float, fpr_lo: float, fpr_hi: float, del
     each with the pessimistic end of every rate; 0 when none is positive."""
     best = 0.0
     for num, den in ((tpr_lo, fpr_hi), (1 - fpr_hi, 1 - tpr_lo), (fpr_lo, tpr_hi), (1 - tpr_hi, 1 - fpr_lo)):
-        if num - delta > 0 and den > 0:
-            best = max(best, math.log((num - delta) / den))
+        if num - delta > 0:  # den = 0 (an event never seen on one side) is unbounded evidence: the point estimate's
+            best = max(best, math.log((num - delta) / den) if den > 0 else math.inf)  # CP ends are never 0 or 1 there
     return best
 
 

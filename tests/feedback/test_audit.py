@@ -48,6 +48,9 @@ def test_epsilon_lower_bound_from_counts():
     assert lo < clopper_pearson(1000, 1000, 0.05)[0]  # wider than the single-interval 95% bound
     assert perfect["epsilon_lb"] == pytest.approx(math.log((lo - 1e-5) / hi))
     assert perfect["tpr"] == 1.0 and perfect["fpr"] == 0.0
+    assert perfect["epsilon_point"] == math.inf  # never wrong on either side: unbounded point evidence, finite bound
+    one_sided = epsilon_lower_bound(2000, 2000, 1887, 2000, 1e-5)  # "say D" never happens on D'
+    assert one_sided["epsilon_point"] == math.inf and 0 < one_sided["epsilon_lb"] < math.inf
     assert epsilon_lower_bound(500, 1000, 500, 1000, 1e-5)["epsilon_lb"] == 0.0  # a coin: no evidence
     # the complement direction counts too: a test that rarely fires on D but misses on D' shows epsilon via TNR/FNR
     swapped = epsilon_lower_bound(100, 1000, 900, 1000, 1e-5)

@@ -62,15 +62,16 @@ def training_tables(args) -> list[str]:
     return tables
 
 
-def steering_table(args) -> str:
+def steering_table(args, noise: float = 0.7) -> str:
     from inference_time import run_methods
 
     ns = SimpleNamespace(family="flow", steps=args.steps, reward="jpeg", methods=STEERING, multiples=[args.multiple],
                          seeds=args.seeds, per_prompt=2, batch=6, prompts=args.prompts, smc_alpha=0.01,
-                         dps_scale=0.1, free2guide_frac=0.1)
+                         dps_scale=0.1, free2guide_frac=0.1, sde_noise_level=noise)
     rows = run_methods(ns)
     lines = [f"Reward: JPEG compressibility (minus kB; black-box); {len(args.seeds)} seeds x {args.prompts} held-out "
-             f"prompts x 2 samples; flow SDE noise level 0.7, T = {args.steps}, CFG 3; mean over seeds (± sd).", "",
+             f"prompts x 2 samples; flow SDE noise level {noise:g}, T = {args.steps}, CFG 3; mean over seeds (± sd).",
+             "",
              "| method | budget (x T) | width | NFE / sample | decodes / sample | reward calls / sample | median | "
              "top-10% | diversity |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10, help="steering: sampling steps T")
     p.add_argument("--multiple", type=int, default=4, help="steering: NFE budget per sample as a multiple of T")
     p.add_argument("--prompts", type=int, default=12, help="steering: held-out prompts (of 12)")
+    p.add_argument("--steering-noise", type=float, nargs="+", default=[0.7],
+                   help="steering: the SDE noise levels a (one table each; Flow-GRPO trains at 0.7)")
+    p.add_argument("--name", default="flow", help="the result page's stem (benchmarks/results/<name>.md)")
     p.add_argument("--no-page", action="store_true")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -98,13 +102,15 @@ def main(argv: list[str] | None = None) -> None:
         tables.append("## 1. Held-out reward vs samples (log p(blue) of the shapes classifier)")
         tables += training_tables(args)
     if args.part in ("all", "steering"):
-        tables += ["## 2. Steering at equal NFE on the flow's SDE", steering_table(args)]
+        for noise in args.steering_noise:
+            tables += [f"## 2. Steering at equal NFE on the flow's SDE (noise level {noise:g})",
+                       steering_table(args, noise)]
     for t in tables:
         print("\n" + t)
     print(f"\n{time.perf_counter() - t0:.0f} s")
     if args.no_page:
         return
-    write_result("flow", tables, seeds=args.seeds, title="Flow matching on the tiny rectified flow",
+    write_result(args.name, tables, seeds=args.seeds, title="Flow matching on the tiny rectified flow",
                  notes="`embedded:tiny-shapes-flow`: the tiny shapes UNet + text encoder trained with SD3's "
                        "rectified-flow objective (recipes/images/pretrain_tiny_flow.yaml), 24 px, CFG 3, "
                        "FlowMatchEulerDiscreteScheduler (shift 1). Training: T = 20; Flow-GRPO and DDPO sample "

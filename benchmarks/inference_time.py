@@ -76,7 +76,8 @@ def run_methods(args) -> list[dict]:
 
     torch.set_num_threads(2)
     gen = tiny_image_generator(getattr(args, "family", "ddim"), stochastic=True, num_steps=args.steps,
-                               gradient_checkpointing=False, lora_rank=None)
+                               sde_noise_level=getattr(args, "sde_noise_level", 0.7), gradient_checkpointing=False,
+                               lora_rank=None)
     reward = {"jpeg": lambda: JpegCompressibilityReward(max_workers=2),
               "colour": lambda: ColourReward("blue"),
               "classifier": lambda: ShapeAttributeReward("colour", target="blue")}[args.reward]()

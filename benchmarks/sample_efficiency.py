@@ -25,15 +25,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_image_generator(family: str = "ddim", stochastic: bool = False, num_steps: int = 20, **kwargs):
+def tiny_image_generator(family: str = "ddim", stochastic: bool = False, num_steps: int = 20,
+                         sde_noise_level: float = 0.7, **kwargs):
     """The embedded tiny text-to-image default of a ``family``: "ddim" (``embedded:tiny-shapes``; stochastic: DDIM
-    eta 1) or "flow" (``embedded:tiny-shapes-flow``; stochastic: Flow-GRPO's SDE, noise level 0.7). 24 px, CFG 3."""
+    eta 1) or "flow" (``embedded:tiny-shapes-flow``; stochastic: Flow-GRPO's SDE at ``sde_noise_level``, 0.7 as the
+    paper). 24 px, CFG 3."""
     from domains.images.stable_diffusion import FlowUNetGenerator, StableDiffusionGenerator
 
     kwargs.setdefault("guidance_scale", 3.0)
     if family == "flow":
         return FlowUNetGenerator("embedded:tiny-shapes-flow", height=24, width=24, num_steps=num_steps,
-                                 sde_noise_level=0.7 if stochastic else 0.0, **kwargs)
+                                 sde_noise_level=sde_noise_level if stochastic else 0.0, **kwargs)
     if family != "ddim":
         raise ValueError(f"family must be ddim or flow, got {family!r}")
     return StableDiffusionGenerator("embedded:tiny-shapes", height=24, width=24, num_steps=num_steps,

@@ -24,10 +24,10 @@ from types import SimpleNamespace
 
 import numpy as np
 from results_md import write_result
+from sample_efficiency import RL_METHODS as RL
 from sample_efficiency import eval_grid, run
 
 TRAINING = ["Flow-GRPO", "Flow-GRPO (all steps)", "DDPO", "DRaFT-LV"]
-RL = ("Flow-GRPO", "Flow-GRPO (all steps)", "DDPO")
 STEERING = ["pretrained (ODE)", "pretrained", "Best-of-N", "SVDD-PM", "SMC", "DSearch"]
 
 

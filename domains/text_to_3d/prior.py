@@ -354,9 +354,9 @@ class MultiViewPrior(ImagePrompted, StableDiffusionGenerator):
             if images:
                 # each distinct image tensor embedded once (a visual prompt repeated over views: one row, so the
                 # views' embeddings are equal bit for bit, and cheaper)
-                first: dict[int, int] = {}
-                index = [first.setdefault(id(im), len(first)) for im in images]
-                distinct = [images[index.index(j)] for j in range(len(first))]
+                distinct = list({id(im): im for im in images}.values())  # first occurrences, in order
+                position = {id(im): j for j, im in enumerate(distinct)}
+                index = [position[id(im)] for im in images]
                 with torch.no_grad():
                     emb[rows] = self.embed_images(distinct).to(emb.dtype)[index]
             tensors["image_embeds"] = emb

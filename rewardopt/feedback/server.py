@@ -21,12 +21,11 @@ Privacy (see ``rewardopt.feedback.bandit``): the unit of the joint-DP analysis i
 answers at most ``queries_per_token`` exploration queries (a further one is refused, 403), so a person contributes
 at most ``show`` x ``queries_per_token`` ratings to the released statistics, and the sensitivity is scaled by exactly
 that (``ratings_per_user`` of the bandit). Queries after the release are not capped: their ratings never enter the
-estimate. Before the release the
-shown candidates depend only on (seed, t, K); afterwards on the released estimate and this query's own
-context. The release noise's seed is secret: drawn from the OS on the store's first use and kept in the store
-only (not in the recipe, not in a saved release), so a restart replays the same release and nobody who reads
-the recipe can subtract the noise. Only sha256 of a token is stored; nothing else about a rater is. Hand one
-token to one person: the guarantee is per token.
+estimate. Before the release the shown candidates depend only on (seed, t, K); afterwards on the released estimate
+and this query's own context. The release noise's seed is secret: drawn from the OS on the store's first use and
+kept in the store only (not in the recipe, not in a saved release), so a restart replays the same release and
+nobody who reads the recipe can subtract the noise. Only sha256 of a token is stored; nothing else about a rater
+is. Hand one token to one person: the guarantee is per token.
 
 JSON API (token in ``Authorization: Bearer <token>`` or the cookie): ``GET /api/status``, ``GET /api/query``,
 ``POST /api/rate`` {"query_id", "scores": [...]}, ``GET /api/release`` (theta~ once released: the DP output,

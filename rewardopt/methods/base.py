@@ -18,7 +18,7 @@ import torch
 from rewardopt.generators.base import Generator
 from rewardopt.generators.capabilities import Trainable, require
 from rewardopt.rewards.base import Reward
-from rewardopt.run import RunMixin
+from rewardopt.run import RunMixin, derived_seed
 
 
 def params_checksum(params: list[torch.Tensor]) -> str:
@@ -82,11 +82,13 @@ class RewardFineTuning(RunMixin, L.LightningModule):
                        "compute/reward_calls": float(self.reward.calls), "compute/samples": float(c.samples),
                        "compute/wall_s": self.wall_time()}, on_step=True, on_epoch=False)
 
-    def training_rng(self) -> torch.Generator:
+    def training_rng(self, stream: int | None = None) -> torch.Generator:
         """The noise of this micro-batch on this rank (``rank_generator`` of ``micro_batch_index``): a
         resumed run draws exactly what an uninterrupted one would, ranks and accumulated micro-batches
-        draw different noise."""
-        return self.rank_generator(getattr(self, "seed", 0), micro_batch_index(self))
+        draw different noise. ``stream``: another independent stream of the same micro-batch (a salt of the seed),
+        for a draw that must not share the sampler noise's generator state."""
+        seed = getattr(self, "seed", 0)
+        return self.rank_generator(seed if stream is None else derived_seed(seed, stream), micro_batch_index(self))
 
     # ------------------------------------------------------------------ evaluation
     def sample_decoded(self, prompts: list[Any], seed: int, grad: bool = False) -> Any:

@@ -40,10 +40,8 @@ import torch
 
 from rewardopt.generators.diffusion import gaussian_log_prob
 from rewardopt.generators.flow import FlowMatchingGenerator
-from rewardopt.methods.base import micro_batch_index
 from rewardopt.methods.ddpo import DDPO
 from rewardopt.rewards.base import Reward
-from rewardopt.run import derived_seed
 
 #: the salt of the SDE window's random stream ("Fast"), apart from the sampler noise's
 WINDOW_STREAM = 2**20 + 17
@@ -162,9 +160,8 @@ class FlowGRPO(DDPO):
             g.guidance_scale = saved
 
     def training_step(self, batch: list[str], batch_idx: int) -> None:
-        # the window's own stream (salted), not the sampler noise's: the two draws must not share a generator state
-        window_rng = self.rank_generator(derived_seed(self.seed, WINDOW_STREAM), micro_batch_index(self))
-        with self.sde_window(self.draw_window(window_rng)), self.training_guidance():
+        # the window's own stream, not the sampler noise's: the two draws must not share a generator state
+        with self.sde_window(self.draw_window(self.training_rng(WINDOW_STREAM))), self.training_guidance():
             super().training_step(batch, batch_idx)
 
     # ------------------------------------------------------------------ the loss
